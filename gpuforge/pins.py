@@ -1,0 +1,53 @@
+"""Pinned upstream versions: the defaults gpuforge installs when the config names none.
+
+Sources: ../shared/reference/ (DeepOps 26.07 pins, Kubespray v2.31.0 defaults, GPU Operator v26.7.0,
+kube-prometheus-stack 88.5.3, Slinky 1.2.1). A pin changes only in a reviewed commit, never at run time.
+"""
+
+from __future__ import annotations
+
+KUBESPRAY_VERSION = "v2.31.0"
+# Kubespray v2.31.0's newest checksums key; the lab's control plane is built at the same version.
+KUBE_VERSION = "1.35.4"
+# Kubespray v2.31 pins ansible==11.13.0 (ansible-core 2.18.x): it runs from its own venv.
+KUBESPRAY_ANSIBLE = "ansible==11.13.0"
+
+# service key -> list of Helm releases that service installs, in install order.
+# Each release: (release name, namespace, chart repo, chart name, chart version).
+CHARTS: dict[str, list[tuple[str, str, str, str, str]]] = {
+    "monitoring_stack": [
+        (
+            "kube-prometheus-stack",
+            "monitoring",
+            "https://prometheus-community.github.io/helm-charts",
+            "kube-prometheus-stack",
+            "88.5.3",
+        ),
+    ],
+    "gpu-operator": [
+        ("gpu-operator", "gpu-operator", "https://helm.ngc.nvidia.com/nvidia", "gpu-operator", "v26.7.0"),
+    ],
+    "slurm": [
+        ("cert-manager", "cert-manager", "oci://quay.io/jetstack/charts", "cert-manager", "v1.19.1"),
+        (
+            "slurm-operator-crds",
+            "slinky",
+            "oci://ghcr.io/slinkyproject/charts",
+            "slurm-operator-crds",
+            "1.2.1",
+        ),
+        ("slurm-operator", "slinky", "oci://ghcr.io/slinkyproject/charts", "slurm-operator", "1.2.1"),
+        ("slurm", "slurm", "oci://ghcr.io/slinkyproject/charts", "slurm", "1.2.1"),
+    ],
+    "k8s-dashboard": [
+        (
+            "kubernetes-dashboard",
+            "kubernetes-dashboard",
+            "https://kubernetes.github.io/dashboard/",
+            "kubernetes-dashboard",
+            "7.13.0",
+        ),
+    ],
+}
+
+CUDA_SMOKE_IMAGE = "nvcr.io/nvidia/k8s/cuda-sample:vectoradd-cuda12.5.0-ubuntu22.04"

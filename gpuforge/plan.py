@@ -1,0 +1,50 @@
+"""`gpuforge plan`: write every rendered object to a folder, touching nothing else."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from ruamel.yaml import YAML
+
+from gpuforge import render
+from gpuforge.config import Config
+
+
+def dump_yaml(data: Any) -> str:
+    yaml = YAML(typ="safe", pure=True)
+    yaml.default_flow_style = False
+    yaml.sort_base_mapping_type_on_output = False  # keep the order the renderer chose
+    buf = io.StringIO()
+    yaml.dump(data, buf)
+    return buf.getvalue()
+
+
+def plan_files(config: Config, learned: dict[str, int] | None = None) -> dict[str, str]:
+    """Relative path -> file content, for everything `install` will apply."""
+    files = {"hosts.yaml": dump_yaml(render.render_inventory(config))}
+    for name, group_vars in render.render_group_vars(config).items():
+        files[f"group_vars/{name}.yml"] = dump_yaml(group_vars)
+    for release in render.render_releases(config, learned):
+        files[f"values/{release.name}.yaml"] = dump_yaml(release.values)
+    if config.enabled("gpu-operator"):
+        files["dcgm-metrics.csv"] = render.render_dcgm_counters()
+    if config.enabled("monitoring_stack"):
+        files["dashboards/gpuforge-gpus.json"] = json.dumps(render.render_dashboard(), indent=2) + "\n"
+        files["rules/gpuforge-gpu-alerts.yaml"] = dump_yaml(render.render_alert_rules(config))
+    summary = render.render_summary(config, learned)
+    files["summary.md"] = render.summary_markdown(summary)
+    files["summary.json"] = json.dumps(summary, indent=2, ensure_ascii=False) + "\n"
+    return files
+
+
+def write_plan(config: Config, out_dir: Path) -> list[Path]:
+    written = []
+    for rel, content in plan_files(config).items():
+        path = out_dir / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content)
+        written.append(path)
+    return written

@@ -1,0 +1,523 @@
+"""Render everything an install applies, from the config alone: inventory, group_vars, Helm values,
+the Grafana GPU dashboard, GPU alert rules and a human summary.
+
+Pure domain code: no Prefect, no clients. `plan` writes these files; `install` applies the same objects;
+`drift` compares the cluster against them.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from gpuforge import pins
+from gpuforge.config import Config, NamedNode, Role
+from gpuforge.health import DEFAULT_THRESHOLDS
+
+# Node labels gpuforge owns (drift compares only these keys plus the user's own `labels`).
+LABEL_PREFIX = "gpuforge.io/"
+DCGM_CONFIGMAP = "gpuforge-dcgm-metrics"
+DASHBOARD_CONFIGMAP = "gpuforge-gpu-dashboard"
+ALERTS_RULE = "gpuforge-gpu-alerts"
+MONITORING_RELEASE = "kube-prometheus-stack"
+# fullnameOverride makes the Prometheus Service name predictable: <this>-prometheus in `monitoring`.
+PROMETHEUS_FULLNAME = "kube-prometheus-stack"
+PROMETHEUS_SERVICE = f"{PROMETHEUS_FULLNAME}-prometheus"
+
+
+@dataclass(frozen=True)
+class Release:
+    """One Helm release as gpuforge will install it."""
+
+    service: str
+    name: str
+    namespace: str
+    repo: str | None
+    chart: str
+    version: str
+    values: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def chart_ref(self) -> str:
+        return f"{self.repo}/{self.chart}" if self.repo and self.repo.startswith("oci://") else self.chart
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Override wins; mappings merge key by key; lists are replaced, not concatenated."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ inventory
+
+
+def node_labels(node: NamedNode, cluster: str) -> dict[str, str]:
+    """The labels gpuforge sets on a node (Kubespray `node_labels`), the user's own last."""
+    labels = {f"{LABEL_PREFIX}cluster": cluster}
+    if node.spec.is_gpu:
+        labels[f"{LABEL_PREFIX}gpu-worker"] = "true"
+        labels[f"{LABEL_PREFIX}nodeset"] = nodeset_name(node)
+        if node.spec.gpu_count:
+            labels[f"{LABEL_PREFIX}gpu-count"] = str(node.spec.gpu_count)
+    if Role.CPU_WORKER in node.spec.role:
+        labels[f"{LABEL_PREFIX}cpu-worker"] = "true"
+    labels.update(node.spec.labels)
+    return labels
+
+
+def node_taints(node: NamedNode) -> list[str]:
+    taints = [t.kubespray() for t in node.spec.taints]
+    # Kubespray taints control-plane nodes itself unless they are also workers; say so explicitly.
+    if node.spec.is_control_plane and not node.spec.is_worker:
+        taints.append("node-role.kubernetes.io/control-plane:NoSchedule")
+    return taints
+
+
+def render_inventory(config: Config) -> dict[str, Any]:
+    """Kubespray's YAML inventory: hosts with ansible_host/ip/access_ip, the three groups, node labels."""
+    hosts: dict[str, Any] = {}
+    for node in config.nodes:
+        host = {"ansible_host": node.spec.ip, "ip": node.spec.ip, "access_ip": node.spec.ip}
+        host["node_labels"] = node_labels(node, config.cluster_name)
+        if taints := node_taints(node):
+            host["node_taints"] = taints
+        if node.spec.is_etcd:
+            host["etcd_member_name"] = f"etcd-{node.name}"
+        hosts[node.name] = host
+
+    def group(pred) -> dict[str, Any]:
+        return {"hosts": {n.name: None for n in config.nodes if pred(n.spec)}}
+
+    return {
+        "all": {
+            "hosts": hosts,
+            "children": {
+                "kube_control_plane": group(lambda s: s.is_control_plane),
+                "etcd": group(lambda s: s.is_etcd),
+                "kube_node": group(lambda s: s.is_worker),
+                "k8s_cluster": {"children": {"kube_control_plane": None, "kube_node": None}},
+                "gpu_workers": group(lambda s: s.is_gpu),
+            },
+        }
+    }
+
+
+# containerd drop-in imports keep the NVIDIA runtime that the GPU Operator's toolkit adds, when a Kubespray
+# re-run rewrites /etc/containerd/config.toml (kubespray#12277).
+CONTAINERD_IMPORTS = 'imports = ["/etc/containerd/conf.d/*.toml"]'
+
+
+def render_group_vars(config: Config) -> dict[str, dict[str, Any]]:
+    """group_vars files by name. Booleans are real booleans: Kubespray's validate_inventory asserts it."""
+    ks = config.kubespray
+    all_vars: dict[str, Any] = {"ansible_user": config.ansible_user, "ansible_become": True}
+    if config.ansible_ssh_private_key_file:
+        # The path only: the key itself never enters a rendered file.
+        all_vars["ansible_ssh_private_key_file"] = str(config.path(config.ansible_ssh_private_key_file))
+    k8s = {
+        "cluster_name": f"{config.cluster_name}.local",
+        "kube_version": ks.kube_version,
+        "container_manager": ks.container_manager,
+        "kube_network_plugin": ks.network_plugin,
+        "kube_service_addresses": ks.service_cidr,
+        "kube_pods_subnet": ks.pod_cidr,
+        "kubeconfig_localhost": True,
+        "kubectl_localhost": False,
+        "helm_enabled": False,
+        "containerd_extra_args": CONTAINERD_IMPORTS,
+    }
+    k8s.update(ks.extra_vars)
+    return {"all": all_vars, "k8s_cluster": k8s}
+
+
+# ----------------------------------------------------------------------------------------------- Helm values
+
+
+def nodeset_name(node: NamedNode) -> str:
+    """GPU nodes with the same GPU count share a Slurm NodeSet (a NodeSet has one gres)."""
+    return f"gpu-{node.spec.gpu_count}" if node.spec.gpu_count else "gpu"
+
+
+def gpu_nodesets(config: Config, learned: dict[str, int] | None = None) -> dict[str, dict[str, Any]]:
+    """NodeSet name -> {nodes, gpus}. `learned` gives counts found at install for nodes the config leaves open."""
+    sets: dict[str, dict[str, Any]] = {}
+    for node in config.gpu_nodes:
+        name = nodeset_name(node)
+        count = node.spec.gpu_count or (learned or {}).get(node.name)
+        entry = sets.setdefault(name, {"nodes": [], "gpus": count})
+        entry["nodes"].append(node.name)
+        if count is not None:
+            entry["gpus"] = min(entry["gpus"] or count, count)
+    return sets
+
+
+def _default_values(config: Config, release: str, learned: dict[str, int] | None) -> dict[str, Any]:
+    if release == "kube-prometheus-stack":
+        return {
+            "fullnameOverride": PROMETHEUS_FULLNAME,
+            "prometheus": {
+                "prometheusSpec": {
+                    # Select ServiceMonitors/rules of every release, not only this one's (the `release` trap).
+                    "serviceMonitorSelectorNilUsesHelmValues": False,
+                    "podMonitorSelectorNilUsesHelmValues": False,
+                    "ruleSelectorNilUsesHelmValues": False,
+                    "scrapeInterval": "15s",
+                }
+            },
+            "grafana": {
+                "sidecar": {
+                    "dashboards": {
+                        "enabled": True,
+                        "label": "grafana_dashboard",
+                        "labelValue": "1",
+                        "searchNamespace": "ALL",
+                    }
+                }
+            },
+        }
+    if release == "gpu-operator":
+        return {
+            "operator": {"defaultRuntime": config.kubespray.container_manager},
+            "driver": {"enabled": True},
+            "toolkit": {"enabled": True},
+            "devicePlugin": {"enabled": True},
+            "nfd": {"enabled": True},
+            "dcgmExporter": {
+                "enabled": True,
+                # The counters gpuforge's health rules read (ECC, remaps, throttling) are off by default.
+                "config": {"name": DCGM_CONFIGMAP},
+                # Off by default through v26.3.3; labelled so kube-prometheus-stack selects it either way.
+                "serviceMonitor": {
+                    "enabled": True,
+                    "honorLabels": True,
+                    "additionalLabels": {"release": MONITORING_RELEASE},
+                },
+            },
+        }
+    if release == "cert-manager":
+        return {"crds": {"enabled": True}}
+    if release == "slurm-operator-crds":
+        return {}
+    if release == "slurm-operator":
+        return {"crds": {"enabled": False}, "certManager": {"enabled": True}}
+    if release == "slurm":
+        nodesets: dict[str, Any] = {}
+        for name, ns in gpu_nodesets(config, learned).items():
+            gpus = ns["gpus"] or 1
+            nodesets[name] = {
+                "enabled": True,
+                "replicas": len(ns["nodes"]),
+                "slurmd": {"resources": {"limits": {"nvidia.com/gpu": gpus}}},
+                "extraConfMap": {"Gres": [f"gpu:{gpus}"]},
+                "podSpec": {"nodeSelector": {f"{LABEL_PREFIX}nodeset": name}},
+                "partition": {"enabled": False},
+            }
+        return {
+            "clusterName": config.cluster_name,
+            "configFiles": {"gres.conf": "AutoDetect=nvidia\n"},
+            "nodesets": nodesets,
+            "partitions": {
+                "gpu": {"enabled": True, "nodesets": sorted(nodesets), "configMap": {"Default": "YES"}}
+            },
+        }
+    if release == "kubernetes-dashboard":
+        return {"app": {"ingress": {"enabled": False}}}
+    raise KeyError(release)
+
+
+def render_releases(config: Config, learned: dict[str, int] | None = None) -> list[Release]:
+    """The Helm releases of every enabled service, in install order, with merged values."""
+    releases = []
+    for service in ("monitoring_stack", "gpu-operator", "slurm", "k8s-dashboard"):
+        svc = config.deepops_services.by_key()[service]
+        if not svc.enabled:
+            continue
+        for name, namespace, repo, chart, version in pins.CHARTS[service]:
+            pin = svc.releases.get(name)
+            values = _default_values(config, name, learned)
+            if pin and pin.values_file:
+                values = deep_merge(values, _load_values_file(config, pin.values_file))
+            if pin:
+                values = deep_merge(values, pin.values)
+            if pin and pin.path:
+                repo_ref, chart_ref = None, str(config.path(pin.path))
+            else:
+                repo_ref = pin.repo if pin and pin.repo else repo
+                chart_ref = pin.chart if pin and pin.chart else chart
+            releases.append(
+                Release(
+                    service,
+                    name,
+                    namespace,
+                    repo_ref,
+                    chart_ref,
+                    (pin.version if pin and pin.version else version),
+                    values,
+                )
+            )
+    return releases
+
+
+def _load_values_file(config: Config, path: str) -> dict[str, Any]:
+    from gpuforge.config import _to_plain, parse_yaml  # local: only needed for values files
+
+    p = config.path(path)
+    data = _to_plain(parse_yaml(p.read_text(), str(p)))
+    return data or {}
+
+
+# ------------------------------------------------------------------------------------ DCGM counters, alerts
+
+
+# dcgm-exporter counters CSV: the defaults plus what gpuforge's health rules need.
+DCGM_COUNTERS = [
+    ("DCGM_FI_DEV_SM_CLOCK", "gauge", "SM clock frequency (in MHz)."),
+    ("DCGM_FI_DEV_MEM_CLOCK", "gauge", "Memory clock frequency (in MHz)."),
+    ("DCGM_FI_DEV_MEMORY_TEMP", "gauge", "Memory temperature (in C)."),
+    ("DCGM_FI_DEV_GPU_TEMP", "gauge", "GPU temperature (in C)."),
+    ("DCGM_FI_DEV_POWER_USAGE", "gauge", "Power draw (in W)."),
+    ("DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION", "counter", "Total energy consumption since boot (in mJ)."),
+    ("DCGM_FI_DEV_PCIE_REPLAY_COUNTER", "counter", "Total number of PCIe retries."),
+    ("DCGM_FI_DEV_GPU_UTIL", "gauge", "GPU utilization (in %)."),
+    ("DCGM_FI_DEV_MEM_COPY_UTIL", "gauge", "Memory utilization (in %)."),
+    ("DCGM_FI_DEV_XID_ERRORS", "gauge", "Value of the last XID error encountered."),
+    ("DCGM_FI_DEV_FB_FREE", "gauge", "Framebuffer memory free (in MiB)."),
+    ("DCGM_FI_DEV_FB_USED", "gauge", "Framebuffer memory used (in MiB)."),
+    ("DCGM_FI_DEV_ECC_SBE_VOL_TOTAL", "counter", "Total number of single-bit volatile ECC errors."),
+    ("DCGM_FI_DEV_ECC_DBE_VOL_TOTAL", "counter", "Total number of double-bit volatile ECC errors."),
+    (
+        "DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS",
+        "counter",
+        "Number of remapped rows for uncorrectable errors",
+    ),
+    ("DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS", "counter", "Number of remapped rows for correctable errors"),
+    ("DCGM_FI_DEV_ROW_REMAP_FAILURE", "gauge", "Whether remapping of rows has failed"),
+    ("DCGM_FI_DEV_ROW_REMAP_PENDING", "gauge", "Whether remapping of rows is pending"),
+    ("DCGM_FI_DEV_CLOCK_THROTTLE_REASONS", "gauge", "Current clock throttle reasons (bitmask)."),
+    (
+        "DCGM_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL",
+        "counter",
+        "Total number of NVLink flow-control CRC errors.",
+    ),
+    ("DCGM_FI_DEV_NVLINK_REPLAY_ERROR_COUNT_TOTAL", "counter", "Total number of NVLink retries."),
+    ("DCGM_FI_DEV_NVLINK_RECOVERY_ERROR_COUNT_TOTAL", "counter", "Total number of NVLink recovery errors."),
+]
+
+
+def render_dcgm_counters() -> str:
+    lines = ["# Format: DCGM FIELD, Prometheus metric type, help message"]
+    lines += [f"{name}, {kind}, {help_}" for name, kind, help_ in DCGM_COUNTERS]
+    return "\n".join(lines) + "\n"
+
+
+def render_alert_rules(config: Config) -> dict[str, Any]:
+    """A PrometheusRule with the GPU alerts: fatal XID, ECC DBE, row-remap failure, temperature, missing GPU."""
+    fatal = DEFAULT_THRESHOLDS["default"].fatal_xids
+    xid_expr = " or ".join(f"DCGM_FI_DEV_XID_ERRORS == {x}" for x in sorted(fatal))
+    max_temp = min(t.max_gpu_temp_c for t in DEFAULT_THRESHOLDS.values())
+    missing = [
+        f'count by (Hostname) (DCGM_FI_DEV_GPU_TEMP{{Hostname=~"(?i){re.escape(n.name)}"}}) < {n.spec.gpu_count}'
+        for n in config.gpu_nodes
+        if n.spec.gpu_count
+    ]
+    rules = [
+        _alert(
+            "GPUFatalXid",
+            f"max_over_time(({xid_expr})[10m:1m]) > 0",
+            "critical",
+            "GPU {{ $labels.gpu }} on {{ $labels.Hostname }} reported fatal XID {{ $value }}",
+        ),
+        _alert(
+            "GPUEccDoubleBit",
+            "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL > 0",
+            "critical",
+            "GPU {{ $labels.gpu }} on {{ $labels.Hostname }} has {{ $value }} double-bit ECC errors",
+        ),
+        _alert(
+            "GPURowRemapFailure",
+            "DCGM_FI_DEV_ROW_REMAP_FAILURE > 0",
+            "critical",
+            "GPU {{ $labels.gpu }} on {{ $labels.Hostname }} failed to remap rows: replace it",
+        ),
+        _alert(
+            "GPUTemperatureHigh",
+            f"DCGM_FI_DEV_GPU_TEMP > {max_temp:g}",
+            "warning",
+            "GPU {{ $labels.gpu }} on {{ $labels.Hostname }} at {{ $value }} C",
+            for_="5m",
+        ),
+        _alert(
+            "GPUMetricsTargetDown",
+            'up{job=~".*dcgm.*|gpu-metrics"} == 0',
+            "warning",
+            "GPU metrics target {{ $labels.instance }} is down",
+            for_="5m",
+        ),
+    ]
+    if missing:
+        rules.append(
+            _alert(
+                "GPUMissing",
+                " or ".join(missing),
+                "critical",
+                "{{ $labels.Hostname }} shows fewer GPUs than configured",
+                for_="5m",
+            )
+        )
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {
+            "name": ALERTS_RULE,
+            "namespace": "monitoring",
+            "labels": {"release": MONITORING_RELEASE, "app.kubernetes.io/managed-by": "gpuforge"},
+        },
+        "spec": {"groups": [{"name": "gpuforge-gpu", "rules": rules}]},
+    }
+
+
+def _alert(name: str, expr: str, severity: str, summary: str, for_: str = "0m") -> dict[str, Any]:
+    return {
+        "alert": name,
+        "expr": expr,
+        "for": for_,
+        "labels": {"severity": severity},
+        "annotations": {"summary": summary},
+    }
+
+
+def render_dashboard() -> dict[str, Any]:
+    """gpuforge's own Grafana GPU dashboard (one row per signal the health rules judge)."""
+    panels = [
+        ("GPU temperature (°C)", "DCGM_FI_DEV_GPU_TEMP", "celsius"),
+        ("Memory temperature (°C)", "DCGM_FI_DEV_MEMORY_TEMP", "celsius"),
+        ("Power (W)", "DCGM_FI_DEV_POWER_USAGE", "watt"),
+        ("GPU utilisation (%)", "DCGM_FI_DEV_GPU_UTIL", "percent"),
+        ("Framebuffer used (MiB)", "DCGM_FI_DEV_FB_USED", "decmbytes"),
+        ("Last XID", "DCGM_FI_DEV_XID_ERRORS", "none"),
+        ("ECC double-bit errors", "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL", "none"),
+        (
+            "Row remap pending / failure",
+            "DCGM_FI_DEV_ROW_REMAP_PENDING + DCGM_FI_DEV_ROW_REMAP_FAILURE",
+            "none",
+        ),
+    ]
+    return {
+        "title": "gpuforge GPUs",
+        "uid": "gpuforge-gpus",
+        "schemaVersion": 39,
+        "tags": ["gpuforge", "gpu", "dcgm"],
+        "time": {"from": "now-6h", "to": "now"},
+        "templating": {
+            "list": [
+                {"name": "datasource", "type": "datasource", "query": "prometheus"},
+                {
+                    "name": "node",
+                    "type": "query",
+                    "datasource": {"type": "prometheus", "uid": "${datasource}"},
+                    "query": "label_values(DCGM_FI_DEV_GPU_TEMP, Hostname)",
+                    "includeAll": True,
+                    "multi": True,
+                },
+            ]
+        },
+        "panels": [
+            {
+                "id": i + 1,
+                "type": "timeseries",
+                "title": title,
+                "datasource": {"type": "prometheus", "uid": "${datasource}"},
+                "gridPos": {"h": 8, "w": 12, "x": (i % 2) * 12, "y": (i // 2) * 8},
+                "fieldConfig": {"defaults": {"unit": unit}},
+                "targets": [
+                    {
+                        "expr": f'{expr}{{Hostname=~"$node"}}' if "+" not in expr else expr,
+                        "legendFormat": "{{Hostname}} gpu{{gpu}}",
+                    }
+                ],
+            }
+            for i, (title, expr, unit) in enumerate(panels)
+        ],
+    }
+
+
+# ------------------------------------------------------------------------------------------------- summary
+
+
+def render_summary(config: Config, learned: dict[str, int] | None = None) -> dict[str, Any]:
+    """What will be installed where, at which versions: the machine-readable plan."""
+    nodes = [
+        {
+            "name": n.name,
+            "ip": n.spec.ip,
+            "roles": [str(r) for r in n.spec.role],
+            "gpus": n.spec.gpu_count
+            or (learned or {}).get(n.name)
+            or ("≥1, learned at install" if n.spec.is_gpu else 0),
+            "gpu_model": n.spec.gpu_model,
+        }
+        for n in config.nodes
+    ]
+    services = {key: {"enabled": svc.enabled} for key, svc in config.deepops_services.by_key().items()}
+    releases = [
+        {
+            "service": r.service,
+            "release": r.name,
+            "namespace": r.namespace,
+            "chart": r.chart,
+            "repo": r.repo,
+            "version": r.version,
+        }
+        for r in render_releases(config, learned)
+    ]
+    return {
+        "cluster": config.cluster_name,
+        "kubespray": {
+            "version": config.kubespray.version,
+            "kube_version": config.kubespray.kube_version,
+            "container_manager": config.kubespray.container_manager,
+            "network_plugin": config.kubespray.network_plugin,
+        },
+        "nodes": nodes,
+        "services": services,
+        "releases": releases,
+        "notes": [
+            "containerd drop-in imports are kept in /etc/containerd/config.toml so a Kubespray re-run does not "
+            "drop the NVIDIA runtime (kubespray#12277)",
+            f"dcgm-exporter ServiceMonitor enabled and labelled release={MONITORING_RELEASE}; Prometheus selects "
+            "ServiceMonitors of every release",
+        ],
+    }
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    ks = summary["kubespray"]
+    lines = [
+        f"# gpuforge plan for cluster `{summary['cluster']}`",
+        "",
+        f"Kubernetes {ks['kube_version']} via Kubespray {ks['version']} ({ks['container_manager']}, "
+        f"{ks['network_plugin']})",
+        "",
+        "| node | ip | roles | GPUs |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {n['name']} | {n['ip']} | {', '.join(n['roles'])} | {n['gpus']} |" for n in summary["nodes"]
+    ]
+    lines += ["", "| service | release | namespace | chart | version |", "|---|---|---|---|---|"]
+    lines += [
+        f"| {r['service']} | {r['release']} | {r['namespace']} | {r['chart']} | {r['version']} |"
+        for r in summary["releases"]
+    ]
+    skipped = [k for k, v in summary["services"].items() if not v["enabled"]]
+    if skipped:
+        lines += ["", f"Skipped (disabled in the config): {', '.join(skipped)}"]
+    lines += ["", "Notes:"] + [f"- {n}" for n in summary["notes"]]
+    return "\n".join(lines) + "\n"
