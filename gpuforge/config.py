@@ -112,17 +112,13 @@ class Node(_Model):
         try:
             return str(ipaddress.IPv4Address(v))
         except ValueError:
-            raise ValueError(
-                f'{v!r} is not an IPv4 address; write it as four numbers like "192.168.1.11"'
-            ) from None
+            raise ValueError(f'{v!r} is not an IPv4 address; write it as four numbers like "192.168.1.11"') from None
 
     @field_validator("name")
     @classmethod
     def _name(cls, v: str | None) -> str | None:
         if v is not None and (len(v) > 63 or not _DNS_LABEL.match(v)):
-            raise ValueError(
-                f"node name {v!r} must be a DNS label: lowercase letters, digits and '-', at most 63 characters"
-            )
+            raise ValueError(f"{v!r} must be a DNS label: lowercase letters, digits and '-', at most 63 characters")
         return v
 
     @field_validator("labels")
@@ -191,9 +187,7 @@ class Kubespray(_Model):
     # The venv that holds Kubespray's pinned ansible; its bin/ goes first on PATH.
     venv: str | None = None
     container_manager: Literal["containerd", "crio", "docker"] = "containerd"
-    network_plugin: Literal["calico", "cilium", "flannel", "kube-ovn", "kube-router", "custom_cni", "cni"] = (
-        "calico"
-    )
+    network_plugin: Literal["calico", "cilium", "flannel", "kube-ovn", "kube-router", "custom_cni", "cni"] = "calico"
     service_cidr: str = "10.233.0.0/18"
     pod_cidr: str = "10.233.64.0/18"
     extra_vars: dict[str, Any] = Field(default_factory=dict)
@@ -202,9 +196,7 @@ class Kubespray(_Model):
     @classmethod
     def _kube_version(cls, v: str) -> str:
         if not re.fullmatch(r"\d+\.\d+\.\d+", v):
-            raise ValueError(
-                f"kube_version {v!r} must look like \"1.35.4\" (no leading 'v', as Kubespray wants)"
-            )
+            raise ValueError(f"{v!r} must look like \"1.35.4\" (no leading 'v', as Kubespray wants)")
         return v
 
     @field_validator("service_cidr", "pod_cidr")
@@ -213,9 +205,7 @@ class Kubespray(_Model):
         try:
             return str(ipaddress.IPv4Network(v, strict=True))
         except ValueError as exc:
-            raise ValueError(
-                f'{v!r} is not a valid IPv4 CIDR ({exc}); write it like "10.233.0.0/18"'
-            ) from None
+            raise ValueError(f'{v!r} is not a valid IPv4 CIDR ({exc}); write it like "10.233.0.0/18"') from None
 
 
 class Health(_Model):
@@ -256,7 +246,7 @@ class Drift(_Model):
     def _pointers(cls, v: list[str]) -> list[str]:
         for p in v:
             if not p.startswith("/"):
-                raise ValueError(f"ignore rule {p!r} must be a JSON pointer starting with '/'")
+                raise ValueError(f"{p!r} must be a JSON pointer starting with '/'")
         return v
 
 
@@ -290,9 +280,7 @@ class Config(_Model):
     @classmethod
     def _cluster_name(cls, v: str) -> str:
         if not _DNS_LABEL.match(v) or len(v) > 40:
-            raise ValueError(
-                f"cluster_name {v!r} must be lowercase letters, digits and '-', at most 40 characters"
-            )
+            raise ValueError(f"{v!r} must be lowercase letters, digits and '-', at most 40 characters")
         return v
 
     @field_validator("timezone")
@@ -301,16 +289,14 @@ class Config(_Model):
         try:
             zoneinfo.ZoneInfo(v)
         except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-            raise ValueError(
-                f'timezone {v!r} is not an IANA time zone such as "Europe/Berlin" or "UTC"'
-            ) from None
+            raise ValueError(f'{v!r} is not an IANA time zone such as "Europe/Berlin" or "UTC"') from None
         return v
 
     @field_validator("prometheus_url")
     @classmethod
     def _prom_url(cls, v: str | None) -> str | None:
         if v is not None and not re.match(r"^https?://[^/\s]+", v):
-            raise ValueError(f'prometheus_url {v!r} must be an http(s) URL like "http://127.0.0.1:9090"')
+            raise ValueError(f'{v!r} must be an http(s) URL like "http://127.0.0.1:9090"')
         return v.rstrip("/") if v else v
 
     # --- derived views ---
@@ -504,11 +490,13 @@ def parse_yaml(text: str, source: str) -> Any:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         problem = (exc.problem or exc.context or "invalid YAML").strip()
-        if "duplicate key" in problem:
-            problem = "a key appears twice in the same mapping; keep one"
-        raise ConfigError(
-            [ConfigIssue(source, line, col, "", f"YAML syntax error: {problem}; fix the YAML")]
-        ) from None
+        dup = re.search(r'duplicate key "([^"]+)"', problem)
+        message = (
+            f"duplicate key {dup.group(1)!r} in the same mapping; keep one of them"
+            if dup
+            else f"YAML syntax error: {problem}; fix the YAML there"
+        )
+        raise ConfigError([ConfigIssue(source, line, col, "", message)]) from None
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
@@ -518,13 +506,9 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     try:
         text = p.read_text()
     except FileNotFoundError:
-        raise ConfigError(
-            [ConfigIssue(source, 1, 1, "", "config file not found; check the --config path")]
-        ) from None
+        raise ConfigError([ConfigIssue(source, 1, 1, "", "config file not found; check the --config path")]) from None
     except (PermissionError, IsADirectoryError) as exc:
-        raise ConfigError(
-            [ConfigIssue(source, 1, 1, "", f"cannot read the config file: {exc.strerror}")]
-        ) from None
+        raise ConfigError([ConfigIssue(source, 1, 1, "", f"cannot read the config file: {exc.strerror}")]) from None
     return parse_config(text, source, base_dir=p.resolve().parent)
 
 
@@ -532,11 +516,7 @@ def parse_config(text: str, source: str = "<config>", base_dir: Path | None = No
     doc = parse_yaml(text, source)
     if not isinstance(doc, CommentedMap):
         raise ConfigError(
-            [
-                ConfigIssue(
-                    source, 1, 1, "", "the config must be a YAML mapping with k8s_cluster_nodes at the top"
-                )
-            ]
+            [ConfigIssue(source, 1, 1, "", "the config must be a YAML mapping with k8s_cluster_nodes at the top")]
         )
     data = _to_plain(doc)
     try:
@@ -546,17 +526,13 @@ def parse_config(text: str, source: str = "<config>", base_dir: Path | None = No
         for err in exc.errors():
             loc = tuple(err["loc"])
             line, col = (
-                _position(doc, loc)
-                if err["type"] in ("extra_forbidden", "missing")
-                else _value_position(doc, loc)
+                _position(doc, loc) if err["type"] in ("extra_forbidden", "missing") else _value_position(doc, loc)
             )
             issues.append(ConfigIssue(source, line, col, _dotted(loc), _message(err)))
         raise ConfigError(issues) from None
     config.base_dir = base_dir or Path.cwd()
     config.source = source
-    issues = [
-        ConfigIssue(source, *_position(doc, loc), _dotted(loc), msg) for loc, msg in semantic_problems(config)
-    ]
+    issues = [ConfigIssue(source, *_position(doc, loc), _dotted(loc), msg) for loc, msg in semantic_problems(config)]
     if issues:
         raise ConfigError(issues)
     return config
@@ -603,7 +579,10 @@ def semantic_problems(config: Config) -> list[tuple[tuple[Any, ...], str]]:
                     )
     if nodes and not any(n.is_control_plane for n in nodes):
         problems.append(
-            (("k8s_cluster_nodes",), "no node has the control-plane role; give at least one node it")
+            (
+                ("k8s_cluster_nodes",),
+                "no node has the control-plane role; add control-plane to at least one node's roles",
+            )
         )
     etcd = sum(1 for n in nodes if n.is_etcd)
     if nodes and etcd == 0:
@@ -632,9 +611,7 @@ def semantic_problems(config: Config) -> list[tuple[tuple[Any, ...], str]]:
             )
     for key, svc_cfg in config.deepops_services.by_key().items():
         known = {r[0] for r in pins.CHARTS[key]}
-        alias = (
-            "gpu-operator" if key == "gpu-operator" else ("k8s-dashboard" if key == "k8s-dashboard" else key)
-        )
+        alias = "gpu-operator" if key == "gpu-operator" else ("k8s-dashboard" if key == "k8s-dashboard" else key)
         for release in svc_cfg.releases:
             if release not in known:
                 guess = difflib.get_close_matches(release, sorted(known), n=1)
