@@ -1,0 +1,701 @@
+"""GPU health: the pure domain core.
+
+This module decides whether a GPU is healthy. It imports no client library (no Prefect, no requests,
+no kubernetes, no pynvml): the probe (:mod:`gpuforge.probe`, NVML on the node) and the fleet flow
+(Prometheus over dcgm-exporter) both turn what they read into :class:`GpuReading` objects and hand them
+to :func:`judge`.
+
+Fleet use (a flow that owns a ``prometheus_api_client.PrometheusConnect``)::
+
+    results = {name: prom.custom_query(query) for name, query in HEALTH_QUERIES.items()}
+    readings = readings_from_query_results(results, expected={"node-a": 8, "node-b": None}, now=time.time())
+    verdicts = [judge(r, thresholds_for(r.model, overrides)) for r in readings]
+    summarize(verdicts), table_rows(verdicts)
+
+The number of queries is fixed (``len(HEALTH_QUERIES)``, seven) whatever the number of GPUs: every query
+is an aggregation over the whole fleet and :func:`readings_from_query_results` splits the answers per GPU.
+
+Value keys
+----------
+A reading's ``values`` uses the canonical keys of :data:`VALUE_KEYS` (``gpu_temp``, ``power_usage`` …);
+:data:`DCGM_METRICS` maps the instantaneous ones to dcgm-exporter metric names, which the probe also uses
+for its own ``/metrics`` so that the same queries, dashboard and alerts work with either source.
+
+Rules (see :func:`judge`)
+-------------------------
+* **unhealthy**: a fatal XID seen within the window (XID 79 "fallen off the bus" named as such), ECC
+  double-bit (uncorrectable) errors > 0, a row-remap failure, more uncorrectable remapped rows than
+  allowed, the GPU lost by NVML, or a GPU expected on the node but absent.
+* **degraded**: a pending row remap, a burst of correctable remaps or single-bit ECC errors, GPU or
+  memory temperature above threshold, power over the limit, a degrading clock-event (throttle) reason,
+  NVLink errors, and (opt-in) a PCIe link narrower than its maximum.
+* **unknown**: no metrics for the GPU, no freshness timestamp, or metrics older than ``stale_after_s``.
+  A GPU is never healthy by default; evidence of a fatal fault still makes it unhealthy when its other
+  metrics are stale.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, Field, field_validator
+
+# --------------------------------------------------------------------------------------------------
+# Metric names and value keys
+# --------------------------------------------------------------------------------------------------
+
+#: Canonical value key -> dcgm-exporter metric name, for instantaneous values (gauges and totals).
+#: ``DCGM_FI_DEV_ROW_REMAP_PENDING`` is DCGM's own field name (dcgm_fields.h, field 397); it is not in
+#: dcgm-exporter's default CSV, so a fleet that wants the pending rule adds it to the exporter config.
+#: Clock events: DCGM >= 3.3 calls field 112 ``DCGM_FI_DEV_CLOCKS_EVENT_REASONS``; the older
+#: ``DCGM_FI_DEV_CLOCK_THROTTLE_REASONS`` is what the probe exports and both are accepted here.
+DCGM_METRICS: dict[str, str] = {
+    "gpu_temp": "DCGM_FI_DEV_GPU_TEMP",
+    "memory_temp": "DCGM_FI_DEV_MEMORY_TEMP",
+    "power_usage": "DCGM_FI_DEV_POWER_USAGE",
+    "power_limit": "DCGM_FI_DEV_ENFORCED_POWER_LIMIT",
+    "gpu_util": "DCGM_FI_DEV_GPU_UTIL",
+    "fb_used": "DCGM_FI_DEV_FB_USED",
+    "fb_free": "DCGM_FI_DEV_FB_FREE",
+    "ecc_sbe_vol": "DCGM_FI_DEV_ECC_SBE_VOL_TOTAL",
+    "ecc_dbe_vol": "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL",
+    "remap_correctable": "DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS",
+    "remap_uncorrectable": "DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS",
+    "remap_pending": "DCGM_FI_DEV_ROW_REMAP_PENDING",
+    "remap_failure": "DCGM_FI_DEV_ROW_REMAP_FAILURE",
+    "clock_event_reasons": "DCGM_FI_DEV_CLOCK_THROTTLE_REASONS",
+    "pcie_link_gen": "DCGM_FI_DEV_PCIE_LINK_GEN",
+    "pcie_link_width": "DCGM_FI_DEV_PCIE_LINK_WIDTH",
+    "pcie_link_gen_max": "DCGM_FI_DEV_PCIE_MAX_LINK_GEN",
+    "pcie_link_width_max": "DCGM_FI_DEV_PCIE_MAX_LINK_WIDTH",
+    "xid_last": "DCGM_FI_DEV_XID_ERRORS",
+}
+
+#: Other metric names that map onto a value key (aliases).
+DCGM_ALIASES: dict[str, str] = {
+    "DCGM_FI_DEV_CLOCKS_EVENT_REASONS": "clock_event_reasons",
+}
+
+#: The four NVLink error totals; summed per GPU into ``nvlink_errors``.
+NVLINK_ERROR_METRICS: tuple[str, ...] = (
+    "DCGM_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL",
+    "DCGM_FI_DEV_NVLINK_CRC_DATA_ERROR_COUNT_TOTAL",
+    "DCGM_FI_DEV_NVLINK_REPLAY_ERROR_COUNT_TOTAL",
+    "DCGM_FI_DEV_NVLINK_RECOVERY_ERROR_COUNT_TOTAL",
+)
+
+#: dcgm-exporter's computed XID counter (label ``xid``), enabled in a custom CSV; the probe exports it too.
+XID_COUNT_METRIC = "DCGM_EXP_XID_ERRORS_COUNT"
+
+#: Windowed increases computed by Prometheus (or by the serving probe from its own history).
+WINDOW_KEYS: tuple[str, ...] = ("ecc_sbe_increase", "remap_correctable_increase", "nvlink_error_increase")
+
+#: Every key a reading's ``values`` may hold. ``gpu_lost`` (1.0) is set by the probe when NVML reports
+#: NVML_ERROR_GPU_IS_LOST.
+VALUE_KEYS: tuple[str, ...] = (*DCGM_METRICS, "nvlink_errors", *WINDOW_KEYS, "gpu_lost")
+
+#: Keys that count as "metrics of the GPU" for the unknown rule (anything but XIDs and loss).
+_CORE_KEYS = frozenset(VALUE_KEYS) - {"xid_last", "gpu_lost"}
+
+# Clock-event (throttle) reason bits, from nvml.h nvmlClocksEventReason*.
+CLOCK_EVENT_REASONS: dict[int, str] = {
+    0x1: "GPU idle",
+    0x2: "applications clocks setting",
+    0x4: "SW power cap",
+    0x8: "HW slowdown",
+    0x10: "sync boost",
+    0x20: "SW thermal slowdown",
+    0x40: "HW thermal slowdown",
+    0x80: "HW power brake slowdown",
+    0x100: "display clock setting",
+}
+
+#: Short descriptions of well-known XIDs (NVIDIA's XID catalogue), used in reasons.
+XID_NAMES: dict[int, str] = {
+    13: "graphics engine exception",
+    31: "GPU memory page fault",
+    43: "GPU stopped processing",
+    45: "preemptive cleanup",
+    48: "double-bit ECC error",
+    56: "display engine error",
+    57: "error programming video memory interface",
+    58: "unstable video memory interface",
+    62: "internal micro-controller halt",
+    63: "ECC page retirement or row remapping recording event",
+    64: "ECC page retirement or row remapper recording failure",
+    65: "video processor exception",
+    68: "NVDEC0 exception",
+    69: "graphics engine class error",
+    73: "NVENC2 error",
+    74: "NVLink error",
+    79: "GPU has fallen off the bus",
+    80: "corrupted data sent to GPU",
+    81: "VGA subsystem error",
+    92: "high single-bit ECC error rate",
+    94: "contained ECC error",
+    95: "uncontained ECC error",
+    119: "GSP RPC timeout",
+    120: "GSP error",
+}
+
+# --------------------------------------------------------------------------------------------------
+# Thresholds
+# --------------------------------------------------------------------------------------------------
+
+#: Fatal XIDs: Azure NHC's list (48,56,57,58,62,63,64,65,68,69,73,74,79,80,81,92,119,120, "within last
+#: 2 h") plus 94 and 95 (contained/uncontained ECC errors, which gpud also treats as fatal; gpud exempts 94
+#: from reboot escalation only). Source: shared/reference/upstream-gpu-stack.md section 4.
+DEFAULT_FATAL_XIDS: tuple[int, ...] = (
+    48, 56, 57, 58, 62, 63, 64, 65, 68, 69, 73, 74, 79, 80, 81, 92, 94, 95, 119, 120,
+)
+
+#: HW slowdown 0x8 | SW thermal 0x20 | HW thermal 0x40 | HW power brake 0x80. Idle (0x1), SW power cap
+#: (0x4) and the clock settings are normal operation (Azure NHC warns on all but idle and SW power cap).
+DEFAULT_THROTTLE_MASK = 0x8 | 0x20 | 0x40 | 0x80
+
+_WINDOW_RE = re.compile(r"^(\d+)([smhd])$")
+_WINDOW_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class Thresholds(BaseModel, extra="forbid"):
+    """Limits for one GPU family. Every field is documented with its source.
+
+    Power is judged two ways: when the reading carries the enforced power limit (the probe always does;
+    dcgm-exporter does with ``DCGM_FI_DEV_ENFORCED_POWER_LIMIT`` in its CSV) the GPU is degraded when
+    ``power_usage > power_limit * max_power_fraction``; otherwise when ``power_usage > max_power_w`` (if
+    set). Windowed rules (bursts) use the increase over ``xid_window``; when a reading has no windowed
+    value, the single-bit ECC rule falls back to the volatile total since the last driver load (what Azure
+    NHC checks), and the NVLink rule to the NVLink error totals; the correctable-remap rule needs a window.
+    """
+
+    max_gpu_temp_c: float = Field(
+        85.0, description="GPU core temperature above which the GPU is degraded. NVML 'GPU Max Operating "
+        "Temp' (NVML_TEMPERATURE_THRESHOLD_GPU_MAX); 85 °C is the A100 SXM4 value, a conservative default.")
+    max_memory_temp_c: float = Field(
+        95.0, description="HBM temperature above which the GPU is degraded. NVML 'Memory Max Operating "
+        "Temp' (NVML_TEMPERATURE_THRESHOLD_MEM_MAX), 95 °C on A100/H100/H200; gpud: HBM > mem max.")
+    max_power_w: float | None = Field(
+        None, description="Absolute power ceiling in W, used only when the reading has no power limit.")
+    max_power_fraction: float = Field(
+        1.0, gt=0, description="Degraded when power usage > enforced limit × this fraction ('over limit').")
+    correctable_remap_burst: int = Field(
+        1, ge=0, description="Degraded when correctable remapped rows grow by more than this within the "
+        "window. gpuforge's own choice: no peer sets one (pending remaps are judged separately).")
+    max_uncorrectable_remapped_rows: int = Field(
+        512, ge=0, description="Unhealthy when uncorrectable remapped rows exceed this (Azure NHC: > 512).")
+    sbe_burst: int = Field(
+        10000, ge=0, description="Degraded when correctable (single-bit) ECC errors grow by more than this "
+        "within the window. Azure NHC H100 conf: SRAM correctable > 10000 (check_gpu_ecc 20000000 10000).")
+    nvlink_error_burst: int = Field(
+        0, ge=0, description="Degraded when NVLink CRC/replay/recovery errors grow by more than this "
+        "(Google cluster-toolkit: errors > 0).")
+    xid_window: str = Field(
+        "2h", description="How far back a fatal XID counts, a Prometheus duration (Azure NHC: last 2 h).")
+    stale_after_s: float = Field(
+        120.0, gt=0, description="Metrics older than this make the verdict unknown: eight dcgm-exporter "
+        "scrape intervals of 15 s (GPU Operator ServiceMonitor default).")
+    fatal_xids: list[int] = Field(
+        default_factory=lambda: list(DEFAULT_FATAL_XIDS),
+        description="XIDs that make a GPU unhealthy (Azure NHC list + 94, 95).")
+    throttle_mask: int = Field(
+        DEFAULT_THROTTLE_MASK, ge=0, description="Clock-event reason bits that degrade: HW slowdown 0x8, "
+        "SW thermal 0x20, HW thermal 0x40, power brake 0x80 (Azure NHC / gpud hw-slowdown).")
+    pcie_width_degraded: bool = Field(
+        False, description="Degrade when the PCIe link is narrower than its maximum. Off by default: no "
+        "peer sets a threshold (gpud parses lspci in testdata only); the generation is never judged because "
+        "idle GPUs lower it to save power.")
+
+    @field_validator("xid_window")
+    @classmethod
+    def _check_window(cls, v: str) -> str:
+        if not _WINDOW_RE.match(v):
+            raise ValueError(f"xid_window must look like '90s', '30m', '2h' or '1d', got {v!r}")
+        return v
+
+    @property
+    def window_s(self) -> int:
+        m = _WINDOW_RE.match(self.xid_window)
+        assert m is not None
+        return int(m.group(1)) * _WINDOW_UNIT_S[m.group(2)]
+
+
+_BASE = Thresholds()
+
+
+def _family(gpu_c: float, mem_c: float, power_w: float) -> Thresholds:
+    update = {"max_gpu_temp_c": gpu_c, "max_memory_temp_c": mem_c, "max_power_w": power_w}
+    return _BASE.model_copy(update=update)
+
+
+#: Built-in thresholds per GPU family. Temperatures are NVML's max operating temperatures for the SXM
+#: parts (nvidia-smi -q "GPU Max Operating Temp" / "Memory Max Operating Temp"): A100 85/95 °C, H100
+#: 87/95 °C; the H200 values are those read with NVML on an H200 (tests/fixtures/nvml/h200.json). Power
+#: ceilings are the SXM TDPs (A100 400 W, H100/H200 700 W), used only without a reported limit.
+DEFAULT_THRESHOLDS: dict[str, Thresholds] = {
+    "default": _BASE,
+    "A100": _family(85.0, 95.0, 400.0),
+    "H100": _family(87.0, 95.0, 700.0),
+    "H200": _family(87.0, 95.0, 700.0),
+}
+
+# Word-bounded so that "GH200" is not an H200 and "H20" is not an H200.
+_FAMILY_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("H200", re.compile(r"(?<![A-Z0-9])H200(?![0-9])", re.IGNORECASE)),
+    ("H100", re.compile(r"(?<![A-Z0-9])H100(?![0-9])", re.IGNORECASE)),
+    ("A100", re.compile(r"(?<![A-Z0-9])A100(?![0-9])", re.IGNORECASE)),
+)
+
+
+def model_family(model_name: str | None) -> str:
+    """Family of a dcgm ``modelName``/NVML name: "NVIDIA H100 80GB HBM3" -> "H100"; else "default"."""
+    for family, pattern in _FAMILY_PATTERNS:
+        if model_name and pattern.search(model_name):
+            return family
+    return "default"
+
+
+def thresholds_for(model_name: str | None, overrides: Mapping[str, Thresholds] | None = None) -> Thresholds:
+    """Thresholds for a GPU model. Lookup order: ``overrides[model_name]`` (exact, case-insensitive),
+    ``overrides[family]``, ``DEFAULT_THRESHOLDS[family]``, ``overrides["default"]``,
+    ``DEFAULT_THRESHOLDS["default"]``. Use :func:`merge_threshold_config` to build overrides from a partial
+    config where a "default" section applies to every family."""
+    family = model_family(model_name)
+    ov = {k.casefold(): v for k, v in (overrides or {}).items()}
+    for key in ((model_name or "").casefold(), family.casefold()):
+        if key and key in ov:
+            return ov[key]
+    if family in DEFAULT_THRESHOLDS and family != "default":
+        return DEFAULT_THRESHOLDS[family]
+    return ov.get("default", DEFAULT_THRESHOLDS["default"])
+
+
+def merge_threshold_config(config: Mapping[str, Any] | None) -> dict[str, Thresholds]:
+    """Build a full overrides table from a partial config such as
+    ``{"default": {"stale_after_s": 300}, "H200": {"max_gpu_temp_c": 80}}`` (also accepted wrapped as
+    ``{"thresholds": {...}}``). The "default" section is laid over every built-in family, then each named
+    section (a family or an exact model name) over that. Unknown fields raise pydantic's ValidationError."""
+    if not config:
+        return dict(DEFAULT_THRESHOLDS)
+    if "thresholds" in config and isinstance(config["thresholds"], Mapping):
+        config = config["thresholds"]
+    for key, section in config.items():
+        if not isinstance(section, Mapping):
+            raise ValueError(f"thresholds section {key!r} must be a mapping, got {type(section).__name__}")
+    default_part = dict(config.get("default", {}))
+    table: dict[str, Thresholds] = {}
+    for name in {*DEFAULT_THRESHOLDS, *config}:
+        base = DEFAULT_THRESHOLDS.get(name) or DEFAULT_THRESHOLDS[model_family(name)]
+        merged = {**base.model_dump(), **default_part, **dict(config.get(name, {}))}
+        table[name] = Thresholds.model_validate(merged)
+    return table
+
+
+# --------------------------------------------------------------------------------------------------
+# Readings and verdicts
+# --------------------------------------------------------------------------------------------------
+
+
+class Verdict(StrEnum):
+    HEALTHY = "healthy"
+    DEGRADED = "degraded"
+    UNHEALTHY = "unhealthy"
+    UNKNOWN = "unknown"
+
+
+#: Severity order, worst last (used to pick a node's worst verdict).
+SEVERITY: dict[Verdict, int] = {
+    Verdict.HEALTHY: 0, Verdict.DEGRADED: 1, Verdict.UNKNOWN: 2, Verdict.UNHEALTHY: 3,
+}
+
+
+class GpuReading(BaseModel):
+    """What is known about one GPU at one moment, whatever the source.
+
+    ``present`` is False only when the GPU is known to be absent (its node reports other GPUs, or the
+    probe saw it earlier, but not this one now). ``age_s`` is the age of the newest sample (None: no
+    freshness information, which makes the verdict unknown). ``xids`` are the XIDs seen within the
+    window."""
+
+    node: str
+    gpu: int
+    uuid: str | None = None
+    model: str | None = None
+    values: dict[str, float | None] = Field(default_factory=dict)
+    age_s: float | None = None
+    present: bool = True
+    xids: list[int] = Field(default_factory=list)
+
+
+class GpuVerdict(BaseModel):
+    node: str
+    gpu: int
+    uuid: str | None = None
+    model: str | None = None
+    verdict: Verdict
+    reasons: list[str] = Field(default_factory=list)
+    values: dict[str, float | None] = Field(default_factory=dict)
+
+
+def _fmt(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else f"{v:.1f}"
+
+
+def _get(values: Mapping[str, float | None], key: str) -> float | None:
+    v = values.get(key)
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return None
+    return float(v)
+
+
+def _xid_text(xid: int) -> str:
+    name = XID_NAMES.get(xid)
+    return f"XID {xid} ({name})" if name else f"XID {xid}"
+
+
+def judge(reading: GpuReading, thresholds: Thresholds) -> GpuVerdict:
+    """Judge one GPU. Unhealthy beats unknown beats degraded beats healthy; healthy needs fresh metrics."""
+    v = reading.values
+    t = thresholds
+    bad: list[str] = []
+    warn: list[str] = []
+
+    def verdict(kind: Verdict, reasons: list[str]) -> GpuVerdict:
+        return GpuVerdict(node=reading.node, gpu=reading.gpu, uuid=reading.uuid, model=reading.model,
+                          verdict=kind, reasons=reasons, values=dict(v))
+
+    if not reading.present:
+        return verdict(Verdict.UNHEALTHY, [f"GPU {reading.gpu} missing (expected on {reading.node})"])
+
+    # --- unhealthy: evidence of a fatal fault counts even when other metrics are stale -------------
+    if _get(v, "gpu_lost"):
+        bad.append("GPU lost (NVML: GPU is lost, fallen off the bus)")
+    fatal = set(t.fatal_xids)
+    for xid in sorted(set(reading.xids)):
+        if xid in fatal:
+            bad.append(f"{_xid_text(xid)} within {t.xid_window}")
+    dbe = _get(v, "ecc_dbe_vol")
+    if dbe is not None and dbe > 0:
+        bad.append(f"ECC DBE volatile {_fmt(dbe)} > 0")
+    failure = _get(v, "remap_failure")
+    if failure is not None and failure > 0:
+        bad.append("row remap failure")
+    unc = _get(v, "remap_uncorrectable")
+    if unc is not None and unc > t.max_uncorrectable_remapped_rows:
+        bad.append(f"uncorrectable remapped rows {_fmt(unc)} > {t.max_uncorrectable_remapped_rows}")
+    if bad:
+        return verdict(Verdict.UNHEALTHY, bad)
+
+    # --- unknown: absent or stale -------------------------------------------------------------------
+    if not any(_get(v, k) is not None for k in _CORE_KEYS):
+        return verdict(Verdict.UNKNOWN, ["no GPU metrics"])
+    if reading.age_s is None:
+        return verdict(Verdict.UNKNOWN, ["no freshness timestamp for GPU metrics"])
+    if reading.age_s > t.stale_after_s:
+        return verdict(Verdict.UNKNOWN, [f"metrics stale: age {_fmt(round(reading.age_s))} s > "
+                                         f"{_fmt(t.stale_after_s)} s"])
+
+    # --- degraded -----------------------------------------------------------------------------------
+    if _get(v, "remap_pending"):
+        warn.append("row remap pending (GPU reset needed)")
+    inc = _get(v, "remap_correctable_increase")
+    if inc is not None and inc > t.correctable_remap_burst:
+        warn.append(f"correctable remapped rows +{_fmt(inc)} in {t.xid_window} > {t.correctable_remap_burst}")
+    sbe_inc = _get(v, "ecc_sbe_increase")
+    sbe_tot = _get(v, "ecc_sbe_vol")
+    if sbe_inc is not None:
+        if sbe_inc > t.sbe_burst:
+            warn.append(f"ECC SBE +{_fmt(sbe_inc)} in {t.xid_window} > {t.sbe_burst}")
+    elif sbe_tot is not None and sbe_tot > t.sbe_burst:
+        warn.append(f"ECC SBE volatile {_fmt(sbe_tot)} > {t.sbe_burst}")
+    temp = _get(v, "gpu_temp")
+    if temp is not None and temp > t.max_gpu_temp_c:
+        warn.append(f"GPU temp {_fmt(temp)} °C > {_fmt(t.max_gpu_temp_c)} °C")
+    mtemp = _get(v, "memory_temp")
+    if mtemp is not None and mtemp > t.max_memory_temp_c:
+        warn.append(f"memory temp {_fmt(mtemp)} °C > {_fmt(t.max_memory_temp_c)} °C")
+    power, limit = _get(v, "power_usage"), _get(v, "power_limit")
+    if power is not None:
+        if limit is not None and limit > 0:
+            cap = limit * t.max_power_fraction
+            if power > cap:
+                warn.append(f"power {_fmt(power)} W > limit {_fmt(cap)} W")
+        elif t.max_power_w is not None and power > t.max_power_w:
+            warn.append(f"power {_fmt(power)} W > {_fmt(t.max_power_w)} W")
+    reasons_bits = _get(v, "clock_event_reasons")
+    if reasons_bits is not None:
+        active = int(reasons_bits) & t.throttle_mask
+        if active:
+            names = [name for bit, name in CLOCK_EVENT_REASONS.items() if active & bit]
+            warn.append(f"clock events 0x{int(reasons_bits):x}: {', '.join(names) or 'unnamed bits'}")
+    nv_inc, nv_tot = _get(v, "nvlink_error_increase"), _get(v, "nvlink_errors")
+    if nv_inc is not None:
+        if nv_inc > t.nvlink_error_burst:
+            warn.append(f"NVLink errors +{_fmt(nv_inc)} in {t.xid_window} > {t.nvlink_error_burst}")
+    elif nv_tot is not None and nv_tot > t.nvlink_error_burst:
+        warn.append(f"NVLink errors {_fmt(nv_tot)} > {t.nvlink_error_burst}")
+    if t.pcie_width_degraded:
+        width, wmax = _get(v, "pcie_link_width"), _get(v, "pcie_link_width_max")
+        if width is not None and wmax is not None and width < wmax:
+            warn.append(f"PCIe link width x{_fmt(width)} < x{_fmt(wmax)}")
+    if warn:
+        return verdict(Verdict.DEGRADED, warn)
+    return verdict(Verdict.HEALTHY, [])
+
+
+def judge_all(readings: Iterable[GpuReading], overrides: Mapping[str, Thresholds] | None = None
+              ) -> list[GpuVerdict]:
+    """Judge each reading with the thresholds of its model family."""
+    return [judge(r, thresholds_for(r.model, overrides)) for r in readings]
+
+
+# --------------------------------------------------------------------------------------------------
+# Fleet evaluation over Prometheus
+# --------------------------------------------------------------------------------------------------
+
+
+def health_queries(window: str = "2h", step: str = "1m") -> dict[str, str]:
+    """The fleet health queries (instant queries, each an aggregation over every GPU).
+
+    * ``values``: every instantaneous DCGM metric in one selector (the series keep ``__name__``).
+    * ``fresh``: ``timestamp()`` of the GPU temperature sample, for staleness.
+    * ``xid_recent``: XID values the last-XID gauge showed within the window (sampled every ``step``, plus
+      the current value), one series per GPU and value (label ``xid``), minus values the same series
+      already showed a window ago. The gauge keeps only the last XID and never resets, so a plain instant
+      read would report an XID from last week, and ``max_over_time`` alone would hide a fatal XID followed
+      by a larger harmless one. Caveat: a series whose labels change (exporter pod renamed) looks new, so
+      its last XID counts again for one window.
+    * ``xid_count``: ``DCGM_EXP_XID_ERRORS_COUNT`` (per ``xid``) > 0 within the window, where enabled;
+      this also sees repeats of the same XID, which the gauge cannot.
+    * ``*_increase``: windowed increases of the single-bit ECC total, correctable remapped rows and NVLink
+      errors (bursts).
+    """
+    if not _WINDOW_RE.match(window) or not _WINDOW_RE.match(step):
+        raise ValueError(f"window and step must be Prometheus durations like '2h', got {window!r}, {step!r}")
+    xid = DCGM_METRICS["xid_last"]
+    names = sorted({*DCGM_METRICS.values(), *DCGM_ALIASES, *NVLINK_ERROR_METRICS} - {xid})
+    selector = "{__name__=~\"" + "|".join(names) + "\"}"
+    nvlink = "{__name__=~\"" + "|".join(NVLINK_ERROR_METRICS) + "\"}"
+    return {
+        "values": selector,
+        "fresh": f"timestamp({DCGM_METRICS['gpu_temp']})",
+        "xid_recent": (
+            f"(max_over_time((count_values without() (\"xid\", {xid} > 0))[{window}:{step}])"
+            f" or count_values without() (\"xid\", {xid} > 0))"
+            f" unless count_values without() (\"xid\", {xid} offset {window} > 0)"
+        ),
+        "xid_count": f"max_over_time({XID_COUNT_METRIC}[{window}]) > 0",
+        "ecc_sbe_increase": f"increase({DCGM_METRICS['ecc_sbe_vol']}[{window}])",
+        "remap_correctable_increase": f"increase({DCGM_METRICS['remap_correctable']}[{window}])",
+        "nvlink_error_increase": f"increase((sum without(__name__) ({nvlink}))[{window}:{step}])",
+    }
+
+
+#: The queries with the default window (``DEFAULT_THRESHOLDS["default"].xid_window``). A fleet with
+#: another window calls :func:`health_queries` with it; one window serves the whole fleet.
+HEALTH_QUERIES: dict[str, str] = health_queries(_BASE.xid_window)
+
+_NAME_TO_KEY: dict[str, str] = {**{m: k for k, m in DCGM_METRICS.items()}, **DCGM_ALIASES}
+_HOST_LABELS = ("hostname", "exported_hostname")
+_FALLBACK_NODE_LABELS = ("node", "exported_node", "kubernetes_node", "nodename")
+
+
+def _label(metric: Mapping[str, str], *names: str) -> str | None:
+    """First label whose name matches one of ``names`` case-insensitively, non-empty."""
+    lowered = {k.casefold(): v for k, v in metric.items() if v not in (None, "")}
+    for name in names:
+        if name in lowered:
+            return lowered[name]
+    return None
+
+
+def node_of(metric: Mapping[str, str]) -> str | None:
+    """The node a series belongs to: ``Hostname``/``hostname`` (any case) or their ``exported_`` forms;
+    failing those, a ``node``-style label added by relabelling."""
+    return _label(metric, *_HOST_LABELS) or _label(metric, *_FALLBACK_NODE_LABELS)
+
+
+def _sample_value(item: Mapping[str, Any]) -> float | None:
+    value = item.get("value")
+    if not value or len(value) < 2:
+        return None
+    try:
+        f = float(value[1])
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) else f
+
+
+class _Gpu:
+    __slots__ = ("node", "gpu", "uuid", "model", "values", "ts", "xids")
+
+    def __init__(self, node: str, gpu: int) -> None:
+        self.node, self.gpu = node, gpu
+        self.uuid: str | None = None
+        self.model: str | None = None
+        self.values: dict[str, float | None] = {}
+        self.ts: float | None = None
+        self.xids: set[int] = set()
+
+
+def readings_from_query_results(results: Mapping[str, list[dict]], expected: Mapping[str, int | None],
+                                now: float) -> list[GpuReading]:
+    """Turn the instant-vector answers of :data:`HEALTH_QUERIES` into one reading per GPU.
+
+    ``results`` maps a query name to what ``PrometheusConnect.custom_query`` returned (a list of
+    ``{"metric": {...}, "value": [ts, "str"]}``); missing names count as empty answers. ``expected`` maps
+    node -> expected GPU count (None: unknown, at least one). Nodes are matched case-insensitively and
+    reported with the spelling of ``expected``. For an expected node:
+
+    * with no series at all: one reading per expected GPU (one if the count is unknown) with no values,
+      which :func:`judge` calls unknown;
+    * with series: the GPUs seen, plus ``present=False`` readings for indices ``0..count-1`` not seen.
+
+    Nodes not in ``expected`` are reported with the GPUs seen. Series without a node label are ignored;
+    series with no ``gpu`` label are attached by UUID (``UUID`` or NVLink's ``gpu_uuid``) when possible.
+    """
+    spelled = {n.casefold(): n for n in expected}
+    gpus: dict[tuple[str, int], _Gpu] = {}
+    by_uuid: dict[str, _Gpu] = {}
+    pending: list[tuple[str, Mapping[str, str], float | None]] = []
+
+    def gpu_for(metric: Mapping[str, str]) -> _Gpu | None:
+        node = node_of(metric)
+        if node is None:
+            return None
+        node = spelled.get(node.casefold(), node)
+        idx = _label(metric, "gpu")
+        uuid = _label(metric, "uuid", "gpu_uuid")
+        if idx is None or not idx.isdigit():
+            return by_uuid.get(uuid.casefold()) if uuid else None
+        key = (node.casefold(), int(idx))
+        g = gpus.get(key)
+        if g is None:
+            g = gpus[key] = _Gpu(node, int(idx))
+        if uuid and not g.uuid:
+            g.uuid = uuid
+            by_uuid[uuid.casefold()] = g
+        model = _label(metric, "modelname", "model_name")
+        if model and not g.model:
+            g.model = model
+        return g
+
+    # First pass: every series with a gpu label; second: series known only by UUID.
+    for query, items in results.items():
+        for item in items or []:
+            metric = item.get("metric") or {}
+            if _label(metric, "gpu") is None:
+                pending.append((query, metric, _sample_value(item)))
+                continue
+            g = gpu_for(metric)
+            if g is not None:
+                _apply(g, query, metric, _sample_value(item))
+    for query, metric, value in pending:
+        g = gpu_for(metric)
+        if g is not None:
+            _apply(g, query, metric, value)
+
+    readings: list[GpuReading] = []
+    seen_nodes = {node for node, _ in gpus}
+    for node in expected:
+        count = expected[node]
+        key = node.casefold()
+        if key not in seen_nodes:
+            for i in range(count if count is not None else 1):
+                readings.append(GpuReading(node=node, gpu=i, present=True))
+            continue
+        for i in range(count or 0):
+            if (key, i) not in gpus:
+                readings.append(GpuReading(node=node, gpu=i, present=False))
+    for g in gpus.values():
+        readings.append(GpuReading(
+            node=g.node, gpu=g.gpu, uuid=g.uuid, model=g.model, values=g.values,
+            age_s=None if g.ts is None else max(0.0, now - g.ts), present=True, xids=sorted(g.xids)))
+    readings.sort(key=lambda r: (r.node.casefold(), r.gpu))
+    return readings
+
+
+def _apply(g: _Gpu, query: str, metric: Mapping[str, str], value: float | None) -> None:
+    if query == "values":
+        name = metric.get("__name__", "")
+        if name in NVLINK_ERROR_METRICS:
+            if value is not None:
+                g.values["nvlink_errors"] = (g.values.get("nvlink_errors") or 0.0) + value
+            return
+        key = _NAME_TO_KEY.get(name)
+        if key is not None and key != "xid_last":
+            g.values[key] = value
+    elif query == "fresh":
+        if value is not None:
+            g.ts = value if g.ts is None else max(g.ts, value)
+    elif query in ("xid_recent", "xid_count"):
+        xid = _label(metric, "xid")
+        if xid and xid.isdigit() and int(xid) > 0 and (value is None or value > 0):
+            g.xids.add(int(xid))
+    elif query == "nvlink_error_increase":
+        if value is not None:
+            g.values[query] = (g.values.get(query) or 0.0) + value
+    elif query in WINDOW_KEYS:
+        g.values[query] = value
+
+
+# --------------------------------------------------------------------------------------------------
+# Summaries
+# --------------------------------------------------------------------------------------------------
+
+
+def summarize(verdicts: Iterable[GpuVerdict]) -> dict[Verdict, int]:
+    """Count of GPUs per verdict; every verdict is a key."""
+    counts = dict.fromkeys(Verdict, 0)
+    for v in verdicts:
+        counts[v.verdict] += 1
+    return counts
+
+
+def worst(verdicts: Iterable[GpuVerdict]) -> Verdict:
+    """The worst verdict (unhealthy > unknown > degraded > healthy); unknown for no verdicts at all."""
+    items = list(verdicts)
+    if not items:
+        return Verdict.UNKNOWN
+    return max((v.verdict for v in items), key=SEVERITY.__getitem__)
+
+
+_TABLE_VALUE_KEYS = ("gpu_temp", "memory_temp", "power_usage", "power_limit", "gpu_util", "ecc_dbe_vol",
+                     "clock_event_reasons")
+_SHORT = {"gpu_temp": "temp", "memory_temp": "memtemp", "power_usage": "power", "power_limit": "limit",
+          "gpu_util": "util", "ecc_dbe_vol": "dbe", "clock_event_reasons": "clk"}
+
+TABLE_COLUMNS: tuple[str, ...] = ("node", "gpu", "uuid", "model", "verdict", "reasons", "values")
+
+
+def table_rows(verdicts: Iterable[GpuVerdict]) -> list[dict[str, str]]:
+    """One row of strings per GPU, columns :data:`TABLE_COLUMNS` (values: the main ones, short names)."""
+    rows = []
+    for v in verdicts:
+        shown = []
+        for key in _TABLE_VALUE_KEYS:
+            x = _get(v.values, key)
+            if x is not None:
+                shown.append(f"{_SHORT[key]}={hex(int(x)) if key == 'clock_event_reasons' else _fmt(x)}")
+        rows.append({"node": v.node, "gpu": str(v.gpu), "uuid": v.uuid or "-", "model": v.model or "-",
+                     "verdict": v.verdict.value, "reasons": "; ".join(v.reasons) or "-",
+                     "values": " ".join(shown) or "-"})
+    return rows
+
+
+def format_table(verdicts: Iterable[GpuVerdict]) -> str:
+    """Plain-text table of :func:`table_rows` (no third-party dependency)."""
+    rows = table_rows(verdicts)
+    widths = {c: max([len(c), *(len(r[c]) for r in rows)]) for c in TABLE_COLUMNS}
+    lines = ["  ".join(c.upper().ljust(widths[c]) for c in TABLE_COLUMNS).rstrip()]
+    lines += ["  ".join(r[c].ljust(widths[c]) for c in TABLE_COLUMNS).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def verdicts_json(verdicts: Iterable[GpuVerdict]) -> str:
+    """JSON array of verdicts (for ``--json``), with a summary-friendly shape."""
+    return json.dumps([v.model_dump(mode="json") for v in verdicts], indent=2, sort_keys=True)
