@@ -232,10 +232,13 @@ def _family(gpu_c: float, mem_c: float, power_w: float) -> Thresholds:
     return _BASE.model_copy(update=update)
 
 
-#: Built-in thresholds per GPU family. Temperatures are NVML's max operating temperatures for the SXM
-#: parts (nvidia-smi -q "GPU Max Operating Temp" / "Memory Max Operating Temp"): A100 85/95 °C, H100
-#: 87/95 °C; the H200 values are those read with NVML on an H200 (tests/fixtures/nvml/h200.json). Power
-#: ceilings are the SXM TDPs (A100 400 W, H100/H200 700 W), used only without a reported limit.
+#: Built-in thresholds per GPU family. Temperatures are NVML's max operating temperatures
+#: (nvmlDeviceGetTemperatureThreshold GPU_MAX / MEM_MAX; older nvidia-smi -q "GPU Max Operating Temp" /
+#: "Memory Max Operating Temp"). H200: 87/95 °C as read with NVML on an H200 SXM, driver 580.159.04
+#: (tests/fixtures/nvml/h200.json; its nvidia-smi -q shows "GPU T.Limit Temp 51 C" at 36 °C, i.e. 87 °C).
+#: A100 SXM4 85/95 °C and H100 SXM5 87/95 °C are the published nvidia-smi values, not recorded here.
+#: Power ceilings are the SXM TDPs (A100 400 W, H100/H200 700 W; the H200 reported a 700 W enforced
+#: limit), used only when a reading has no power limit.
 DEFAULT_THRESHOLDS: dict[str, Thresholds] = {
     "default": _BASE,
     "A100": _family(85.0, 95.0, 400.0),

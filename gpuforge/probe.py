@@ -65,6 +65,9 @@ class ProbeError(RuntimeError):
 
 # --------------------------------------------------------------------------------------------------
 # Raw NVML field -> (canonical value key, scale). Canonical keys are gpuforge.health.VALUE_KEYS.
+# FB used comes from nvmlDeviceGetMemoryInfo (v1), which counts driver-reserved memory as used (615 MiB on
+# the recorded H200, where nvidia-smi shows "Used 0 MiB, Reserved 616 MiB"); dcgm-exporter reports that
+# part separately as DCGM_FI_DEV_FB_RESERVED. No health rule reads FB values.
 # --------------------------------------------------------------------------------------------------
 
 RAW_FIELDS: dict[str, tuple[str, float]] = {

@@ -355,6 +355,7 @@ def test_main_json_and_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert [(d["verdict"], d["reasons"]) for d in data] == [("degraded", ["GPU temp 34 °C > 10 °C"])] * 2
     assert main(["--fixture", str(SYNTH)]) == 1  # unhealthy GPUs
     assert "unhealthy" in capsys.readouterr().out
+    pytest.importorskip("ruamel.yaml")  # a project dependency; absent on the bare GPU machine
     yaml_cfg = tmp_path / "cold.yaml"
     yaml_cfg.write_text("thresholds:\n  default:\n    max_gpu_temp_c: 10\n")
     assert main(["--fixture", str(A100), "--config", str(yaml_cfg)]) == 0
@@ -540,6 +541,68 @@ def test_nvml_reader_xid_watch_delivers_events() -> None:
     t.join(5)
     assert got == [("GPU-fake-1", 79), ("GPU-fake-0", 13)]
     assert not t.is_alive()
+
+
+# ---------------------------------------------------------------------------------------------- recorded H200
+
+
+def _smi(field: str, section: str | None = None) -> str:
+    """First value of ``field`` (after the line ``section``, if given) in the nvidia-smi -q output
+    recorded beside h200.json."""
+    lines = (FIXTURES / "h200.nvidia-smi-q.txt").read_text().splitlines()
+    if section is not None:
+        lines = lines[[line.strip() for line in lines].index(section):]
+    for line in lines:
+        name, sep, value = line.partition(":")
+        if sep and name.strip() == field:
+            return value.strip()
+    raise KeyError(field)
+
+
+def test_recorded_h200_is_healthy_and_matches_nvidia_smi() -> None:
+    data = json.loads(H200.read_text())
+    (gpu,) = data["gpus"]
+    assert gpu["name"] == "NVIDIA H200" and data["driver_version"] == _smi("Driver Version")
+    assert gpu["uuid"] == _smi("GPU UUID")
+    raw = gpu["values"]
+    # what NVML recorded agrees with nvidia-smi -q taken in the same second
+    assert raw["temperature_gpu"] + int(_smi("GPU T.Limit Temp").split()[0]) == raw["temp_threshold_gpu_max"]
+    assert raw["enforced_power_limit_mw"] / 1000 == float(_smi("Current Power Limit").split()[0])
+    assert _smi("Pending", "Remapped Rows") == "No" and raw["remapped_rows_pending"] == 0
+    assert _smi("Remapping Failure Occurred") == "No" and raw["remapped_rows_failure"] == 0
+    assert int(_smi("DRAM Uncorrectable")) == raw["ecc_volatile_uncorrected"] == 0
+    assert raw["pcie_link_width"] == int(_smi("Current", "Link Width").rstrip("x")) == 16
+    assert raw["pcie_link_gen_max"] == int(_smi("Max", "PCIe Generation")) == 5
+    assert raw["memory_temp"] == int(_smi("Memory Current Temp").split()[0])
+    # the H200 defaults are the thresholds this GPU reports
+    from gpuforge.health import DEFAULT_THRESHOLDS, thresholds_for
+
+    t = thresholds_for(gpu["name"])
+    assert t is DEFAULT_THRESHOLDS["H200"]
+    assert (t.max_gpu_temp_c, t.max_memory_temp_c) == (raw["temp_threshold_gpu_max"], raw["temp_threshold_mem_max"])
+    (v,) = probe_table(reader=RecordedReader(H200), node="vm")
+    assert v.verdict == Verdict.HEALTHY and v.reasons == []
+    assert 20 <= v.values["gpu_temp"] <= 90 and v.values["power_usage"] < v.values["power_limit"]
+    assert v.values["ecc_dbe_vol"] == 0
+
+
+def test_recorded_h200_nvlink_unsupported_is_omitted_when_served() -> None:
+    assert set(json.loads(H200.read_text())["gpus"][0]["unsupported"]) == {
+        "nvlink_crc_flit_total", "nvlink_crc_data_total", "nvlink_replay_total", "nvlink_recovery_total"}
+    server = serve("127.0.0.1", 0, reader=RecordedReader(H200), node="vm", block=False, watch_xids=False)
+    try:
+        text = scrape(server.port)
+    finally:
+        server.stop()
+    found = series(text)
+    assert not any("NVLINK" in name for name in found)
+    assert found["DCGM_FI_DEV_MEMORY_TEMP"][0][1] == 37
+    assert found["DCGM_FI_DEV_POWER_USAGE"][0][1] == 79.3
+    (r,) = readings_from_exposition(text, {"VM": 1})
+    assert r.node == "VM" and r.model == "NVIDIA H200" and "nvlink_errors" not in r.values
+    cold = {"H200": {"max_gpu_temp_c": 10}}
+    (v,) = probe_table(cold, reader=RecordedReader(H200), node="vm")
+    assert (v.verdict, v.reasons) == (Verdict.DEGRADED, ["GPU temp 36 °C > 10 °C"])
 
 
 # ---------------------------------------------------------------------------------------------- real NVML
