@@ -254,6 +254,8 @@ class Config(_Model):
     # --- DeepOps' config.yml, as in the seed ---
     ansible_user: str = "root"
     ansible_ssh_private_key_file: str | None = None
+    # Python on the nodes; Ansible discovers it when unset.
+    ansible_python_interpreter: str | None = None
     k8s_cluster_nodes: list[Node] = Field(min_length=1)
     deepops_services: Services = Field(default_factory=Services)
     # --- gpuforge extensions, all optional ---

@@ -118,6 +118,8 @@ def render_group_vars(config: Config) -> dict[str, dict[str, Any]]:
     """group_vars files by name. Booleans are real booleans: Kubespray's validate_inventory asserts it."""
     ks = config.kubespray
     all_vars: dict[str, Any] = {"ansible_user": config.ansible_user, "ansible_become": True}
+    if config.ansible_python_interpreter:
+        all_vars["ansible_python_interpreter"] = config.ansible_python_interpreter
     if config.ansible_ssh_private_key_file:
         # The path only: the key itself never enters a rendered file.
         all_vars["ansible_ssh_private_key_file"] = str(config.path(config.ansible_ssh_private_key_file))
@@ -223,9 +225,7 @@ def _default_values(config: Config, release: str, learned: dict[str, int] | None
             "clusterName": config.cluster_name,
             "configFiles": {"gres.conf": "AutoDetect=nvidia\n"},
             "nodesets": nodesets,
-            "partitions": {
-                "gpu": {"enabled": True, "nodesets": sorted(nodesets), "configMap": {"Default": "YES"}}
-            },
+            "partitions": {"gpu": {"enabled": True, "nodesets": sorted(nodesets), "configMap": {"Default": "YES"}}},
         }
     if release == "kubernetes-dashboard":
         return {"app": {"ingress": {"enabled": False}}}
@@ -508,9 +508,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         "| node | ip | roles | GPUs |",
         "|---|---|---|---|",
     ]
-    lines += [
-        f"| {n['name']} | {n['ip']} | {', '.join(n['roles'])} | {n['gpus']} |" for n in summary["nodes"]
-    ]
+    lines += [f"| {n['name']} | {n['ip']} | {', '.join(n['roles'])} | {n['gpus']} |" for n in summary["nodes"]]
     lines += ["", "| service | release | namespace | chart | version |", "|---|---|---|---|---|"]
     lines += [
         f"| {r['service']} | {r['release']} | {r['namespace']} | {r['chart']} | {r['version']} |"

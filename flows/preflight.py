@@ -1,0 +1,30 @@
+"""Phase 1, preflight: run playbooks/preflight.yml over SSH on every node and judge what it found."""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+
+from flows.common import ClusterParams, load, publish_table, state_dir
+from gpuforge import preflight as rules
+from gpuforge.plan import write_plan
+from tasks.ansible_tasks import collect_preflight_facts
+
+
+@flow(name="preflight", log_prints=False)
+def preflight(params: ClusterParams) -> str:
+    logger = get_run_logger()
+    config = load(params, connects=True)
+    inventory_dir = state_dir(config) / "inventory"
+    write_plan(config, inventory_dir)
+
+    facts = collect_preflight_facts(config, inventory_dir / "hosts.yaml")
+    results = rules.judge_preflight(config, facts)
+    publish_table("preflight-report", rules.table_rows(results), f"Preflight of {config.cluster_name}: a row per node")
+
+    unreachable = [name for name, f in facts.items() if f is None]
+    if unreachable:
+        logger.error("unreachable: %s", ", ".join(unreachable))
+    if failures := rules.blocking_failures(results):
+        raise RuntimeError(f"preflight found {len(failures)} blocking problem(s): " + "; ".join(failures))
+    warnings = sum(1 for checks in results.values() for c in checks.values() if not c.ok)
+    return f"{len(results)} nodes passed" + (f", {warnings} warning(s)" if warnings else "")

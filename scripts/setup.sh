@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs everything gpuforge and its lab need on a fresh Debian 12 machine; cheap when already done.
+#   - Debian packages: the lab's real daemons (Slurm, munge, Prometheus, sshd, etcd) and iproute2
+#   - .venv with gpuforge and its dev tools
+#   - the lab's binaries built from Go modules (Kubernetes control plane, kwok, Helm), cached by version
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(slurm-wlm munge prometheus openssh-server iproute2 etcd-server)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing Debian packages: ${missing[*]}" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# Debian starts some of these as services where it can; the lab runs its own private instances.
+for svc in prometheus etcd munge slurmctld slurmd ssh; do
+  pkill -x "$svc" 2>/dev/null || true
+done
+
+if [[ ! -x .venv/bin/python ]]; then
+  python3 -m venv .venv
+fi
+if ! .venv/bin/python -c "import gpuforge, prefect, pytest" 2>/dev/null \
+   || [[ pyproject.toml -nt .venv/.gpuforge-installed ]]; then
+  echo "setup: installing Python packages into .venv" >&2
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e '.[dev]'
+  touch .venv/.gpuforge-installed
+fi
+
+bash lab/build/build-binaries.sh >/dev/null

@@ -1,0 +1,159 @@
+"""Ansible verbs through ansible-runner: run a playbook over SSH, stream its events, summarise per host."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ansible_runner
+
+# A dead link must fail fast (unreachable in ~7 s) instead of hanging until the task timeout.
+SSH_ARGS = (
+    "-o ControlMaster=auto -o ControlPersist=30s -o ServerAliveInterval=2 -o ServerAliveCountMax=3 "
+    "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o ConnectTimeout=5"
+)
+
+
+class AnsibleError(RuntimeError):
+    """ansible-playbook could not run at all; the message holds its own output."""
+
+
+EventHandler = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class HostTask:
+    task: str
+    status: str  # ok, changed, failed, skipped, unreachable
+    message: str = ""
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PlaybookRun:
+    status: str  # successful, failed, timeout, canceled
+    rc: int
+    stats: dict[str, dict[str, int]]
+    hosts: dict[str, list[HostTask]]
+
+    @property
+    def unreachable(self) -> list[str]:
+        return sorted(self.stats.get("dark", {}))
+
+    def recap(self) -> list[dict[str, Any]]:
+        """Ansible's PLAY RECAP as table rows, one per host."""
+        names = sorted({h for counts in self.stats.values() if isinstance(counts, dict) for h in counts})
+        keys = ("ok", "changed", "failures", "dark", "skipped", "rescued", "ignored")
+        return [
+            {"host": h, **{k if k != "dark" else "unreachable": self.stats.get(k, {}).get(h, 0) for k in keys}}
+            for h in names
+        ]
+
+
+_STATUS = {
+    "runner_on_ok": "ok",
+    "runner_on_failed": "failed",
+    "runner_on_skipped": "skipped",
+    "runner_on_unreachable": "unreachable",
+}
+
+
+def _host_task(event: dict[str, Any]) -> tuple[str, HostTask] | None:
+    status = _STATUS.get(event.get("event", ""))
+    if status is None:
+        return None
+    data = event.get("event_data", {})
+    res = data.get("res") or {}
+    if status == "ok" and res.get("changed"):
+        status = "changed"
+    if status == "failed" and data.get("ignore_errors"):
+        status = "ok"
+    message = str(res.get("msg", "")) if isinstance(res, dict) else ""
+    return data.get("host", "?"), HostTask(data.get("task", ""), status, message, res if isinstance(res, dict) else {})
+
+
+def run_playbook(
+    *,
+    playbook: Path,
+    inventory: Path,
+    extravars: dict[str, Any] | None = None,
+    project_dir: Path | None = None,
+    binary: str | None = None,
+    become: bool = False,
+    timeout_s: int | None = None,
+    forks: int = 16,
+    limit: str | None = None,
+    on_event: EventHandler | None = None,
+    cancel: Callable[[], bool] | None = None,
+    envvars: dict[str, str] | None = None,
+) -> PlaybookRun:
+    """Run one playbook; every event goes to `on_event` as it happens. Never raises for a failed play."""
+    hosts: dict[str, list[HostTask]] = {}
+    playbook, inventory = Path(playbook).resolve(), Path(inventory).resolve()
+
+    def handle(event: dict[str, Any]) -> bool:
+        parsed = _host_task(event)
+        if parsed:
+            hosts.setdefault(parsed[0], []).append(parsed[1])
+        if on_event:
+            on_event(event)
+        return True
+
+    env = {
+        "ANSIBLE_HOST_KEY_CHECKING": "False",
+        "ANSIBLE_SSH_ARGS": SSH_ARGS,
+        "ANSIBLE_RETRY_FILES_ENABLED": "False",
+        "ANSIBLE_NOCOLOR": "1",
+        "ANSIBLE_DEPRECATION_WARNINGS": "False",
+        **(envvars or {}),
+    }
+    cmdline = "--become" if become else None
+    with tempfile.TemporaryDirectory(prefix="gpuforge-ansible-") as data_dir:
+        # A private control-path dir: persistent SSH connections die with this run, never leak into the next.
+        env["ANSIBLE_SSH_CONTROL_PATH_DIR"] = os.path.join(data_dir, "cp")
+        # The venv that owns ansible-playbook must be first on PATH or its helpers are not found (rc 127):
+        # Kubespray's own venv via `binary`, else the venv gpuforge runs in.
+        bin_dir = Path(binary).parent if binary else Path(sys.executable).parent
+        env["PATH"] = f"{bin_dir}:{os.environ.get('PATH', '')}"
+        runner = ansible_runner.run(
+            private_data_dir=data_dir,
+            project_dir=str(project_dir or playbook.parent),
+            playbook=str(playbook),
+            inventory=str(inventory),
+            extravars=extravars or {},
+            cmdline=cmdline,
+            binary=binary,
+            forks=forks,
+            limit=limit,
+            timeout=timeout_s,
+            envvars=env,
+            quiet=True,
+            event_handler=handle,
+            cancel_callback=cancel,
+            settings={"suppress_ansible_output": True},
+        )
+        if runner.status == "failed" and not hosts:
+            # ansible-playbook itself failed (not found, syntax error, bad inventory): no host was tried.
+            output = runner.stdout.read() if runner.stdout else ""
+            raise AnsibleError(f"ansible-playbook {playbook.name} failed (rc {runner.rc}): {output.strip()[-2000:]}")
+        return PlaybookRun(runner.status, runner.rc, dict(runner.stats or {}), hosts)
+
+
+def describe_event(event: dict[str, Any]) -> str | None:
+    """One log line for the events a person follows: plays, tasks, per-host results. None for the rest."""
+    kind = event.get("event", "")
+    data = event.get("event_data", {})
+    if kind == "playbook_on_play_start":
+        return f"PLAY [{data.get('play', '')}]"
+    if kind == "playbook_on_task_start":
+        return f"TASK [{data.get('task', '')}]"
+    parsed = _host_task(event)
+    if parsed:
+        host, ht = parsed
+        return f"{host}: {ht.status}" + (f" - {ht.message}" if ht.message and ht.status != "ok" else "")
+    return None

@@ -1,0 +1,173 @@
+"""Kubernetes verbs: read nodes and custom resources, apply objects, wait for conditions.
+
+Waits survive an API server restart: a transient error while waiting is logged and the wait goes on
+until its own deadline.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+from kubernetes.dynamic import DynamicClient
+from urllib3.exceptions import HTTPError
+
+from tasks.retry import is_transient_error
+
+FIELD_MANAGER = "gpuforge"
+GPU = "nvidia.com/gpu"
+
+
+class WaitTimeout(TimeoutError):
+    """A wait ran out of time; the message says what was still missing."""
+
+
+def api_client(kubeconfig: Path) -> client.ApiClient:
+    if not Path(kubeconfig).exists():
+        raise FileNotFoundError(f"kubeconfig {kubeconfig} does not exist; run the kubespray phase or set kubeconfig")
+    api = config.new_client_from_config(config_file=str(kubeconfig))
+    api.configuration.retries = 0  # gpuforge decides what to retry
+    return api
+
+
+@dataclass(frozen=True)
+class NodeState:
+    name: str
+    ready: bool
+    kubelet_version: str
+    allocatable_gpus: int
+    unschedulable: bool
+    labels: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+    taints: list[str] = field(default_factory=list)
+
+
+def _node_state(node: client.V1Node) -> NodeState:
+    conditions = {c.type: c.status for c in (node.status.conditions or [])}
+    alloc = (node.status.allocatable or {}).get(GPU, "0")
+    taints = [f"{t.key}={t.value}:{t.effect}" if t.value else f"{t.key}:{t.effect}" for t in (node.spec.taints or [])]
+    return NodeState(
+        name=node.metadata.name,
+        ready=conditions.get("Ready") == "True",
+        kubelet_version=(node.status.node_info.kubelet_version if node.status.node_info else "").lstrip("v"),
+        allocatable_gpus=int(alloc),
+        unschedulable=bool(node.spec.unschedulable),
+        labels=dict(node.metadata.labels or {}),
+        annotations=dict(node.metadata.annotations or {}),
+        taints=taints,
+    )
+
+
+def list_nodes(kubeconfig: Path) -> dict[str, NodeState]:
+    """Every node, in one list call."""
+    with api_client(kubeconfig) as api:
+        return {n.metadata.name: _node_state(n) for n in client.CoreV1Api(api).list_node().items}
+
+
+def wait_for(
+    description: str,
+    probe: Callable[[], tuple[bool, str]],
+    timeout_s: float,
+    *,
+    interval_s: float = 1.0,
+    log: Callable[[str], None] | None = None,
+) -> str:
+    """Call `probe` until it reports done; `probe` returns (done, detail of what is missing or reached).
+
+    Transient API errors (connection refused during a restart, 5xx) count as "not yet".
+    """
+    deadline = time.monotonic() + timeout_s
+    detail = "not checked yet"
+    last_logged = ""
+    while True:
+        try:
+            done, detail = probe()
+        except (ApiException, HTTPError, OSError) as exc:
+            if not is_transient_error(exc):
+                raise
+            done, detail = False, f"API not answering ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+        if done:
+            return detail
+        if log and detail != last_logged:
+            log(f"waiting for {description}: {detail}")
+            last_logged = detail
+        if time.monotonic() >= deadline:
+            raise WaitTimeout(f"timed out after {timeout_s:.0f}s waiting for {description}: {detail}")
+        time.sleep(interval_s)
+
+
+def nodes_ready_probe(kubeconfig: Path, names: list[str], version: str) -> Callable[[], tuple[bool, str]]:
+    def probe() -> tuple[bool, str]:
+        nodes = list_nodes(kubeconfig)
+        missing = [n for n in names if n not in nodes]
+        not_ready = [n for n in names if n in nodes and not nodes[n].ready]
+        wrong = [
+            f"{n} at {nodes[n].kubelet_version}" for n in names if n in nodes and nodes[n].kubelet_version != version
+        ]
+        problems = []
+        if missing:
+            problems.append(f"not registered: {', '.join(missing)}")
+        if not_ready:
+            problems.append(f"not Ready: {', '.join(not_ready)}")
+        if wrong:
+            problems.append(f"not at {version}: {', '.join(wrong)}")
+        return (not problems, "; ".join(problems) or f"{len(names)} nodes Ready at {version}")
+
+    return probe
+
+
+def get_custom(kubeconfig: Path, group: str, version: str, plural: str, name: str) -> dict[str, Any] | None:
+    """A cluster-scoped custom resource, or None when it (or its CRD) does not exist."""
+    with api_client(kubeconfig) as api:
+        try:
+            return client.CustomObjectsApi(api).get_cluster_custom_object(group, version, plural, name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+
+def list_custom(kubeconfig: Path, group: str, version: str, plural: str, namespace: str | None = None) -> list[dict]:
+    with api_client(kubeconfig) as api:
+        custom = client.CustomObjectsApi(api)
+        try:
+            if namespace:
+                return custom.list_namespaced_custom_object(group, version, namespace, plural)["items"]
+            return custom.list_cluster_custom_object(group, version, plural)["items"]
+        except ApiException as exc:
+            if exc.status == 404:
+                return []
+            raise
+
+
+def apply(kubeconfig: Path, manifest: dict[str, Any]) -> None:
+    """Server-side apply one object (create or update), owned by the field manager `gpuforge`."""
+    with api_client(kubeconfig) as api:
+        dyn = DynamicClient(api)
+        resource = dyn.resources.get(api_version=manifest["apiVersion"], kind=manifest["kind"])
+        dyn.server_side_apply(
+            resource,
+            body=manifest,
+            name=manifest["metadata"]["name"],
+            namespace=manifest["metadata"].get("namespace"),
+            field_manager=FIELD_MANAGER,
+            force_conflicts=True,
+        )
+
+
+def ensure_namespace(kubeconfig: Path, name: str, labels: dict[str, str] | None = None) -> None:
+    apply(kubeconfig, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels or {}}})
+
+
+def config_map(name: str, namespace: str, data: dict[str, str], labels: dict[str, str] | None = None) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels or {}},
+        "data": data,
+    }
