@@ -642,3 +642,109 @@ def test_real_nvml_served_over_http() -> None:
     assert {v.verdict for v in judge_all(readings)} == {Verdict.HEALTHY}
     labels = series(text)["DCGM_FI_DEV_GPU_TEMP"][0][0]
     assert DCGM_LABELS <= set(labels) and labels["DCGM_FI_DRIVER_VERSION"]
+
+
+# ---------------------------------------------------------------------------------------------- deploy files
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_probe_daemonset_manifest() -> None:
+    yaml = pytest.importorskip("ruamel.yaml")
+    docs = list(yaml.YAML(typ="safe").load_all((REPO / "deploy" / "probe-daemonset.yaml").read_text()))
+    kinds = {d["kind"]: d for d in docs}
+    assert set(kinds) == {"Namespace", "DaemonSet", "Service", "ServiceMonitor"}
+    ds, svc, sm = kinds["DaemonSet"], kinds["Service"], kinds["ServiceMonitor"]
+    pod = ds["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"] == ["gpuforge", "probe", "--serve", "0.0.0.0:9400"]
+    assert "nvidia.com/gpu" not in str(container.get("resources", {}))  # takes no GPU from jobs
+    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    exprs = {e["key"]: (e["operator"], e["values"]) for e in terms[0]["matchExpressions"]}
+    assert exprs == {"nvidia.com/gpu.present": ("In", ["true"]),
+                     "nvidia.com/gpu.deploy.dcgm-exporter": ("NotIn", ["true"])}
+    assert {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}} in container["env"]
+    labels = ds["spec"]["template"]["metadata"]["labels"]
+    assert ds["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert svc["spec"]["selector"].items() <= labels.items()
+    assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    port_name = container["ports"][0]["name"]
+    assert container["ports"][0]["containerPort"] == 9400
+    assert svc["spec"]["ports"][0]["name"] == sm["spec"]["endpoints"][0]["port"] == port_name
+    assert {d["metadata"].get("namespace") for d in (ds, svc, sm)} == {kinds["Namespace"]["metadata"]["name"]}
+
+
+@pytest.fixture
+def slurm_env(tmp_path: Path) -> dict[str, Any]:
+    """A fake `scontrol` on PATH that logs its arguments and shows a configurable node line."""
+    import os
+    import sys
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    log_file, node_file = tmp_path / "scontrol.log", tmp_path / "node.txt"
+    node_file.write_text("NodeName=gn1 Arch=x86_64 Gres=gpu:a100:2(S:0) State=IDLE ThreadsPerCore=1 Reason=none\n")
+    (bindir / "scontrol").write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = show ]; then cat "{node_file}"; exit 0; fi\n'
+        f'printf "%s|" "$@" >> "{log_file}"; echo >> "{log_file}"\n')
+    (bindir / "scontrol").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "SLURMD_NODENAME": "gn1",
+           "PYTHONPATH": str(REPO), "GPUFORGE_CMD": f"{sys.executable} -m gpuforge.probe --fixture {A100}"}
+    return {"env": env, "log": log_file, "node": node_file}
+
+
+def run_hc(slurm_env: dict[str, Any], **env: str) -> tuple[int, list[str]]:
+    import subprocess
+
+    proc = subprocess.run(["bash", str(REPO / "deploy" / "slurm-healthcheck.sh")], env={**slurm_env["env"], **env},
+                          capture_output=True, text=True, timeout=60)
+    log = slurm_env["log"].read_text().splitlines() if slurm_env["log"].exists() else []
+    return proc.returncode, log
+
+
+def test_slurm_script_drains_with_gpuforge_reason(slurm_env: dict[str, Any]) -> None:
+    import sys
+
+    rc, calls = run_hc(slurm_env, GPUFORGE_CMD=f"{sys.executable} -m gpuforge.probe --fixture {SYNTH}")
+    assert rc == 1
+    (call,) = calls
+    assert call.startswith("update|NodeName=gn1|State=DRAIN|Reason=gpuforge: GPU1 unhealthy: ECC DBE volatile 2 > 0;")
+    assert len(call.split("Reason=", 1)[1].rstrip("|")) <= 200
+
+
+def test_slurm_script_healthy_leaves_node_alone(slurm_env: dict[str, Any]) -> None:
+    assert run_hc(slurm_env) == (0, [])
+
+
+def test_slurm_script_resumes_only_its_own_drain(slurm_env: dict[str, Any]) -> None:
+    slurm_env["node"].write_text("NodeName=gn1 State=IDLE+DRAIN Partitions=gpu Reason=gpuforge: GPU1 unhealthy: "
+                                 "ECC DBE volatile 2 > 0 [root@2026-11-28T21:55:00]\n")
+    assert run_hc(slurm_env) == (0, ["update|NodeName=gn1|State=RESUME|"])
+    slurm_env["log"].unlink()
+    slurm_env["node"].write_text("NodeName=gn1 State=IDLE+DRAIN Reason=maintenance [admin@2026-11-28T21:55:00]\n")
+    assert run_hc(slurm_env) == (0, [])
+
+
+def test_slurm_script_expected_gpus_from_gres(slurm_env: dict[str, Any]) -> None:
+    slurm_env["node"].write_text("NodeName=gn1 Gres=gpu:a100:4(S:0-1) State=IDLE Reason=none\n")
+    rc, calls = run_hc(slurm_env, GPUFORGE_EXPECTED_GPUS="gres")
+    assert rc == 1
+    assert calls == ["update|NodeName=gn1|State=DRAIN|Reason=gpuforge: GPU2 unhealthy: GPU 2 missing (expected on "
+                     "gn1); GPU3 unhealthy: GPU 3 missing (expected on gn1)|"]
+
+
+def test_slurm_script_probe_failure_and_timeout(slurm_env: dict[str, Any]) -> None:
+    boom = slurm_env["log"].parent / "boom.sh"
+    boom.write_text("#!/bin/sh\necho starting\necho boom\nexit 3\n")
+    boom.chmod(0o755)
+    rc, calls = run_hc(slurm_env, GPUFORGE_CMD=str(boom))
+    assert rc == 1 and calls == ['update|NodeName=gn1|State=DRAIN|Reason=gpuforge: probe failed (rc 3): boom|']
+    slurm_env["log"].unlink()
+    hang = slurm_env["log"].parent / "hang.sh"
+    hang.write_text("#!/bin/sh\nsleep 5\n")
+    hang.chmod(0o755)
+    rc, calls = run_hc(slurm_env, GPUFORGE_CMD=str(hang), GPUFORGE_TIMEOUT="1")
+    assert rc == 1
+    assert calls == ["update|NodeName=gn1|State=DRAIN|Reason=gpuforge: GPU health check timed out after 1 s|"]
