@@ -748,3 +748,59 @@ def test_slurm_script_probe_failure_and_timeout(slurm_env: dict[str, Any]) -> No
     rc, calls = run_hc(slurm_env, GPUFORGE_CMD=str(hang), GPUFORGE_TIMEOUT="1")
     assert rc == 1
     assert calls == ["update|NodeName=gn1|State=DRAIN|Reason=gpuforge: GPU health check timed out after 1 s|"]
+
+
+# ---------------------------------------------------------------------------------------------- real Prometheus
+
+
+def test_health_queries_on_a_real_prometheus_scraping_the_probe(tmp_path: Path) -> None:
+    """The fleet path end to end: Prometheus scrapes the probe (serving a fixture), every HEALTH_QUERY runs
+    through prometheus-api-client, and the verdicts match the fixture's faults. Skipped without a
+    `prometheus` binary on PATH."""
+    import shutil
+    import socket
+    import subprocess
+
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("no prometheus binary on PATH")
+    from prometheus_api_client import PrometheusConnect
+
+    server = serve("127.0.0.1", 0, reader=RecordedReader(SYNTH), node="H100-Node-7", block=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        prom_port = s.getsockname()[1]
+    (tmp_path / "prometheus.yml").write_text(
+        "global: {scrape_interval: 1s}\nscrape_configs:\n- job_name: gpuforge-probe\n"
+        f"  static_configs: [{{targets: ['127.0.0.1:{server.port}']}}]\n")
+    proc = subprocess.Popen([binary, f"--config.file={tmp_path / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{prom_port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        prom = PrometheusConnect(url=f"http://127.0.0.1:{prom_port}", disable_ssl=True)
+        deadline = time.time() + 30
+        results: dict[str, list[dict]] = {}
+        while time.time() < deadline:
+            try:
+                results = {name: prom.custom_query(query) for name, query in HEALTH_QUERIES.items()}
+            except Exception:  # Prometheus still starting
+                results = {}
+            if results and len(results["fresh"]) == 7 and results["ecc_sbe_increase"] and results["xid_recent"]:
+                break
+            time.sleep(0.5)
+        assert results, "Prometheus never answered"
+        verdicts = {v.gpu: v for v in judge_all(readings_from_query_results(results, {"h100-node-7": 8},
+                                                                          time.time()))}
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        server.stop()
+    assert {v.node for v in verdicts.values()} == {"h100-node-7"}
+    assert verdicts[0].reasons == ["XID 79 (GPU has fallen off the bus) within 2h"]
+    assert verdicts[1].reasons == ["ECC DBE volatile 2 > 0"]
+    assert verdicts[2].reasons == ["row remap pending (GPU reset needed)"]
+    assert verdicts[3].reasons == ["GPU temp 93 °C > 87 °C", "memory temp 97 °C > 95 °C"]
+    assert verdicts[4].verdict == Verdict.DEGRADED and verdicts[5].reasons == ["NVLink errors 3 > 0"]
+    assert verdicts[6].reasons == ["GPU 6 missing (expected on h100-node-7)"]  # lost: exports nothing
+    assert verdicts[7].reasons == ["row remap failure"]
+    assert verdicts[0].values["ecc_sbe_increase"] == 0
