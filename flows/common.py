@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -62,3 +64,32 @@ def publish_table(key: str, rows: list[dict[str, Any]], description: str) -> Non
 
 def publish_markdown(key: str, markdown: str, description: str) -> None:
     create_markdown_artifact(markdown=markdown, key=key, description=description)
+
+
+# A run killed with kill -9 holds its slot until the lease expires; a live run renews it. So a re-run after
+# a crash waits at most LEASE_S, and a second concurrent run gives up after LOCK_WAIT_S.
+LEASE_S = 60  # the server's minimum lease
+LOCK_WAIT_S = 75
+
+
+@contextmanager
+def cluster_lock(cluster: str, what: str) -> Iterator[None]:
+    """One install (or other changing run) per cluster at a time, across processes, via a Prefect limit."""
+    from prefect import get_client
+    from prefect.concurrency._asyncio import AcquireConcurrencySlotTimeoutError
+    from prefect.concurrency.sync import concurrency
+
+    name = f"cluster-{cluster}"
+    with get_client(sync_client=True) as prefect_client:
+        prefect_client.upsert_global_concurrency_limit_by_name(name, 1)
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(
+                concurrency(name, occupy=1, strict=True, timeout_seconds=LOCK_WAIT_S, lease_duration=LEASE_S)
+            )
+        except AcquireConcurrencySlotTimeoutError:
+            raise PreconditionFailed(
+                f"another {what} of cluster {cluster} is running (Prefect concurrency limit {name!r}); "
+                "wait for it to finish or cancel it in the Prefect UI"
+            ) from None
+        yield

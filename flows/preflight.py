@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from flows.common import ClusterParams, load, publish_table, state_dir
+from flows.common import ClusterParams, load, publish_table, run_name, state_dir
 from gpuforge import preflight as rules
 from gpuforge.plan import write_plan
 from tasks.ansible_tasks import collect_preflight_facts
 
 
-@flow(name="preflight", log_prints=False)
+@flow(name="preflight", flow_run_name=run_name("preflight"), log_prints=False)
 def preflight(params: ClusterParams) -> str:
     logger = get_run_logger()
     config = load(params, connects=True)

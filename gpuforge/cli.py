@@ -7,6 +7,7 @@ anything is touched), then hands over to a flow or to the lab. Usage errors prin
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -69,6 +70,171 @@ def plan(config_path: Path, out: Path, as_json: bool) -> None:
     else:
         click.echo(render.summary_markdown(summary))
         click.echo(f"{len(written)} files written to {out}")
+
+
+@app.group()
+def lab() -> None:
+    """The lab: a real control plane, kwok GPU nodes, SSH hosts, Prometheus and Slurm on this machine."""
+
+
+def _lab(config_path: Path):
+    from lab.lab import Lab, LabConfigError
+
+    cfg = load(config_path)
+    try:
+        return Lab(cfg, progress=lambda msg: click.echo(msg, err=True))
+    except LabConfigError as exc:
+        fail(f"{config_path}: {exc}")
+
+
+def _print_endpoints(endpoints: dict[str, str], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(endpoints, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("endpoint", "where", title="gpuforge lab")
+    for key, value in endpoints.items():
+        table.add_row(key, value)
+    Console().print(table)
+
+
+@lab.command("up")
+@config_option
+@json_option
+def lab_up(config_path: Path, as_json: bool) -> None:
+    """Start the lab for this config (idempotent) and print its endpoints."""
+    import time
+
+    started = time.monotonic()
+    the_lab = _lab(config_path)
+    try:
+        endpoints = the_lab.up()
+    except Exception as exc:  # noqa: BLE001 - any failing component: say which, in its own words
+        fail(f"lab up failed: {exc}")
+    click.echo(f"lab up in {time.monotonic() - started:.1f}s", err=True)
+    _print_endpoints(endpoints, as_json)
+
+
+@lab.command("down")
+@config_option
+def lab_down(config_path: Path) -> None:
+    """Stop every lab process and remove its namespaces and links."""
+    _lab(config_path).down()
+    click.echo("lab down", err=True)
+
+
+@lab.command("status")
+@config_option
+@json_option
+def lab_status(config_path: Path, as_json: bool) -> None:
+    """What is up, and the endpoint table (with the absolute path of the admin kubeconfig)."""
+    the_lab = _lab(config_path)
+    status = the_lab.status()
+    if as_json:
+        click.echo(json.dumps({"status": status, "endpoints": the_lab.endpoints()}, indent=2, default=str))
+        return
+    cp = status["control_plane"]
+    click.echo(f"control plane: {'up' if cp.get('up') else 'down'}")
+    for key in ("ssh_hosts", "slurm", "dcgm_simulator", "prometheus", "reconciler"):
+        click.echo(f"{key}: {status[key]}")
+    _print_endpoints(the_lab.endpoints(), False)
+    sys.exit(0 if cp.get("up") else 3)
+
+
+def _prefect_defaults() -> None:
+    """Quiet, offline-friendly Prefect defaults; an explicit environment always wins."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pyhelm3")
+
+
+def _run_flow(flow, params):
+    """Run a flow in this process (an ephemeral Prefect server when no PREFECT_API_URL is set)."""
+    _prefect_defaults()
+    return flow(params, return_state=True)
+
+
+def _state_error(state) -> BaseException | None:
+    if state.is_completed():
+        return None
+    result = state.result(raise_on_failure=False)
+    return result if isinstance(result, BaseException) else RuntimeError(state.message or state.name)
+
+
+PHASE_CHOICE = click.Choice(["preflight", "kubespray", "monitoring", "gpu-operator", "slurm", "dashboard", "validate"])
+
+
+@app.command()
+@config_option
+@click.option("--only", multiple=True, type=PHASE_CHOICE, help="Run only this phase (repeatable).")
+@click.option("--from", "from_phase", type=PHASE_CHOICE, help="Start at this phase.")
+@click.option("--force-phase", multiple=True, type=PHASE_CHOICE, help="Re-run this phase even when converged.")
+@json_option
+def install(config_path: Path, only, from_phase, force_phase, as_json: bool) -> None:
+    """Install the cluster: preflight, Kubespray, monitoring, GPU Operator, Slurm, dashboard, validate."""
+    load(config_path, connects=True)
+    from flows.install import InstallParams
+    from flows.install import install as install_flow
+
+    params = InstallParams(
+        config=str(config_path), only=list(only), from_phase=from_phase, force_phases=list(force_phase)
+    )
+    state = _run_flow(install_flow, params)
+    rows = state.result(raise_on_failure=False)
+    rows = rows if isinstance(rows, list) else getattr(state.data, "result", None) or []
+    error = _state_error(state)
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "ok": error is None,
+                    "phases": rows if isinstance(rows, list) else [],
+                    "error": str(error) if error else None,
+                },
+                indent=2,
+            )
+        )
+    elif error:
+        click.echo(f"install failed: {error}", err=True)
+    else:
+        for row in rows:
+            click.echo(f"{row['phase']:<13} {row['result']:<8} {row['seconds']:>6}s  {row['detail']}")
+    sys.exit(1 if error else 0)
+
+
+@app.command()
+@config_option
+@click.option("--keep", is_flag=True, help="Keep the smoke pods and their namespace.")
+@json_option
+def validate(config_path: Path, keep: bool, as_json: bool) -> None:
+    """Prove the platform works: nodes, CUDA smoke on every GPU node, DCGM metrics, Slurm GPU jobs.
+
+    Exit 0 all passed, 1 a check failed, 2 the environment prevented checking.
+    """
+    try:
+        load_config(config_path)
+    except ConfigError as exc:
+        fail(str(exc), 2)
+    from flows.validate import ValidateParams, ValidationFailed
+    from flows.validate import validate as validate_flow
+
+    state = _run_flow(validate_flow, ValidateParams(config=str(config_path), keep=keep))
+    error = _state_error(state)
+    if isinstance(error, ValidationFailed):
+        report = error.report
+    elif error is not None:
+        fail(f"validate could not run: {error}", 2)
+    else:
+        report = state.result()
+    if as_json:
+        click.echo(json.dumps({k: report[k] for k in ("ok", "failures", "checks")}, indent=2))
+    else:
+        for c in report["checks"]:
+            click.echo(f"{c['result']:<8} {c['check']:<18} {c['target']:<22} {c['detail']}")
+    sys.exit(report["exit_code"])
 
 
 def main() -> None:

@@ -151,7 +151,26 @@ XID_NAMES: dict[int, str] = {
 #: 2 h") plus 94 and 95 (contained/uncontained ECC errors, which gpud also treats as fatal; gpud exempts 94
 #: from reboot escalation only). Source: shared/reference/upstream-gpu-stack.md section 4.
 DEFAULT_FATAL_XIDS: tuple[int, ...] = (
-    48, 56, 57, 58, 62, 63, 64, 65, 68, 69, 73, 74, 79, 80, 81, 92, 94, 95, 119, 120,
+    48,
+    56,
+    57,
+    58,
+    62,
+    63,
+    64,
+    65,
+    68,
+    69,
+    73,
+    74,
+    79,
+    80,
+    81,
+    92,
+    94,
+    95,
+    119,
+    120,
 )
 
 #: HW slowdown 0x8 | SW thermal 0x20 | HW thermal 0x40 | HW power brake 0x80. Idle (0x1), SW power cap
@@ -174,41 +193,67 @@ class Thresholds(BaseModel, extra="forbid"):
     """
 
     max_gpu_temp_c: float = Field(
-        85.0, description="GPU core temperature above which the GPU is degraded. NVML 'GPU Max Operating "
-        "Temp' (NVML_TEMPERATURE_THRESHOLD_GPU_MAX); 85 °C is the A100 SXM4 value, a conservative default.")
+        85.0,
+        description="GPU core temperature above which the GPU is degraded. NVML 'GPU Max Operating "
+        "Temp' (NVML_TEMPERATURE_THRESHOLD_GPU_MAX); 85 °C is the A100 SXM4 value, a conservative default.",
+    )
     max_memory_temp_c: float = Field(
-        95.0, description="HBM temperature above which the GPU is degraded. NVML 'Memory Max Operating "
-        "Temp' (NVML_TEMPERATURE_THRESHOLD_MEM_MAX), 95 °C on A100/H100/H200; gpud: HBM > mem max.")
+        95.0,
+        description="HBM temperature above which the GPU is degraded. NVML 'Memory Max Operating "
+        "Temp' (NVML_TEMPERATURE_THRESHOLD_MEM_MAX), 95 °C on A100/H100/H200; gpud: HBM > mem max.",
+    )
     max_power_w: float | None = Field(
-        None, description="Absolute power ceiling in W, used only when the reading has no power limit.")
+        None, description="Absolute power ceiling in W, used only when the reading has no power limit."
+    )
     max_power_fraction: float = Field(
-        1.0, gt=0, description="Degraded when power usage > enforced limit × this fraction ('over limit').")
+        1.0, gt=0, description="Degraded when power usage > enforced limit × this fraction ('over limit')."
+    )
     correctable_remap_burst: int = Field(
-        1, ge=0, description="Degraded when correctable remapped rows grow by more than this within the "
-        "window. gpuforge's own choice: no peer sets one (pending remaps are judged separately).")
+        1,
+        ge=0,
+        description="Degraded when correctable remapped rows grow by more than this within the "
+        "window. gpuforge's own choice: no peer sets one (pending remaps are judged separately).",
+    )
     max_uncorrectable_remapped_rows: int = Field(
-        512, ge=0, description="Unhealthy when uncorrectable remapped rows exceed this (Azure NHC: > 512).")
+        512, ge=0, description="Unhealthy when uncorrectable remapped rows exceed this (Azure NHC: > 512)."
+    )
     sbe_burst: int = Field(
-        10000, ge=0, description="Degraded when correctable (single-bit) ECC errors grow by more than this "
-        "within the window. Azure NHC H100 conf: SRAM correctable > 10000 (check_gpu_ecc 20000000 10000).")
+        10000,
+        ge=0,
+        description="Degraded when correctable (single-bit) ECC errors grow by more than this "
+        "within the window. Azure NHC H100 conf: SRAM correctable > 10000 (check_gpu_ecc 20000000 10000).",
+    )
     nvlink_error_burst: int = Field(
-        0, ge=0, description="Degraded when NVLink CRC/replay/recovery errors grow by more than this "
-        "(Google cluster-toolkit: errors > 0).")
+        0,
+        ge=0,
+        description="Degraded when NVLink CRC/replay/recovery errors grow by more than this "
+        "(Google cluster-toolkit: errors > 0).",
+    )
     xid_window: str = Field(
-        "2h", description="How far back a fatal XID counts, a Prometheus duration (Azure NHC: last 2 h).")
+        "2h", description="How far back a fatal XID counts, a Prometheus duration (Azure NHC: last 2 h)."
+    )
     stale_after_s: float = Field(
-        120.0, gt=0, description="Metrics older than this make the verdict unknown: eight dcgm-exporter "
-        "scrape intervals of 15 s (GPU Operator ServiceMonitor default).")
+        120.0,
+        gt=0,
+        description="Metrics older than this make the verdict unknown: eight dcgm-exporter "
+        "scrape intervals of 15 s (GPU Operator ServiceMonitor default).",
+    )
     fatal_xids: list[int] = Field(
         default_factory=lambda: list(DEFAULT_FATAL_XIDS),
-        description="XIDs that make a GPU unhealthy (Azure NHC list + 94, 95).")
+        description="XIDs that make a GPU unhealthy (Azure NHC list + 94, 95).",
+    )
     throttle_mask: int = Field(
-        DEFAULT_THROTTLE_MASK, ge=0, description="Clock-event reason bits that degrade: HW slowdown 0x8, "
-        "SW thermal 0x20, HW thermal 0x40, power brake 0x80 (Azure NHC / gpud hw-slowdown).")
+        DEFAULT_THROTTLE_MASK,
+        ge=0,
+        description="Clock-event reason bits that degrade: HW slowdown 0x8, "
+        "SW thermal 0x20, HW thermal 0x40, power brake 0x80 (Azure NHC / gpud hw-slowdown).",
+    )
     pcie_width_degraded: bool = Field(
-        False, description="Degrade when the PCIe link is narrower than its maximum. Off by default: no "
+        False,
+        description="Degrade when the PCIe link is narrower than its maximum. Off by default: no "
         "peer sets a threshold (gpud parses lspci in testdata only); the generation is never judged because "
-        "idle GPUs lower it to save power.")
+        "idle GPUs lower it to save power.",
+    )
 
     @field_validator("xid_window")
     @classmethod
@@ -312,7 +357,10 @@ class Verdict(StrEnum):
 
 #: Severity order, worst last (used to pick a node's worst verdict).
 SEVERITY: dict[Verdict, int] = {
-    Verdict.HEALTHY: 0, Verdict.DEGRADED: 1, Verdict.UNKNOWN: 2, Verdict.UNHEALTHY: 3,
+    Verdict.HEALTHY: 0,
+    Verdict.DEGRADED: 1,
+    Verdict.UNKNOWN: 2,
+    Verdict.UNHEALTHY: 3,
 }
 
 
@@ -368,8 +416,15 @@ def judge(reading: GpuReading, thresholds: Thresholds) -> GpuVerdict:
     warn: list[str] = []
 
     def verdict(kind: Verdict, reasons: list[str]) -> GpuVerdict:
-        return GpuVerdict(node=reading.node, gpu=reading.gpu, uuid=reading.uuid, model=reading.model,
-                          verdict=kind, reasons=reasons, values=dict(v))
+        return GpuVerdict(
+            node=reading.node,
+            gpu=reading.gpu,
+            uuid=reading.uuid,
+            model=reading.model,
+            verdict=kind,
+            reasons=reasons,
+            values=dict(v),
+        )
 
     if not reading.present:
         return verdict(Verdict.UNHEALTHY, [f"GPU {reading.gpu} missing (expected on {reading.node})"])
@@ -399,8 +454,9 @@ def judge(reading: GpuReading, thresholds: Thresholds) -> GpuVerdict:
     if reading.age_s is None:
         return verdict(Verdict.UNKNOWN, ["no freshness timestamp for GPU metrics"])
     if reading.age_s > t.stale_after_s:
-        return verdict(Verdict.UNKNOWN, [f"metrics stale: age {_fmt(round(reading.age_s))} s > "
-                                         f"{_fmt(t.stale_after_s)} s"])
+        return verdict(
+            Verdict.UNKNOWN, [f"metrics stale: age {_fmt(round(reading.age_s))} s > {_fmt(t.stale_after_s)} s"]
+        )
 
     # --- degraded -----------------------------------------------------------------------------------
     if _get(v, "remap_pending"):
@@ -450,8 +506,7 @@ def judge(reading: GpuReading, thresholds: Thresholds) -> GpuVerdict:
     return verdict(Verdict.HEALTHY, [])
 
 
-def judge_all(readings: Iterable[GpuReading], overrides: Mapping[str, Thresholds] | None = None
-              ) -> list[GpuVerdict]:
+def judge_all(readings: Iterable[GpuReading], overrides: Mapping[str, Thresholds] | None = None) -> list[GpuVerdict]:
     """Judge each reading with the thresholds of its model family."""
     return [judge(r, thresholds_for(r.model, overrides)) for r in readings]
 
@@ -481,15 +536,15 @@ def health_queries(window: str = "2h", step: str = "1m") -> dict[str, str]:
         raise ValueError(f"window and step must be Prometheus durations like '2h', got {window!r}, {step!r}")
     xid = DCGM_METRICS["xid_last"]
     names = sorted({*DCGM_METRICS.values(), *DCGM_ALIASES, *NVLINK_ERROR_METRICS} - {xid})
-    selector = "{__name__=~\"" + "|".join(names) + "\"}"
-    nvlink = "{__name__=~\"" + "|".join(NVLINK_ERROR_METRICS) + "\"}"
+    selector = '{__name__=~"' + "|".join(names) + '"}'
+    nvlink = '{__name__=~"' + "|".join(NVLINK_ERROR_METRICS) + '"}'
     return {
         "values": selector,
         "fresh": f"timestamp({DCGM_METRICS['gpu_temp']})",
         "xid_recent": (
-            f"(max_over_time((count_values without() (\"xid\", {xid} > 0))[{window}:{step}])"
-            f" or count_values without() (\"xid\", {xid} > 0))"
-            f" unless count_values without() (\"xid\", {xid} offset {window} > 0)"
+            f'(max_over_time((count_values without() ("xid", {xid} > 0))[{window}:{step}])'
+            f' or count_values without() ("xid", {xid} > 0))'
+            f' unless count_values without() ("xid", {xid} offset {window} > 0)'
         ),
         "xid_count": f"max_over_time({XID_COUNT_METRIC}[{window}]) > 0",
         "ecc_sbe_increase": f"increase({DCGM_METRICS['ecc_sbe_vol']}[{window}])",
@@ -545,8 +600,9 @@ class _Gpu:
         self.xids: set[int] = set()
 
 
-def readings_from_query_results(results: Mapping[str, list[dict]], expected: Mapping[str, int | None],
-                                now: float) -> list[GpuReading]:
+def readings_from_query_results(
+    results: Mapping[str, list[dict]], expected: Mapping[str, int | None], now: float
+) -> list[GpuReading]:
     """Turn the instant-vector answers of :data:`HEALTH_QUERIES` into one reading per GPU.
 
     ``results`` maps a query name to what ``PrometheusConnect.custom_query`` returned (a list of
@@ -615,9 +671,18 @@ def readings_from_query_results(results: Mapping[str, list[dict]], expected: Map
             if (key, i) not in gpus:
                 readings.append(GpuReading(node=node, gpu=i, present=False))
     for g in gpus.values():
-        readings.append(GpuReading(
-            node=g.node, gpu=g.gpu, uuid=g.uuid, model=g.model, values=g.values,
-            age_s=None if g.ts is None else max(0.0, now - g.ts), present=True, xids=sorted(g.xids)))
+        readings.append(
+            GpuReading(
+                node=g.node,
+                gpu=g.gpu,
+                uuid=g.uuid,
+                model=g.model,
+                values=g.values,
+                age_s=None if g.ts is None else max(0.0, now - g.ts),
+                present=True,
+                xids=sorted(g.xids),
+            )
+        )
     readings.sort(key=lambda r: (r.node.casefold(), r.gpu))
     return readings
 
@@ -667,10 +732,24 @@ def worst(verdicts: Iterable[GpuVerdict]) -> Verdict:
     return max((v.verdict for v in items), key=SEVERITY.__getitem__)
 
 
-_TABLE_VALUE_KEYS = ("gpu_temp", "memory_temp", "power_usage", "power_limit", "gpu_util", "ecc_dbe_vol",
-                     "clock_event_reasons")
-_SHORT = {"gpu_temp": "temp", "memory_temp": "memtemp", "power_usage": "power", "power_limit": "limit",
-          "gpu_util": "util", "ecc_dbe_vol": "dbe", "clock_event_reasons": "clk"}
+_TABLE_VALUE_KEYS = (
+    "gpu_temp",
+    "memory_temp",
+    "power_usage",
+    "power_limit",
+    "gpu_util",
+    "ecc_dbe_vol",
+    "clock_event_reasons",
+)
+_SHORT = {
+    "gpu_temp": "temp",
+    "memory_temp": "memtemp",
+    "power_usage": "power",
+    "power_limit": "limit",
+    "gpu_util": "util",
+    "ecc_dbe_vol": "dbe",
+    "clock_event_reasons": "clk",
+}
 
 TABLE_COLUMNS: tuple[str, ...] = ("node", "gpu", "uuid", "model", "verdict", "reasons", "values")
 
@@ -684,9 +763,17 @@ def table_rows(verdicts: Iterable[GpuVerdict]) -> list[dict[str, str]]:
             x = _get(v.values, key)
             if x is not None:
                 shown.append(f"{_SHORT[key]}={hex(int(x)) if key == 'clock_event_reasons' else _fmt(x)}")
-        rows.append({"node": v.node, "gpu": str(v.gpu), "uuid": v.uuid or "-", "model": v.model or "-",
-                     "verdict": v.verdict.value, "reasons": "; ".join(v.reasons) or "-",
-                     "values": " ".join(shown) or "-"})
+        rows.append(
+            {
+                "node": v.node,
+                "gpu": str(v.gpu),
+                "uuid": v.uuid or "-",
+                "model": v.model or "-",
+                "verdict": v.verdict.value,
+                "reasons": "; ".join(v.reasons) or "-",
+                "values": " ".join(shown) or "-",
+            }
+        )
     return rows
 
 

@@ -92,13 +92,22 @@ RAW_FIELDS: dict[str, tuple[str, float]] = {
 }
 
 #: Raw NVLink error totals (NVML field values) -> dcgm-exporter metric names; summed into nvlink_errors.
-RAW_NVLINK: dict[str, str] = dict(zip(
-    ("nvlink_crc_flit_total", "nvlink_crc_data_total", "nvlink_replay_total", "nvlink_recovery_total"),
-    NVLINK_ERROR_METRICS, strict=True))
+RAW_NVLINK: dict[str, str] = dict(
+    zip(
+        ("nvlink_crc_flit_total", "nvlink_crc_data_total", "nvlink_replay_total", "nvlink_recovery_total"),
+        NVLINK_ERROR_METRICS,
+        strict=True,
+    )
+)
 
 #: Recorded but not exported or judged: NVML's own temperature thresholds (documentation of defaults).
-RAW_INFO_FIELDS = ("temp_threshold_shutdown", "temp_threshold_slowdown", "temp_threshold_gpu_max",
-                   "temp_threshold_mem_max", "pcie_replay_counter")
+RAW_INFO_FIELDS = (
+    "temp_threshold_shutdown",
+    "temp_threshold_slowdown",
+    "temp_threshold_gpu_max",
+    "temp_threshold_mem_max",
+    "pcie_replay_counter",
+)
 
 #: Metric families the probe exports, with HELP text. Names are dcgm-exporter's (see health.DCGM_METRICS).
 EXPORTED_HELP: dict[str, str] = {
@@ -246,8 +255,12 @@ class NvmlReader:
 
         def remapped() -> dict[str, int]:
             corr, unc, pending, failure = nv.nvmlDeviceGetRemappedRows(h)
-            return {"remapped_rows_correctable": corr, "remapped_rows_uncorrectable": unc,
-                    "remapped_rows_pending": int(bool(pending)), "remapped_rows_failure": int(bool(failure))}
+            return {
+                "remapped_rows_correctable": corr,
+                "remapped_rows_uncorrectable": unc,
+                "remapped_rows_pending": int(bool(pending)),
+                "remapped_rows_failure": int(bool(failure)),
+            }
 
         def memory() -> dict[str, int]:
             info = nv.nvmlDeviceGetMemoryInfo(h)
@@ -273,10 +286,10 @@ class NvmlReader:
             "enforced_power_limit_mw": lambda: int(nv.nvmlDeviceGetEnforcedPowerLimit(h)),
             "utilization_gpu": lambda: int(nv.nvmlDeviceGetUtilizationRates(h).gpu),
             "memory": memory,
-            "ecc_volatile_corrected": lambda: int(nv.nvmlDeviceGetTotalEccErrors(h, corrected,
-                                                                                 nv.NVML_VOLATILE_ECC)),
-            "ecc_volatile_uncorrected": lambda: int(nv.nvmlDeviceGetTotalEccErrors(h, uncorrected,
-                                                                                   nv.NVML_VOLATILE_ECC)),
+            "ecc_volatile_corrected": lambda: int(nv.nvmlDeviceGetTotalEccErrors(h, corrected, nv.NVML_VOLATILE_ECC)),
+            "ecc_volatile_uncorrected": lambda: int(
+                nv.nvmlDeviceGetTotalEccErrors(h, uncorrected, nv.NVML_VOLATILE_ECC)
+            ),
             "remapped_rows": remapped,
             "clocks_event_reasons": clock_events,
             "pcie_link_gen": lambda: int(nv.nvmlDeviceGetCurrPcieLinkGeneration(h)),
@@ -363,8 +376,10 @@ def _code(nv: Any, e: Exception) -> int | None:
 
 def _field_value(nv: Any, fv: Any) -> float | int:
     attr = {
-        nv.NVML_VALUE_TYPE_DOUBLE: "dVal", nv.NVML_VALUE_TYPE_UNSIGNED_INT: "uiVal",
-        nv.NVML_VALUE_TYPE_UNSIGNED_LONG: "ulVal", nv.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG: "ullVal",
+        nv.NVML_VALUE_TYPE_DOUBLE: "dVal",
+        nv.NVML_VALUE_TYPE_UNSIGNED_INT: "uiVal",
+        nv.NVML_VALUE_TYPE_UNSIGNED_LONG: "ulVal",
+        nv.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG: "ullVal",
         nv.NVML_VALUE_TYPE_SIGNED_LONG_LONG: "sllVal",
         getattr(nv, "NVML_VALUE_TYPE_SIGNED_INT", 5): "siVal",
         getattr(nv, "NVML_VALUE_TYPE_UNSIGNED_SHORT", 6): "usVal",
@@ -373,8 +388,10 @@ def _field_value(nv: Any, fv: Any) -> float | int:
 
 
 def _no_driver_message(e: Exception) -> str:
-    return (f"no NVIDIA driver: NVML failed to initialise ({e}); is the driver installed and "
-            f"libnvidia-ml.so.1 on the library path?")
+    return (
+        f"no NVIDIA driver: NVML failed to initialise ({e}); is the driver installed and "
+        f"libnvidia-ml.so.1 on the library path?"
+    )
 
 
 class RecordedReader:
@@ -479,8 +496,9 @@ class Probe:
         self.reader.close()
 
     def start_xid_watch(self) -> None:
-        self._xid_thread = threading.Thread(target=self.reader.watch_xids, args=(self.record_xid, self._stop),
-                                            name="gpuforge-xid-watch", daemon=True)
+        self._xid_thread = threading.Thread(
+            target=self.reader.watch_xids, args=(self.record_xid, self._stop), name="gpuforge-xid-watch", daemon=True
+        )
         self._xid_thread.start()
 
     def record_xid(self, uuid: str, xid: int) -> None:
@@ -509,8 +527,7 @@ class Probe:
                 for key in rec.get("unsupported", []):
                     if (uuid or str(rec["index"]), key) not in self._logged:
                         self._logged.add((uuid or str(rec["index"]), key))
-                        log.info("GPU %s: %s not supported by NVML on this GPU; series omitted",
-                                 rec["index"], key)
+                        log.info("GPU %s: %s not supported by NVML on this GPU; series omitted", rec["index"], key)
                 if uuid and not rec.get("lost"):
                     hist = self.history.setdefault(uuid, deque())
                     hist.append((now, _counters(rec)))
@@ -545,18 +562,44 @@ class Probe:
                 known = self.known.get(uuid or "")
                 model = rec.get("name") or (known.name if known else None)
                 if rec.get("lost"):
-                    out.append(GpuReading(node=self.node, gpu=rec["index"], uuid=uuid, model=model,
-                                          values={"gpu_lost": 1.0}, age_s=age, xids=self._xids(uuid)))
+                    out.append(
+                        GpuReading(
+                            node=self.node,
+                            gpu=rec["index"],
+                            uuid=uuid,
+                            model=model,
+                            values={"gpu_lost": 1.0},
+                            age_s=age,
+                            xids=self._xids(uuid),
+                        )
+                    )
                     continue
                 values = canonical_values(rec)
                 values["xid_last"] = float(self.last_xid.get(uuid or "", 0))
                 values.update(self._increases(uuid))
-                out.append(GpuReading(node=self.node, gpu=rec["index"], uuid=uuid, model=model, values=values,
-                                      age_s=age, xids=self._xids(uuid)))
+                out.append(
+                    GpuReading(
+                        node=self.node,
+                        gpu=rec["index"],
+                        uuid=uuid,
+                        model=model,
+                        values=values,
+                        age_s=age,
+                        xids=self._xids(uuid),
+                    )
+                )
             for known in self.known.values():
                 if known.uuid not in seen_uuids:
-                    out.append(GpuReading(node=self.node, gpu=known.index, uuid=known.uuid, model=known.name,
-                                          present=False, xids=self._xids(known.uuid)))
+                    out.append(
+                        GpuReading(
+                            node=self.node,
+                            gpu=known.index,
+                            uuid=known.uuid,
+                            model=known.name,
+                            present=False,
+                            xids=self._xids(known.uuid),
+                        )
+                    )
                     seen_index.add(known.index)
             for i in range(expected_gpus or 0):
                 if i not in seen_index:
@@ -607,18 +650,28 @@ class Probe:
                 if raw.get(raw_key) is not None:
                     out.append(Sample(metric, labels, float(raw[raw_key])))
             last = self.last_xid.get(rec.get("uuid") or "", 0)
-            out.append(Sample(DCGM_METRICS["xid_last"],
-                              {**labels, "err_code": str(last), "err_msg": XID_NAMES.get(last, "")}, float(last)))
+            out.append(
+                Sample(
+                    DCGM_METRICS["xid_last"],
+                    {**labels, "err_code": str(last), "err_msg": XID_NAMES.get(last, "")},
+                    float(last),
+                )
+            )
             for (uuid, xid), n in sorted(counts.items()):
                 if uuid == rec.get("uuid"):
-                    out.append(Sample(XID_COUNT_METRIC, {**labels, "xid": str(xid),
-                                                         "window_size_in_ms": str(int(self.window_s * 1000))},
-                                      float(n)))
+                    out.append(
+                        Sample(
+                            XID_COUNT_METRIC,
+                            {**labels, "xid": str(xid), "window_size_in_ms": str(int(self.window_s * 1000))},
+                            float(n),
+                        )
+                    )
             verdict = verdicts.get((rec["index"], rec.get("uuid")))
             if verdict is not None:
                 for v in Verdict:
-                    out.append(Sample("gpuforge_gpu_verdict", {**labels, "verdict": v.value},
-                                      1.0 if v == verdict else 0.0))
+                    out.append(
+                        Sample("gpuforge_gpu_verdict", {**labels, "verdict": v.value}, 1.0 if v == verdict else 0.0)
+                    )
         return out
 
     def labels(self, rec: Mapping[str, Any]) -> dict[str, str]:
@@ -651,8 +704,11 @@ def canonical_values(rec: Mapping[str, Any]) -> dict[str, float | None]:
 
 def _counters(rec: Mapping[str, Any]) -> dict[str, float]:
     values = canonical_values(rec)
-    pairs = {"ecc_sbe_increase": "ecc_sbe_vol", "remap_correctable_increase": "remap_correctable",
-             "nvlink_error_increase": "nvlink_errors"}
+    pairs = {
+        "ecc_sbe_increase": "ecc_sbe_vol",
+        "remap_correctable_increase": "remap_correctable",
+        "nvlink_error_increase": "nvlink_errors",
+    }
     return {inc: float(values[total]) for inc, total in pairs.items() if values.get(total) is not None}
 
 
@@ -671,11 +727,17 @@ def thresholds_table(config_thresholds: Mapping[str, Any] | None) -> dict[str, T
     return merge_threshold_config(config_thresholds)
 
 
-def probe_table(config_thresholds: Mapping[str, Any] | None = None, *, reader: Reader | None = None,
-                node: str | None = None, expected_gpus: int | None = None) -> list[GpuVerdict]:
+def probe_table(
+    config_thresholds: Mapping[str, Any] | None = None,
+    *,
+    reader: Reader | None = None,
+    node: str | None = None,
+    expected_gpus: int | None = None,
+) -> list[GpuVerdict]:
     """Read every GPU once and judge it. Raises :class:`ProbeError` when NVML cannot start."""
-    probe = Probe(reader or NvmlReader(), node=node or default_node_name(),
-                  overrides=thresholds_table(config_thresholds))
+    probe = Probe(
+        reader or NvmlReader(), node=node or default_node_name(), overrides=thresholds_table(config_thresholds)
+    )
     probe.open()
     try:
         probe.refresh()
@@ -684,9 +746,14 @@ def probe_table(config_thresholds: Mapping[str, Any] | None = None, *, reader: R
         probe.close()
 
 
-def slurm_healthcheck(config_thresholds: Mapping[str, Any] | None = None, *, reader: Reader | None = None,
-                      node: str | None = None, expected_gpus: int | None = None,
-                      fail_on: Iterable[Verdict] = (Verdict.UNHEALTHY, Verdict.UNKNOWN)) -> tuple[int, str]:
+def slurm_healthcheck(
+    config_thresholds: Mapping[str, Any] | None = None,
+    *,
+    reader: Reader | None = None,
+    node: str | None = None,
+    expected_gpus: int | None = None,
+    fail_on: Iterable[Verdict] = (Verdict.UNHEALTHY, Verdict.UNKNOWN),
+) -> tuple[int, str]:
     """For Slurm's HealthCheckProgram: ``(exit_code, one_line_reason)``. 0 when no GPU has a verdict in
     ``fail_on`` (degraded GPUs are named in the reason but do not fail), 1 when one does, 2 when NVML
     cannot start (no driver). The reason starts with "gpuforge:" so the drain script can tell its own
@@ -746,8 +813,9 @@ class _Collector:
         for s in samples:
             fam = families.get(s.name)
             if fam is None:
-                fam = families[s.name] = GaugeMetricFamily(s.name, EXPORTED_HELP.get(s.name, s.name),
-                                                           labels=list(s.labels))
+                fam = families[s.name] = GaugeMetricFamily(
+                    s.name, EXPORTED_HELP.get(s.name, s.name), labels=list(s.labels)
+                )
             fam.add_metric(list(s.labels.values()), s.value)
         yield from families.values()
         g = GaugeMetricFamily("gpuforge_probe_up", EXPORTED_HELP["gpuforge_probe_up"])
@@ -771,17 +839,26 @@ class ProbeServer:
         self.probe.close()
 
 
-def serve(addr: str = "127.0.0.1", port: int = 9400, *, config_thresholds: Mapping[str, Any] | None = None,
-          reader: Reader | None = None, node: str | None = None, min_refresh_s: float = 1.0,
-          watch_xids: bool = True, block: bool = True) -> ProbeServer:
+def serve(
+    addr: str = "127.0.0.1",
+    port: int = 9400,
+    *,
+    config_thresholds: Mapping[str, Any] | None = None,
+    reader: Reader | None = None,
+    node: str | None = None,
+    min_refresh_s: float = 1.0,
+    watch_xids: bool = True,
+    block: bool = True,
+) -> ProbeServer:
     """Serve ``/metrics`` on ``addr:port`` only (default loopback; inside a pod use 0.0.0.0 for the scrape).
     Each scrape re-reads NVML at most every ``min_refresh_s``. ``port=0`` picks a free port
     (``ProbeServer.port``). With ``block`` it serves until interrupted; otherwise it returns at once.
     Raises :class:`ProbeError` when NVML cannot start."""
     from prometheus_client import CollectorRegistry, start_http_server
 
-    probe = Probe(reader or NvmlReader(), node=node or default_node_name(),
-                  overrides=thresholds_table(config_thresholds))
+    probe = Probe(
+        reader or NvmlReader(), node=node or default_node_name(), overrides=thresholds_table(config_thresholds)
+    )
     probe.open()
     try:
         probe.refresh()
@@ -830,8 +907,9 @@ def query_results_from_exposition(text: str, now: float) -> dict[str, list[dict]
     return results
 
 
-def readings_from_exposition(text: str, expected: Mapping[str, int | None] | None = None,
-                             now: float | None = None) -> list[GpuReading]:
+def readings_from_exposition(
+    text: str, expected: Mapping[str, int | None] | None = None, now: float | None = None
+) -> list[GpuReading]:
     """Readings from a ``/metrics`` text through the same code as the fleet path."""
     now = time.time() if now is None else now
     return readings_from_query_results(query_results_from_exposition(text, now), expected or {}, now)
@@ -885,8 +963,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scrape", metavar="URL", help="scrape a probe or dcgm-exporter /metrics and judge it")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     try:
         config = load_config(args.config) if args.config else None
         reader: Reader | None = RecordedReader(args.fixture) if args.fixture else None
@@ -898,8 +979,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.scrape:
             return _scrape(args.scrape, config, args.json)
         if args.slurm_healthcheck:
-            code, reason = slurm_healthcheck(config, reader=reader, node=args.node,
-                                             expected_gpus=args.expected_gpus)
+            code, reason = slurm_healthcheck(config, reader=reader, node=args.node, expected_gpus=args.expected_gpus)
             print(reason)
             return code
         if args.serve:

@@ -48,3 +48,57 @@ def collect_preflight_facts(config: Config, inventory: Path) -> dict[str, dict[s
         len(facts),
     )
     return facts
+
+
+def count_plays(playbook: Path) -> int:
+    """Plays in a playbook, following import_playbook, so progress can advance by play."""
+    from ruamel.yaml import YAML
+
+    try:
+        doc = YAML(typ="safe").load(playbook.read_text()) or []
+    except (OSError, ValueError):
+        return 0
+    total = 0
+    for entry in doc if isinstance(doc, list) else []:
+        imported = entry.get("import_playbook") or entry.get("ansible.builtin.import_playbook")
+        if imported and "{{" not in str(imported):
+            total += count_plays((playbook.parent / imported).resolve())
+        elif "hosts" in entry:
+            total += 1
+    return total
+
+
+@task(name="kubespray-cluster", cache_policy=NO_CACHE)
+def run_kubespray(config: Config, checkout: Path, inventory: Path, binary: str | None):
+    """cluster.yml of the Kubespray checkout, with become; every event logged; progress advances by play."""
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+    logger = get_run_logger()
+    playbook = checkout / "cluster.yml"
+    if not playbook.exists():
+        raise FileNotFoundError(f"no Kubespray checkout at {checkout} (cluster.yml missing); see kubespray.checkout")
+    plays = max(count_plays(playbook), 1)
+    progress_id = create_progress_artifact(0.0, key="kubespray-progress", description=f"{playbook}: plays done")
+    seen = {"plays": 0}
+    log = log_events(logger)
+
+    def on_event(event: dict[str, Any]) -> None:
+        log(event)
+        if event.get("event") == "playbook_on_play_start":
+            seen["plays"] += 1
+            update_progress_artifact(progress_id, min(99.0, 100.0 * (seen["plays"] - 1) / plays))
+
+    with ssh_key_extravars(config) as key_vars:
+        run = run_playbook(
+            playbook=playbook,
+            inventory=inventory,
+            project_dir=checkout,
+            binary=binary,
+            become=True,
+            extravars=key_vars,
+            timeout_s=config.timeouts.kubespray,
+            on_event=on_event,
+        )
+    if run.status == "successful":
+        update_progress_artifact(progress_id, 100.0)
+    return run

@@ -134,3 +134,24 @@ def read_releases(kubeconfig: Path) -> dict[str, dict[str, Any]]:
         return asyncio.run(_read_releases(kubeconfig))
     except errors.Error as exc:
         raise HelmError(f"helm list: {str(exc).strip()}") from None
+
+
+def converge_service(config, service: str, kubeconfig: Path, timeout_s: int, learned=None) -> list[ReleaseOutcome]:
+    """Converge every release of one service, in order (CRDs before what uses them)."""
+    from gpuforge.render import render_releases
+
+    releases = [r for r in render_releases(config, learned) if r.service == service]
+    return [converge_release(r, kubeconfig, timeout_s) for r in releases]
+
+
+def outcome_rows(outcomes: list[ReleaseOutcome]) -> list[dict[str, Any]]:
+    return [
+        {
+            "release": o.release,
+            "namespace": o.namespace,
+            "action": o.action,
+            "revision": o.revision,
+            "chart version": o.chart_version,
+        }
+        for o in outcomes
+    ]

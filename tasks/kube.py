@@ -171,3 +171,124 @@ def config_map(name: str, namespace: str, data: dict[str, str], labels: dict[str
         "metadata": {"name": name, "namespace": namespace, "labels": labels or {}},
         "data": data,
     }
+
+
+def annotate_node(kubeconfig: Path, name: str, annotations: dict[str, str | None]) -> None:
+    """Merge-patch node annotations (None removes one)."""
+    with api_client(kubeconfig) as api:
+        client.CoreV1Api(api).patch_node(name, {"metadata": {"annotations": annotations}})
+
+
+# ---------------------------------------------------------------------------------------- CUDA smoke pods
+
+
+def smoke_pod(name: str, node: str, image: str, gpus: int = 1) -> dict[str, Any]:
+    """A pod pinned to `node` through the scheduler (nodeSelector, not nodeName, so GPU accounting applies)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "labels": {"app.kubernetes.io/name": "gpuforge-cuda-smoke", "gpuforge.io/node": node},
+        },
+        "spec": {
+            "restartPolicy": "Never",
+            "nodeSelector": {"kubernetes.io/hostname": node} if node else {},
+            "tolerations": [{"key": GPU, "operator": "Exists", "effect": "NoSchedule"}],
+            "containers": [{"name": "cuda-smoke", "image": image, "resources": {"limits": {GPU: gpus}}}],
+        },
+    }
+
+
+def run_pods_to_completion(
+    kubeconfig: Path, namespace: str, pods: list[dict[str, Any]], timeout_s: float
+) -> dict[str, client.V1Pod]:
+    """Create all pods at once and watch the namespace (one watch, not a poll per pod) until each is terminal."""
+    from kubernetes import watch
+
+    with api_client(kubeconfig) as api:
+        core = client.CoreV1Api(api)
+        for pod in pods:
+            core.create_namespaced_pod(namespace, pod)
+        names = {p["metadata"]["name"] for p in pods}
+        final: dict[str, client.V1Pod] = {}
+        deadline = time.monotonic() + timeout_s
+        while names - final.keys() and time.monotonic() < deadline:
+            w = watch.Watch()
+            remaining = max(1, int(deadline - time.monotonic()))
+            try:
+                for event in w.stream(core.list_namespaced_pod, namespace, timeout_seconds=remaining):
+                    pod = event["object"]
+                    if pod.metadata.name in names and pod.status.phase in ("Succeeded", "Failed"):
+                        final[pod.metadata.name] = pod
+                    if not names - final.keys():
+                        w.stop()
+            except (ApiException, HTTPError, OSError) as exc:
+                if not is_transient_error(exc):
+                    raise
+                time.sleep(1)
+        for name in names - final.keys():
+            final[name] = core.read_namespaced_pod(name, namespace)
+        return final
+
+
+def pod_log(kubeconfig: Path, namespace: str, name: str) -> str:
+    with api_client(kubeconfig) as api:
+        try:
+            return client.CoreV1Api(api).read_namespaced_pod_log(name, namespace, tail_lines=200)
+        except ApiException as exc:
+            return f"(no log: {exc.reason})"
+
+
+def pod_events(kubeconfig: Path, namespace: str, name: str) -> list[str]:
+    with api_client(kubeconfig) as api:
+        events = (
+            client.CoreV1Api(api).list_namespaced_event(namespace, field_selector=f"involvedObject.name={name}").items
+        )
+    return [f"{e.reason}: {e.message}" for e in events]
+
+
+def wait_unschedulable(kubeconfig: Path, namespace: str, pod: dict[str, Any], timeout_s: float) -> tuple[bool, str]:
+    """Create `pod` and wait for the scheduler's verdict: (True, why) when it was refused as unschedulable."""
+    name = pod["metadata"]["name"]
+    with api_client(kubeconfig) as api:
+        core = client.CoreV1Api(api)
+        core.create_namespaced_pod(namespace, pod)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while time.monotonic() < deadline:
+                current = core.read_namespaced_pod(name, namespace)
+                if current.spec.node_name:
+                    return False, f"scheduled onto {current.spec.node_name}"
+                for cond in current.status.conditions or []:
+                    if cond.type == "PodScheduled" and cond.status == "False" and cond.reason == "Unschedulable":
+                        return True, cond.message or "Unschedulable"
+                time.sleep(0.5)
+            return False, "the scheduler gave no verdict in time"
+        finally:
+            core.delete_namespaced_pod(name, namespace, grace_period_seconds=0)
+
+
+def delete_pods(kubeconfig: Path, namespace: str, names: list[str]) -> None:
+    with api_client(kubeconfig) as api:
+        core = client.CoreV1Api(api)
+        for name in names:
+            try:
+                core.delete_namespaced_pod(name, namespace, grace_period_seconds=0)
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+
+
+def delete_namespace(kubeconfig: Path, name: str) -> None:
+    with api_client(kubeconfig) as api:
+        try:
+            client.CoreV1Api(api).delete_namespace(name)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+
+def list_pods(kubeconfig: Path, namespace: str) -> list[client.V1Pod]:
+    with api_client(kubeconfig) as api:
+        return client.CoreV1Api(api).list_namespaced_pod(namespace).items

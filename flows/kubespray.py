@@ -1,0 +1,67 @@
+"""Phase 2, kubespray: converge Kubernetes with Kubespray's cluster.yml, then wait for every node Ready."""
+
+from __future__ import annotations
+
+import shutil
+
+from prefect import flow, get_run_logger
+
+from flows.common import ClusterParams, load, publish_markdown, publish_table, run_name, state_dir
+from gpuforge.plan import write_plan
+from gpuforge.render import CONTAINERD_IMPORTS
+from tasks.ansible_tasks import run_kubespray
+from tasks.kube import list_nodes, nodes_ready_probe, wait_for
+
+
+class KubesprayParams(ClusterParams):
+    force: bool = False
+
+
+@flow(name="kubespray", flow_run_name=run_name("kubespray"))
+def kubespray(params: KubesprayParams) -> str:
+    logger = get_run_logger()
+    config = load(params, connects=True)
+    names, version = [n.name for n in config.nodes], config.kubespray.kube_version
+    kubeconfig = config.kubeconfig_path()
+    if not params.force and kubeconfig.exists() and _converged(kubeconfig, names, version):
+        return f"skipped: all {len(names)} nodes Ready at {version} (use --force-phase kubespray to re-run)"
+
+    inventory_dir = state_dir(config) / "inventory"
+    write_plan(config, inventory_dir)
+    checkout = config.path(config.kubespray.checkout.format(version=config.kubespray.version))
+    binary = str(config.path(config.kubespray.venv) / "bin" / "ansible-playbook") if config.kubespray.venv else None
+    run = run_kubespray(config, checkout, inventory_dir / "hosts.yaml", binary)
+    publish_table("kubespray-recap", run.recap(), "Kubespray PLAY RECAP, a row per host")
+    if run.status != "successful":
+        failed = sorted(h for h, tasks in run.hosts.items() if any(t.status == "failed" for t in tasks))
+        raise RuntimeError(
+            f"Kubespray {run.status} (rc {run.rc}); unreachable: {', '.join(run.unreachable) or 'none'}; "
+            f"failed: {', '.join(failed) or 'none'}"
+        )
+
+    admin_conf = inventory_dir / "artifacts" / "admin.conf"  # written by kubeconfig_localhost: true
+    if admin_conf.exists() and admin_conf.resolve() != kubeconfig.resolve():
+        kubeconfig.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(admin_conf, kubeconfig)
+    wait_for(
+        f"{len(names)} nodes Ready at {version}",
+        nodes_ready_probe(kubeconfig, names, version),
+        config.timeouts.kubespray,
+        log=logger.info,
+    )
+    publish_markdown(
+        "kubespray-summary",
+        f"Kubernetes {version} converged on {len(names)} nodes with Kubespray {config.kubespray.version}.\n\n"
+        f"containerd keeps `{CONTAINERD_IMPORTS}` so a re-run of cluster.yml does not remove the NVIDIA runtime "
+        "the GPU Operator's toolkit adds (kubespray#12277).\n",
+        "Kubespray phase summary",
+    )
+    return f"converged {len(names)} nodes at {version}"
+
+
+def _converged(kubeconfig, names: list[str], version: str) -> bool:
+    try:
+        nodes = list_nodes(kubeconfig)
+    except Exception:  # noqa: BLE001 - an unreachable cluster is simply not converged
+        return False
+    return all(n in nodes and nodes[n].ready and nodes[n].kubelet_version == version for n in names)

@@ -1,0 +1,39 @@
+"""Phase 5, slurm: cert-manager, the Slinky operator and the Slurm cluster with a GPU NodeSet per GPU count."""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+
+from flows.common import ClusterParams, load, publish_table, run_name
+from tasks.helm import converge_service, outcome_rows
+from tasks.kube import list_custom, list_nodes, wait_for
+from tasks.slurm import slurm_exec
+
+
+@flow(name="slurm", flow_run_name=run_name("slurm"))
+def slurm(params: ClusterParams) -> str:
+    logger = get_run_logger()
+    config = load(params)
+    kubeconfig, namespace = config.kubeconfig_path(), config.validation.slurm_namespace
+    # GPU counts the config leaves open are the ones the GPU Operator found.
+    nodes = list_nodes(kubeconfig)
+    learned = {n.name: nodes[n.name].allocatable_gpus for n in config.gpu_nodes if n.name in nodes}
+    outcomes = converge_service(config, "slurm", kubeconfig, config.timeouts.slurm, learned=learned)
+
+    def controller_answers() -> tuple[bool, str]:
+        ping = slurm_exec(kubeconfig, namespace, ["scontrol", "ping"], timeout_s=10)
+        return ping.ok and "UP" in ping.stdout, (ping.stdout + ping.stderr).strip() or f"rc {ping.rc}"
+
+    def nodesets_ready() -> tuple[bool, str]:
+        sets = list_custom(kubeconfig, "slinky.slurm.net", "v1beta1", "nodesets", namespace)
+        pending = [
+            f"{s['metadata']['name']} {(s.get('status') or {}).get('readyReplicas', 0)}/{s['spec'].get('replicas', 0)}"
+            for s in sets
+            if (s.get("status") or {}).get("readyReplicas", 0) != s["spec"].get("replicas", 0)
+        ]
+        return bool(sets) and not pending, "; ".join(pending) or f"{len(sets)} NodeSets ready"
+
+    wait_for("the Slurm controller", controller_answers, config.timeouts.slurm, log=logger.info)
+    detail = wait_for("the GPU NodeSets", nodesets_ready, config.timeouts.slurm, log=logger.info)
+    publish_table("slurm-status", outcome_rows(outcomes), "Slurm releases")
+    return detail

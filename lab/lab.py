@@ -1,0 +1,229 @@
+"""The lab as one thing: `gpuforge lab up|down|status` for a config whose nodes live in the lab subnet.
+
+Everything runs on this machine: SSH hosts in network namespaces (one per config node), a real Kubernetes
+control plane with kwok nodes, real Slurm, the DCGM simulator scraped by a real Prometheus, the lab
+reconciler, and a Kubespray stand-in checkout. The lab's state lives in the folder of the config's
+`kubeconfig` (e.g. `.lab/gpuforge-lab/`), so the config alone says where everything is.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlparse
+
+from gpuforge.config import Config
+from lab import procs
+from lab.controlplane import ControlPlane
+from lab.dcgm_sim import DcgmSim
+from lab.prometheus import PrometheusLab
+from lab.slurm import SlurmLab
+from lab.sshhosts import HostSpec, SshHosts
+
+LAB_SUBNET = ipaddress.IPv4Network("198.51.100.0/24")
+REPO = Path(__file__).resolve().parents[1]
+BIN_DIR = Path("~/.cache/gpuforge/bin").expanduser()
+RECONCILER = "reconciler"
+DEFAULT_GPU_MODEL = "NVIDIA H100 80GB HBM3"
+SCRAPE_INTERVAL = "2s"
+
+
+class LabConfigError(ValueError):
+    """The config cannot describe a lab (addresses outside the lab subnet, no kubeconfig path, ...)."""
+
+
+def lab_problems(config: Config) -> list[str]:
+    """Why this config cannot run as a lab; empty when it can. The lab never touches a real network."""
+    problems = []
+    for node in config.nodes:
+        if ipaddress.IPv4Address(node.spec.ip) not in LAB_SUBNET:
+            problems.append(
+                f"node {node.name} has address {node.spec.ip} outside the lab subnet {LAB_SUBNET}; "
+                "the lab only creates hosts there"
+            )
+    if not config.kubeconfig:
+        problems.append("kubeconfig is not set; the lab keeps its state in the folder of that path")
+    if config.prometheus_url:
+        url = urlparse(config.prometheus_url)
+        if url.hostname != "127.0.0.1" or not url.port:
+            problems.append(f"prometheus_url {config.prometheus_url} must be http://127.0.0.1:<port> in the lab")
+    if not any(n.spec.is_control_plane for n in config.nodes):
+        problems.append("no control-plane node to host slurmctld")
+    return problems
+
+
+class Lab:
+    def __init__(self, config: Config, progress: Callable[[str], None] | None = None):
+        if problems := lab_problems(config):
+            raise LabConfigError("; ".join(problems))
+        self.config = config
+        self.workdir = config.kubeconfig_path().resolve().parent
+        self.progress = progress or (lambda msg: None)
+        self.hosts = SshHosts(self.workdir)
+        self.slurm = SlurmLab(self.workdir / "slurm", config.cluster_name)
+        self.cp = ControlPlane(self.workdir, BIN_DIR, k8s_version=config.kubespray.kube_version, progress=self.progress)
+        self.dcgm = DcgmSim(self.workdir / "dcgm")
+        self.prometheus = PrometheusLab(self.workdir / "prometheus")
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def up(self) -> dict[str, str]:
+        """Start whatever is not running (idempotent); returns the endpoint table."""
+        cfg = self.config
+        steps: list[tuple[str, Callable[[], None]]] = [
+            ("binaries (built once, cached by version)", self._build),
+            (f"{len(cfg.nodes)} SSH hosts in network namespaces", self._hosts_up),
+            ("Slurm (slurmctld + one slurmd per GPU node)", self._slurm_up),
+            ("Kubernetes control plane + kwok", self._control_plane_up),
+            ("DCGM simulator + Prometheus", self._metrics_up),
+            ("lab reconciler", self._reconciler_up),
+            ("Kubespray stand-in checkout", self._kubespray_checkout),
+        ]
+        for label, step in steps:
+            started = time.monotonic()
+            self.progress(f"lab: {label} ...")
+            step()
+            self.progress(f"lab: {label} ready in {time.monotonic() - started:.1f}s")
+        return self.endpoints()
+
+    def down(self) -> None:
+        """Stop everything and remove namespaces and links; the state folder stays (keys, build cache)."""
+        procs.stop_daemon(self.workdir, RECONCILER)
+        self.prometheus.down()
+        self.dcgm.down()
+        self.cp.down()
+        self.slurm.down()
+        self.hosts.down()
+        self.config.kubeconfig_path().unlink(missing_ok=True)
+
+    def status(self) -> dict[str, object]:
+        cp = self.cp.status()
+        return {
+            "control_plane": cp,
+            "ssh_hosts": self.hosts.status(),
+            "slurm": self.slurm.status(),
+            "dcgm_simulator": self.dcgm.running(),
+            "prometheus": self.prometheus.running(),
+            "reconciler": procs.is_running(self.workdir, RECONCILER),
+        }
+
+    def endpoints(self) -> dict[str, str]:
+        out = {
+            "workdir": str(self.workdir),
+            "kubeconfig": str(self.config.kubeconfig_path().resolve()),
+        }
+        if self.cp.status().get("up"):
+            out["api server"] = self.cp.server
+        if self.prometheus.running():
+            out["prometheus"] = self.prometheus.url
+        if self.dcgm.running():
+            out["dcgm simulator"] = self.dcgm.url
+        out["slurm"] = f"SLURM_CONF={self.slurm.conf}"
+        for host in self.hosts.hosts():
+            out[f"ssh {host.name}"] = f"root@{host.ip} (key {self.hosts.key_path})"
+        return out
+
+    # ------------------------------------------------------------------ steps
+
+    def _build(self) -> None:
+        env_pins = {"K8S_VERSION": self.config.kubespray.kube_version}
+        result = subprocess.run(
+            ["bash", str(REPO / "lab" / "build" / "build-binaries.sh")],
+            env={**os.environ, **env_pins},
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"building the lab binaries failed:\n{result.stderr[-3000:]}")
+
+    def _hosts_up(self) -> None:
+        specs = [
+            HostSpec(n.name, n.spec.ip, n.spec.gpu_count or (1 if n.spec.is_gpu else 0)) for n in self.config.nodes
+        ]
+        self.hosts.up(specs)
+        key = self.config.ansible_ssh_private_key_file
+        if key and self.config.path(key).resolve() != self.hosts.key_path:
+            raise LabConfigError(
+                f"ansible_ssh_private_key_file must be the lab's key {self.hosts.key_path} "
+                f"(it is {self.config.path(key).resolve()})"
+            )
+
+    def _slurm_up(self) -> None:
+        ctl = next(n for n in self.config.nodes if n.spec.is_control_plane)
+        gpu = [(n.name, n.spec.ip, n.spec.gpu_count or 1) for n in self.config.gpu_nodes]
+        self.slurm.up(controller=(ctl.name, ctl.spec.ip), nodes=gpu, partition="gpu")
+
+    def _control_plane_up(self) -> None:
+        # `kubectl exec` into pods of the slurm namespace runs the real Slurm clients against the lab's Slurm.
+        exec_rules = [
+            {"name": "slurm", "namespaces": [self.config.validation.slurm_namespace], "env": self.slurm.client_env()}
+        ]
+        self.cp.up(
+            service_cidr=self.config.kubespray.service_cidr,
+            exec_rules=exec_rules,
+            pod_cidr=self.config.kubespray.pod_cidr,
+        )
+        target = self.config.kubeconfig_path()
+        if target.resolve() != self.cp.kubeconfig.resolve():
+            shutil.copyfile(self.cp.kubeconfig, target)
+            target.chmod(0o600)
+
+    def _metrics_up(self) -> None:
+        nodes = {n.name: (n.spec.gpu_count or 1, n.spec.gpu_model or DEFAULT_GPU_MODEL) for n in self.config.gpu_nodes}
+        self.dcgm.up(nodes)
+        url = urlparse(self.config.prometheus_url or "http://127.0.0.1:0")
+        self.prometheus.up(
+            listen=f"127.0.0.1:{url.port or 0}", targets=self.dcgm.targets(), scrape_interval=SCRAPE_INTERVAL
+        )
+
+    def _reconciler_up(self) -> None:
+        inventory = self.workdir / "gpu-inventory.json"
+        inventory.write_text(
+            json.dumps(
+                {
+                    n.name: {"gpus": n.spec.gpu_count or 1, "model": n.spec.gpu_model or DEFAULT_GPU_MODEL}
+                    for n in self.config.gpu_nodes
+                },
+                indent=1,
+            )
+        )
+        slurm_env = self.workdir / "slurm-env.json"
+        slurm_env.write_text(json.dumps(self.slurm.client_env()))
+        procs.start_daemon(
+            self.workdir,
+            RECONCILER,
+            [
+                sys.executable,
+                "-m",
+                "lab.reconciler",
+                "--kubeconfig",
+                str(self.cp.kubeconfig),
+                "--inventory",
+                str(inventory),
+                "--slurm-env",
+                str(slurm_env),
+            ],
+            env={"PYTHONPATH": str(REPO)},
+        )
+
+    def _kubespray_checkout(self) -> None:
+        checkout = self.config.path(self.config.kubespray.checkout.format(version=self.config.kubespray.version))
+        checkout.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(REPO / "lab" / "kubespray" / "cluster.yml", checkout / "cluster.yml")
+        (checkout / "lab.json").write_text(
+            json.dumps(
+                {
+                    "lab_python": sys.executable,
+                    "lab_pythonpath": str(REPO),
+                    "lab_kubeconfig": str(self.cp.kubeconfig),
+                },
+                indent=1,
+            )
+        )

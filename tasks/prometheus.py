@@ -1,0 +1,71 @@
+"""Prometheus verbs: connect (directly or through the Kubernetes API service proxy) and run instant queries."""
+
+from __future__ import annotations
+
+import re
+
+import requests
+from prometheus_api_client import PrometheusApiClientException, PrometheusConnect
+from urllib3.util.retry import Retry
+
+from gpuforge.config import Config
+from gpuforge.render import PROMETHEUS_SERVICE
+
+
+class PrometheusUnreachable(RuntimeError):
+    """Prometheus could not be asked; callers report this as "could not check", never as healthy."""
+
+
+def prometheus(config: Config, timeout_s: float = 10) -> PrometheusConnect:
+    """The config's prometheus_url, else kube-prometheus-stack's Service through the API server proxy."""
+    if config.prometheus_url:
+        return PrometheusConnect(url=config.prometheus_url, retry=Retry(total=1, backoff_factor=0.2), timeout=timeout_s)
+    from tasks.kube import api_client
+
+    conf = api_client(config.kubeconfig_path()).configuration
+    session = requests.Session()
+    if conf.cert_file:
+        session.cert = (conf.cert_file, conf.key_file)
+    session.verify = conf.ssl_ca_cert or True
+    headers = {"Authorization": conf.api_key["authorization"]} if conf.api_key.get("authorization") else {}
+    proxy = f"{conf.host}/api/v1/namespaces/monitoring/services/{PROMETHEUS_SERVICE}:9090/proxy"
+    return PrometheusConnect(
+        url=proxy, headers=headers, session=session, timeout=timeout_s, retry=Retry(total=1, backoff_factor=0.2)
+    )
+
+
+def query(pc: PrometheusConnect, promql: str) -> list[dict]:
+    try:
+        return pc.custom_query(promql)
+    except (requests.RequestException, PrometheusApiClientException) as exc:
+        raise PrometheusUnreachable(f"Prometheus at {_safe(pc.url)} did not answer {promql[:60]!r}: {exc}") from None
+
+
+def scrape_interval_s(pc: PrometheusConnect, default: float = 15.0) -> float:
+    """The longest scrape interval among active targets (freshness is judged against it)."""
+    try:
+        resp = pc._session.get(
+            f"{pc.url}/api/v1/targets",
+            params={"state": "active"},
+            timeout=10,
+            verify=pc._session.verify,
+            headers=pc.headers,
+        )
+        targets = resp.json()["data"]["activeTargets"]
+    except (requests.RequestException, KeyError, ValueError) as exc:
+        raise PrometheusUnreachable(f"Prometheus at {_safe(pc.url)} did not list its targets: {exc}") from None
+    intervals = [_seconds(t.get("scrapeInterval", "")) for t in targets]
+    intervals = [i for i in intervals if i]
+    return max(intervals) if intervals else default
+
+
+def _seconds(duration: str) -> float | None:
+    total, matched = 0.0, False
+    for value, unit in re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h)", duration):
+        matched = True
+        total += float(value) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit]
+    return total if matched else None
+
+
+def _safe(url: str) -> str:
+    return re.sub(r"//[^@/]*@", "//***@", url)

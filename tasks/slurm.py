@@ -1,0 +1,73 @@
+"""Slurm verbs, run inside the Slurm controller pod through the Kubernetes exec API (Slurm on Kubernetes)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from kubernetes import client
+from kubernetes.stream import stream
+
+from tasks.kube import api_client
+
+CONTROLLER_POD = "slurm-controller-0"
+CONTROLLER_CONTAINER = "slurmctld"
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    rc: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.rc == 0
+
+
+def slurm_exec(
+    kubeconfig: Path,
+    namespace: str,
+    argv: list[str],
+    *,
+    timeout_s: float = 30,
+    pod: str = CONTROLLER_POD,
+    container: str = CONTROLLER_CONTAINER,
+) -> ExecResult:
+    """Run a Slurm client command in the controller pod; every call is bounded by `timeout_s`."""
+    command = ["timeout", str(int(timeout_s)), *argv]
+    with api_client(kubeconfig) as api:
+        resp = stream(
+            client.CoreV1Api(api).connect_get_namespaced_pod_exec,
+            pod,
+            namespace,
+            command=command,
+            container=container,
+            stdin=False,
+            stdout=True,
+            stderr=True,
+            tty=False,
+            _preload_content=False,
+        )
+        out, err = [], []
+        resp.run_forever(timeout=timeout_s + 5)
+        while resp.peek_stdout():
+            out.append(resp.read_stdout())
+        while resp.peek_stderr():
+            err.append(resp.read_stderr())
+        status = resp.read_channel(3)  # the exec status channel: JSON with the exit code
+        resp.close()
+    return ExecResult(_exit_code(status, resp.returncode), "".join(out), "".join(err))
+
+
+def _exit_code(status: str, fallback: int | None) -> int:
+    if status:
+        data = json.loads(status)
+        if data.get("status") == "Success":
+            return 0
+        for cause in (data.get("details") or {}).get("causes") or []:
+            if cause.get("reason") == "ExitCode":
+                return int(cause.get("message", 1))
+        return 1
+    return fallback if fallback is not None else 1
