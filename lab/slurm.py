@@ -16,7 +16,9 @@ Where things run
   ``--gres=gpu:K`` jobs get ``CUDA_VISIBLE_DEVICES``; asking for more GPUs than a node has is rejected at
   submission. The partition (default ``gpu``, the default partition) holds the GPU nodes; nodes with 0 GPUs,
   if any, go into partition ``cpu``.
-* Killing a host with ``SshHosts.kill`` also kills its slurmd/slurmctld (every pid in the namespace).
+* Killing a host with ``SshHosts.kill`` also kills its slurmd/slurmctld (every pid in the namespace); the
+  node shows ``idle*`` (not responding) after ~15 s and ``down`` after SlurmdTimeout=20s. After
+  ``SshHosts.revive`` call :meth:`SlurmLab.start_node` (or :meth:`SlurmLab.start_controller`).
 
 Clients
 -------
@@ -167,6 +169,16 @@ class SlurmLab:
             time.sleep(0.2)
         tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
         raise RuntimeError(f"slurmctld did not come up within {timeout:.0f}s:\n{tail}")
+
+    def stop_node(self, name: str) -> None:
+        """Stop one node's slurmd (the controller marks it down after SlurmdTimeout=20s)."""
+        procs.stop_daemon(self.workdir, self._slurmd(name), timeout=10)
+
+    def start_node(self, name: str) -> None:
+        """(Re)start one node's slurmd, e.g. after SshHosts.kill + revive; it re-registers within ~1 s."""
+        if name not in [n for n, _ip, _g in self._load().get("nodes", [])]:
+            raise KeyError(f"no Slurm node {name!r}")
+        self._start_slurmd(name)
 
     def status(self) -> dict:
         """{"controller": bool (answers ping), "nodes": {name: sinfo state, e.g. "idle", "down*"}}."""
