@@ -94,6 +94,8 @@ BRIDGE_IP = "198.51.100.1"
 NETNS_PREFIX = "gf-"
 DISK_PATH = "/var/lib/containerd"
 TIMESYNC_DIR = "/run/systemd/timesync"
+# Which lab (workdir) owns which host namespace, so two labs on one machine do not take each other's hosts.
+OWNERS = Path("/run/gpuforge-lab/hosts")
 # PCI bus numbers of the eight GPUs in a DGX H100, used by the DCGM simulator too.
 GPU_BUSES = [0x18, 0x2A, 0x3A, 0x5D, 0x9A, 0xAB, 0xBA, 0xDB]
 SSH_OPTS = [
@@ -239,6 +241,7 @@ class SshHosts:
                 raise ValueError(f"IP {ip} of host {spec.name} is already used by lab host {ip_owner[ip]}")
             if spec.gpus < 0:
                 raise ValueError(f"host {spec.name}: gpus must be >= 0")
+        self._check_other_labs(hosts)
         self._ensure_key()
         self._ensure_bridge()
         for mp in (DISK_PATH, TIMESYNC_DIR, "/run/sshd"):
@@ -438,12 +441,38 @@ class SshHosts:
         _ip("netns", "del", ns, check=False)
         if _link_exists(_veth(name)):
             _ip("link", "del", _veth(name), check=False)
+        (OWNERS / name).unlink(missing_ok=True)
+
+    def _check_other_labs(self, hosts: list[HostSpec]) -> None:
+        """Refuse names and IPs that a live host of another lab (another workdir) holds on this machine."""
+        known = self._load()
+        for spec in hosts:
+            if netns_exists(spec.name) and not (OWNERS / spec.name).exists() and spec.name not in known:
+                raise ValueError(f"network namespace {netns_name(spec.name)} exists and belongs to no lab of ours")
+        if not OWNERS.is_dir():
+            return
+        mine = str(self.workdir)
+        for entry in OWNERS.iterdir():
+            try:
+                owner = json.loads(entry.read_text())
+            except (OSError, ValueError):
+                continue
+            if owner.get("workdir") == mine or not netns_exists(entry.name):
+                continue  # ours, or a stale record of a namespace that is gone
+            for spec in hosts:
+                if spec.name == entry.name or validate_ip(spec.ip) == owner.get("ip"):
+                    raise ValueError(
+                        f"lab host {spec.name} ({spec.ip}) clashes with host {entry.name} ({owner.get('ip')}) "
+                        f"of the lab in {owner.get('workdir')}"
+                    )
 
     def _build(self, host: dict) -> None:
         name, ip = host["name"], host["ip"]
         ns, veth = netns_name(name), _veth(name)
         # Remove leftovers of a crashed run ("RTNETLINK answers: File exists").
         self._destroy(name)
+        OWNERS.mkdir(parents=True, exist_ok=True)
+        (OWNERS / name).write_text(json.dumps({"workdir": str(self.workdir), "ip": ip}))
         _ip("netns", "add", ns)
         _ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
         _ip("link", "set", veth, "master", BRIDGE, "up")

@@ -127,6 +127,15 @@ def test_refuses_addresses_outside_the_lab_subnet(lab):
     assert "tsh-bad" not in lab.status()
 
 
+def test_another_lab_cannot_take_these_hosts(lab, tmp_path):
+    other = SshHosts(tmp_path / "other")
+    with pytest.raises(ValueError, match="clashes"):
+        other.up([HostSpec(GPU, "198.51.100.209", 0)])
+    with pytest.raises(ValueError, match="clashes"):
+        other.up([HostSpec("tsh-other", "198.51.100.202", 0)])
+    assert lab.status() == {GPU: True, CPU: True}
+
+
 def test_up_is_idempotent(lab):
     before = procs.read_pid(lab.workdir, f"sshd-{GPU}")
     lab.up(HOSTS)
