@@ -3,11 +3,16 @@
 #   kube-apiserver, kube-controller-manager, kube-scheduler  (k8s.io/kubernetes, pinned)
 #   kwok                                                      (sigs.k8s.io/kwok)
 #   helm                                                      (helm.sh/helm/v3)
+#   etcd                                                      (go.etcd.io/etcd/server/v3)
+# etcd is built because client-go >= 0.35 (kwok v0.8.0 uses 0.36) opens informers with streaming watch-lists,
+# which kube-apiserver refuses unless etcd supports RequestWatchProgress (>= 3.4.31 / 3.5.13); Debian's
+# etcd-server 3.4.23 leaves such informers stale ("required storage feature RequestWatchProgress is disabled").
 # Re-running is cheap: a binary whose versioned path exists is not rebuilt.
 set -euo pipefail
 K8S_VERSION="${K8S_VERSION:-1.35.4}"
 KWOK_VERSION="${KWOK_VERSION:-v0.8.0}"
 HELM_VERSION="${HELM_VERSION:-v3.19.0}"
+ETCD_VERSION="${ETCD_VERSION:-v3.6.16}"
 CACHE="${GPUFORGE_CACHE:-$HOME/.cache/gpuforge}"
 BIN="$CACHE/bin"
 mkdir -p "$BIN"
@@ -59,11 +64,38 @@ if [[ ! -x "$kwok_bin" ]]; then
   GOBIN="$CACHE/src/kwok-$KWOK_VERSION" go install "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
   mv "$CACHE/src/kwok-$KWOK_VERSION/kwok" "$kwok_bin"
 fi
+# kwok's CRDs (the lab applies Logs) next to the binary, so the lab does not depend on the Go module cache.
+kwok_crds="$BIN/kwok-$KWOK_VERSION-crds"
+if [[ ! -f "$kwok_crds/kwok.x-k8s.io_logs.yaml" ]]; then
+  moddir="$(go env GOMODCACHE)/sigs.k8s.io/kwok@$KWOK_VERSION"
+  [[ -d "$moddir" ]] || (cd "$CACHE/src" && GOFLAGS=-mod=mod go mod download "sigs.k8s.io/kwok@$KWOK_VERSION")
+  mkdir -p "$kwok_crds.tmp"
+  cp "$moddir"/kustomize/crd/bases/*.yaml "$kwok_crds.tmp/"
+  chmod 644 "$kwok_crds.tmp"/*.yaml
+  rm -rf "$kwok_crds"; mv "$kwok_crds.tmp" "$kwok_crds"
+fi
 
 helm_bin="$BIN/helm-$HELM_VERSION"
 if [[ ! -x "$helm_bin" ]]; then
   echo "building helm $HELM_VERSION" >&2
   GOBIN="$CACHE/src/helm-$HELM_VERSION" go install -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
   mv "$CACHE/src/helm-$HELM_VERSION/helm" "$helm_bin"
+fi
+etcd_dir="$BIN/etcd-$ETCD_VERSION"
+if [[ ! -x "$etcd_dir/etcd" ]]; then
+  echo "building etcd $ETCD_VERSION" >&2
+  # server/v3's go.mod has replace lines, so `go install @version` is refused: build from a wrapper module.
+  work="$CACHE/src/etcdbin-$ETCD_VERSION"; mkdir -p "$work" "$etcd_dir"
+  printf 'module lab/etcdbin\n\ngo 1.26\n' > "$work/go.mod"
+  cat > "$work/tools.go" <<'GO'
+//go:build tools
+
+package tools
+
+import _ "go.etcd.io/etcd/server/v3"
+GO
+  (cd "$work" && go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION" >/dev/null
+   go build -p 2 -trimpath -tags tools -ldflags "-s -w" -o "$etcd_dir/etcd.tmp" go.etcd.io/etcd/server/v3
+   mv "$etcd_dir/etcd.tmp" "$etcd_dir/etcd")
 fi
 echo "$BIN"

@@ -1,0 +1,424 @@
+"""The lab control plane against the real binaries: etcd, kube-apiserver v1.35.4, controller manager,
+scheduler and kwok, started once for this module in a temporary workdir."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from lab import nodes, procs
+from lab.controlplane import COMPONENTS, ControlPlane
+
+BIN_DIR = Path(os.environ.get("GPUFORGE_BIN_DIR", Path.home() / ".cache" / "gpuforge" / "bin"))
+EXEC_NS = "labexec"
+MARKER = "hello-from-kwok-exec"
+
+
+def _ensure_ns(core, name: str) -> None:
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        core.create_namespace({"metadata": {"name": name}})
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+
+
+@pytest.fixture(scope="module")
+def cp(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("controlplane")
+    plane = ControlPlane(workdir, BIN_DIR)
+    try:
+        plane._binaries()
+    except FileNotFoundError as exc:
+        pytest.skip(f"lab binaries not built: {exc}")
+    started = time.monotonic()
+    plane.up(exec_rules=[{"name": "lab-exec", "namespaces": [EXEC_NS], "env": {"LAB_MARKER": MARKER}}])
+    plane.up_seconds = time.monotonic() - started
+    print(f"control plane up in {plane.up_seconds:.1f}s")
+    yield plane
+    plane.down()
+
+
+@pytest.fixture(scope="module")
+def api(cp):
+    from kubernetes import config
+
+    return config.new_client_from_config(config_file=str(cp.kubeconfig))
+
+
+@pytest.fixture(scope="module")
+def core(api):
+    from kubernetes import client
+
+    return client.CoreV1Api(api)
+
+
+@pytest.fixture(scope="module")
+def lab_nodes(cp, core):
+    manifests = [
+        nodes.node_manifest(
+            "gpu-a", labels={"nvidia.com/gpu.present": "true"}, taints=[], kubelet_version="1.35.4", gpus=8
+        ),
+        nodes.node_manifest(
+            "gpu-b", labels={"nvidia.com/gpu.present": "true"}, taints=[], kubelet_version="v1.35.4", gpus=4
+        ),
+        nodes.node_manifest(
+            "cpu-a", labels={"node-role.kubernetes.io/worker": ""}, taints=[], kubelet_version="1.35.4"
+        ),
+    ]
+    result = nodes.register_nodes(cp.kubeconfig, manifests)
+    assert set(result) == {"gpu-a", "gpu-b", "cpu-a"}
+    nodes.wait_nodes_ready(cp.kubeconfig, result, timeout=60)
+    return manifests
+
+
+def kubectl(cp, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["kubectl", f"--kubeconfig={cp.kubeconfig}", *args], capture_output=True, text=True, timeout=60, check=check
+    )
+
+
+def pod(name: str, *, gpus: int = 0, restart: str = "Always", annotations: dict | None = None) -> dict:
+    container: dict = {"name": "main", "image": "nvcr.io/nvidia/cuda:12.4.1-base-ubuntu22.04"}
+    if gpus:
+        container["resources"] = {"limits": {"nvidia.com/gpu": str(gpus)}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "annotations": annotations or {}},
+        "spec": {"containers": [container], "restartPolicy": restart, "terminationGracePeriodSeconds": 0},
+    }
+
+
+def wait_for(fn, timeout: float = 60.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.25)
+
+
+def read_pod(core, name: str, ns: str = "default") -> dict:
+    return core.api_client.sanitize_for_serialization(core.read_namespaced_pod(name, ns))
+
+
+# ---------------------------------------------------------------------- tests
+
+
+def test_server_version_is_pinned(cp):
+    out = kubectl(cp, "version", "-o", "json")
+    assert json.loads(out.stdout)["serverVersion"]["gitVersion"] == "v1.35.4"
+    assert cp.kubeconfig.is_absolute()
+    assert cp.server.startswith("https://127.0.0.1:")
+
+
+def test_status_reports_every_component_healthy(cp):
+    status = cp.status()
+    assert status["up"] is True
+    assert set(status["components"]) == set(COMPONENTS)
+    for name, comp in status["components"].items():
+        assert comp["running"] and comp["healthy"], (name, comp)
+        assert all(addr.startswith("127.0.0.1:") for addr in comp["listen"]), (name, comp)
+
+
+def _listening_sockets() -> dict[int, tuple[str, int]]:
+    """inode -> (hex local address, port) of every LISTEN socket (tcp and tcp6)."""
+    result = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] != "0A":
+                continue
+            addr, port = fields[1].split(":")
+            result[int(fields[9])] = (addr, int(port, 16))
+    return result
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[8:-1]))
+    return inodes
+
+
+def test_daemons_listen_on_loopback_only(cp):
+    listening = _listening_sockets()
+    assert listening, "no LISTEN sockets visible in /proc/net/tcp"
+    seen_ports = set()
+    for name in COMPONENTS:
+        pid = procs.read_pid(cp.workdir, name)
+        assert pid is not None, name
+        for inode in _socket_inodes(pid) & set(listening):
+            addr, port = listening[inode]
+            assert addr == "0100007F", f"{name} listens on {addr}:{port}, not 127.0.0.1"
+            seen_ports.add(port)
+    assert set(cp.ports.values()) <= seen_ports, (cp.ports, seen_ports)
+
+
+def test_gpu_pods_land_only_on_gpu_nodes(cp, core, lab_nodes):
+    names = [f"gpu-pod-{i}" for i in range(6)]
+    for name in names:
+        core.create_namespaced_pod("default", pod(name, gpus=1))
+    placed = {}
+    for name in names:
+        placed[name] = wait_for(lambda n=name: read_pod(core, n)["spec"].get("nodeName"), 60, f"{name} to be scheduled")
+    assert set(placed.values()) <= {"gpu-a", "gpu-b"}, placed
+    wait_for(lambda: all(read_pod(core, n)["status"].get("phase") == "Running" for n in names), 60, "Running")
+    for name in names:
+        core.delete_namespaced_pod(name, "default", grace_period_seconds=0)
+
+
+def test_pod_wanting_nine_gpus_stays_pending(cp, core, lab_nodes):
+    core.create_namespaced_pod("default", pod("too-many-gpus", gpus=9))
+
+    def failed_scheduling():
+        events = core.list_namespaced_event(
+            "default", field_selector="involvedObject.name=too-many-gpus,reason=FailedScheduling"
+        ).items
+        return [e.message for e in events if "nvidia.com/gpu" in (e.message or "")]
+
+    messages = wait_for(failed_scheduling, 60, "a FailedScheduling event about nvidia.com/gpu")
+    assert "Insufficient nvidia.com/gpu" in messages[0]
+    body = read_pod(core, "too-many-gpus")
+    assert body["status"]["phase"] == "Pending"
+    assert not body["spec"].get("nodeName")
+    core.delete_namespaced_pod("too-many-gpus", "default", grace_period_seconds=0)
+
+
+def test_run_once_pods_complete_and_service_pods_keep_running(cp, core, lab_nodes):
+    core.create_namespaced_pod("default", pod("smoke-never", gpus=1, restart="Never"))
+    core.create_namespaced_pod("default", pod("smoke-onfailure", restart="OnFailure"))
+    core.create_namespaced_pod(
+        "default", pod("smoke-fails", restart="Never", annotations={"lab.gpuforge.io/exit-code": "3"})
+    )
+    core.create_namespaced_pod("default", pod("service-always"))
+    for name in ("smoke-never", "smoke-onfailure"):
+        wait_for(lambda n=name: read_pod(core, n)["status"].get("phase") == "Succeeded", 60, f"{name} Succeeded")
+        state = read_pod(core, name)["status"]["containerStatuses"][0]["state"]
+        assert state["terminated"]["exitCode"] == 0
+    wait_for(lambda: read_pod(core, "smoke-fails")["status"].get("phase") == "Failed", 60, "smoke-fails Failed")
+    assert read_pod(core, "smoke-fails")["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 3
+    wait_for(lambda: read_pod(core, "service-always")["status"].get("phase") == "Running", 60, "Running")
+    time.sleep(2)
+    assert read_pod(core, "service-always")["status"]["phase"] == "Running"
+
+
+def test_job_completes(cp, api, lab_nodes):
+    from kubernetes import client
+
+    batch = client.BatchV1Api(api)
+    batch.create_namespaced_job(
+        "default",
+        {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {"name": "nccl-test"},
+            "spec": {
+                "backoffLimit": 0,
+                "template": {
+                    "spec": {
+                        "restartPolicy": "Never",
+                        "containers": [
+                            {"name": "main", "image": "busybox", "resources": {"limits": {"nvidia.com/gpu": "1"}}}
+                        ],
+                    }
+                },
+            },
+        },
+    )
+    wait_for(
+        lambda: (batch.read_namespaced_job_status("nccl-test", "default").status.succeeded or 0) == 1,
+        90,
+        "Job nccl-test to succeed",
+    )
+
+
+def test_logs_object_serves_pod_log(cp, api, core, lab_nodes, tmp_path):
+    from kubernetes import client
+
+    log_path = tmp_path / "cuda-smoke.log"
+    log_path.write_text(
+        "2026-11-28T10:00:00.000000000Z stdout F [Vector addition of 50000 elements]\n"
+        "2026-11-28T10:00:01.000000000Z stdout F Test PASSED\n"
+    )
+    core.create_namespaced_pod("default", pod("cuda-smoke", gpus=1, restart="Never"))
+    client.CustomObjectsApi(api).create_namespaced_custom_object(
+        "kwok.x-k8s.io",
+        "v1alpha1",
+        "default",
+        "logs",
+        {
+            "apiVersion": "kwok.x-k8s.io/v1alpha1",
+            "kind": "Logs",
+            "metadata": {"name": "cuda-smoke", "namespace": "default"},
+            "spec": {"logs": [{"containers": ["main"], "logsFile": str(log_path)}]},
+        },
+    )
+    wait_for(lambda: read_pod(core, "cuda-smoke")["status"].get("phase") == "Succeeded", 60, "cuda-smoke done")
+
+    def read_log():
+        try:
+            return core.read_namespaced_pod_log("cuda-smoke", "default", container="main")
+        except client.exceptions.ApiException:
+            return None
+
+    text = wait_for(read_log, 30, "pod log")
+    assert text.rstrip().endswith("Test PASSED")
+    assert "Vector addition" in text
+    out = kubectl(cp, "logs", "cuda-smoke", "-c", "main")
+    assert out.stdout.rstrip().endswith("Test PASSED")
+
+
+def test_exec_rule_runs_a_real_command(cp, core, lab_nodes):
+    _ensure_ns(core, EXEC_NS)
+    wait_for(
+        lambda: core.list_namespaced_service_account(EXEC_NS, field_selector="metadata.name=default").items,
+        30,
+        "default service account",
+    )
+    core.create_namespaced_pod(EXEC_NS, pod("slurm-controller-0"))
+    wait_for(lambda: read_pod(core, "slurm-controller-0", EXEC_NS)["status"].get("phase") == "Running", 60, "Running")
+    out = kubectl(cp, "exec", "-n", EXEC_NS, "slurm-controller-0", "--", "sh", "-c", 'echo "$LAB_MARKER"; hostname')
+    lines = out.stdout.split()
+    assert lines == [MARKER, socket.gethostname()], out
+    # A pod that no rule selects cannot be exec'ed into.
+    core.create_namespaced_pod("default", pod("no-exec-rule"))
+    wait_for(lambda: read_pod(core, "no-exec-rule")["status"].get("phase") == "Running", 60, "Running")
+    denied = kubectl(cp, "exec", "no-exec-rule", "--", "hostname", check=False)
+    assert denied.returncode != 0
+    assert socket.gethostname() not in denied.stdout
+
+
+def _kubelet_version(core, name: str) -> str | None:
+    return core.read_node(name).status.node_info.kubelet_version if core.read_node(name).status.node_info else None
+
+
+def test_kubelet_version_follows_annotation(cp, core, lab_nodes):
+    for m in lab_nodes:
+        name = m["metadata"]["name"]
+        assert _kubelet_version(core, name) == m["metadata"]["annotations"][nodes.KUBELET_VERSION_ANNOTATION]
+    old = nodes.node_manifest("old-node", labels={}, taints=[], kubelet_version="1.34.2")
+    assert nodes.register_nodes(cp.kubeconfig, [old]) == {"old-node": "created"}
+    wait_for(lambda: _kubelet_version(core, "old-node") == "v1.34.2", 30, "v1.34.2 on old-node")
+    # The stand-in upgrade re-registers the node with the new version; the status follows.
+    new = nodes.node_manifest("old-node", labels={}, taints=[], kubelet_version="1.35.4")
+    assert nodes.register_nodes(cp.kubeconfig, [new]) == {"old-node": "updated"}
+    wait_for(lambda: _kubelet_version(core, "old-node") == "v1.35.4", 30, "v1.35.4 on old-node after upgrade")
+    # Without the annotation a node reports the control plane's version.
+    bare = nodes.node_manifest("bare-node", labels={}, taints=[], kubelet_version="1.0.0")
+    del bare["metadata"]["annotations"][nodes.KUBELET_VERSION_ANNOTATION]
+    nodes.register_nodes(cp.kubeconfig, [bare])
+    wait_for(lambda: _kubelet_version(core, "bare-node") == "v1.35.4", 30, "fallback version on bare-node")
+    assert nodes.delete_node(cp.kubeconfig, "old-node") is True
+    assert nodes.delete_node(cp.kubeconfig, "bare-node") is True
+    assert nodes.delete_node(cp.kubeconfig, "bare-node") is False
+
+
+def test_register_is_idempotent_and_gpus_can_change(cp, core, lab_nodes):
+    assert set(nodes.register_nodes(cp.kubeconfig, lab_nodes).values()) == {"unchanged"}
+    nodes.set_allocatable_gpus(cp.kubeconfig, "gpu-b", 2)
+    status = core.read_node("gpu-b").status
+    assert status.allocatable["nvidia.com/gpu"] == "2" and status.capacity["nvidia.com/gpu"] == "2"
+    assert status.allocatable["cpu"] == "32"
+    # Re-registering restores the manifest's capacity; the node stays Ready.
+    assert nodes.register_nodes(cp.kubeconfig, lab_nodes)["gpu-b"] == "updated"
+    node = core.read_node("gpu-b")
+    assert node.status.allocatable["nvidia.com/gpu"] == "4"
+    assert any(c.type == "Ready" and c.status == "True" for c in node.status.conditions)
+
+
+def test_nodes_cli(cp, core, lab_nodes):
+    import sys
+
+    def cli(*args):
+        out = subprocess.run(
+            [sys.executable, "-m", "lab.nodes", *args, "--kubeconfig", str(cp.kubeconfig)],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+            cwd=Path(__file__).resolve().parents[2],
+        )
+        return json.loads(out.stdout)
+
+    assert cli(
+        "register",
+        "--name",
+        "cli-gpu",
+        "--label",
+        "pool=a100",
+        "--taint",
+        "dedicated=gpu:NoSchedule",
+        "--gpus",
+        "8",
+        "--kubelet-version",
+        "1.35.4",
+        "--wait",
+        "60",
+    ) == {"name": "cli-gpu", "changed": True, "action": "created"}
+    node = core.read_node("cli-gpu")
+    assert node.metadata.labels["pool"] == "a100"
+    assert [(t.key, t.value, t.effect) for t in node.spec.taints] == [("dedicated", "gpu", "NoSchedule")]
+    assert node.status.allocatable["nvidia.com/gpu"] == "8"
+    assert cli("set-gpus", "--name", "cli-gpu", "--count", "7")["changed"] is True
+    assert cli("set-gpus", "--name", "cli-gpu", "--count", "7")["changed"] is False
+    assert core.read_node("cli-gpu").status.allocatable["nvidia.com/gpu"] == "7"
+    assert cli("delete", "--name", "cli-gpu")["action"] == "deleted"
+
+
+def test_up_again_is_fast_and_keeps_processes(cp):
+    pids = {n: procs.read_pid(cp.workdir, n) for n in COMPONENTS}
+    started = time.monotonic()
+    cp.up(exec_rules=[{"name": "lab-exec", "namespaces": [EXEC_NS], "env": {"LAB_MARKER": MARKER}}])
+    assert time.monotonic() - started < 15
+    assert {n: procs.read_pid(cp.workdir, n) for n in COMPONENTS} == pids
+
+
+def test_restart_apiserver_keeps_data(cp, core, lab_nodes):
+    core.create_namespaced_config_map("default", {"metadata": {"name": "survivor"}, "data": {"k": "v"}})
+    old_pid = procs.read_pid(cp.workdir, "kube-apiserver")
+    cp.restart_apiserver(downtime=1.0)
+    assert procs.read_pid(cp.workdir, "kube-apiserver") != old_pid
+    assert core.read_namespaced_config_map("survivor", "default").data == {"k": "v"}
+    # Scheduler and kwok reconnected: a new pod is scheduled and runs.
+    core.create_namespaced_pod("default", pod("after-restart", gpus=1))
+    wait_for(lambda: read_pod(core, "after-restart")["status"].get("phase") == "Running", 90, "after-restart Running")
+
+
+def test_down_leaves_no_process_and_no_port(cp):
+    ports = cp.ports
+    cp.down()
+    needle = str(cp.workdir).encode()
+    leftovers = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if needle in cmdline:
+            leftovers.append((proc.name, cmdline.replace(b"\0", b" ")[:200]))
+    assert leftovers == []
+    listening_ports = {port for _addr, port in _listening_sockets().values()}
+    assert not (set(ports.values()) & listening_ports)
+    assert cp.status()["up"] is False
