@@ -96,6 +96,7 @@ DISK_PATH = "/var/lib/containerd"
 TIMESYNC_DIR = "/run/systemd/timesync"
 # Which lab (workdir) owns which host namespace, so two labs on one machine do not take each other's hosts.
 OWNERS = Path("/run/gpuforge-lab/hosts")
+IP_OWNERS = Path("/run/gpuforge-lab/ips")
 # PCI bus numbers of the eight GPUs in a DGX H100, used by the DCGM simulator too.
 GPU_BUSES = [0x18, 0x2A, 0x3A, 0x5D, 0x9A, 0xAB, 0xBA, 0xDB]
 SSH_OPTS = [
@@ -161,6 +162,23 @@ def _link_exists(dev: str, netns: str | None = None) -> bool:
 def netns_pids(ns: str) -> list[int]:
     proc = _ip("netns", "pids", ns, check=False)
     return [int(p) for p in proc.stdout.split() if p.strip().isdigit()]
+
+
+def free_lab_ips(count: int, first: int = 100) -> list[str]:
+    """`count` lab addresses from .`first` up that no live lab host has claimed (for tests and tools)."""
+    out = []
+    for last in range(first, 255):
+        ip = f"198.51.100.{last}"
+        try:
+            owner = json.loads((IP_OWNERS / ip).read_text())
+        except (OSError, ValueError):
+            owner = {}
+        if owner.get("name") and netns_exists(owner["name"]):
+            continue
+        out.append(ip)
+        if len(out) == count:
+            return out
+    raise RuntimeError(f"fewer than {count} free addresses in the lab subnet")
 
 
 def validate_ip(ip: str) -> str:
@@ -441,38 +459,74 @@ class SshHosts:
         _ip("netns", "del", ns, check=False)
         if _link_exists(_veth(name)):
             _ip("link", "del", _veth(name), check=False)
-        (OWNERS / name).unlink(missing_ok=True)
+        self._release(name)
 
     def _check_other_labs(self, hosts: list[HostSpec]) -> None:
-        """Refuse names and IPs that a live host of another lab (another workdir) holds on this machine."""
+        """Claim each host's name and IP for this lab; refuse those a live host of another lab holds.
+
+        Claims are files created with O_EXCL under /run/gpuforge-lab/{hosts,ips}/, so two labs (or two test
+        runs) starting at once cannot both take a name or address. A claim whose namespace is gone is stale.
+        """
         known = self._load()
         for spec in hosts:
             if netns_exists(spec.name) and not (OWNERS / spec.name).exists() and spec.name not in known:
                 raise ValueError(f"network namespace {netns_name(spec.name)} exists and belongs to no lab of ours")
-        if not OWNERS.is_dir():
-            return
-        mine = str(self.workdir)
-        for entry in OWNERS.iterdir():
+        made: list[Path] = []
+        try:
+            for spec in hosts:
+                ip = validate_ip(spec.ip)
+                record = {"workdir": str(self.workdir), "name": spec.name, "ip": ip}
+                for path in (OWNERS / spec.name, IP_OWNERS / ip):
+                    if self._claim(path, record):
+                        made.append(path)
+        except ValueError:
+            for path in made:
+                path.unlink(missing_ok=True)
+            raise
+
+    def _claim(self, path: Path, record: dict) -> bool:
+        """Claim `path` for `record`; True if newly made, False if already ours; ValueError if taken."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = json.dumps(record)
+        for _ in range(3):
             try:
-                owner = json.loads(entry.read_text())
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                try:
+                    owner = json.loads(path.read_text())
+                except (OSError, ValueError):
+                    owner = {}
+                if owner.get("workdir") == record["workdir"] and owner.get("name") == record["name"]:
+                    return False
+                if owner.get("name") and netns_exists(owner["name"]):
+                    raise ValueError(
+                        f"lab host {record['name']} ({record['ip']}) clashes with host {owner['name']} "
+                        f"({owner.get('ip')}) of the lab in {owner.get('workdir')}"
+                    ) from None
+                path.unlink(missing_ok=True)  # stale claim: its namespace is gone
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(data)
+            return True
+        raise RuntimeError(f"could not claim {path}")
+
+    def _release(self, name: str) -> None:
+        for path in [OWNERS / name, *IP_OWNERS.glob("*")] if IP_OWNERS.is_dir() else [OWNERS / name]:
+            try:
+                owner = json.loads(path.read_text())
             except (OSError, ValueError):
                 continue
-            if owner.get("workdir") == mine or not netns_exists(entry.name):
-                continue  # ours, or a stale record of a namespace that is gone
-            for spec in hosts:
-                if spec.name == entry.name or validate_ip(spec.ip) == owner.get("ip"):
-                    raise ValueError(
-                        f"lab host {spec.name} ({spec.ip}) clashes with host {entry.name} ({owner.get('ip')}) "
-                        f"of the lab in {owner.get('workdir')}"
-                    )
+            if owner.get("workdir") == str(self.workdir) and owner.get("name") == name:
+                path.unlink(missing_ok=True)
 
     def _build(self, host: dict) -> None:
         name, ip = host["name"], host["ip"]
         ns, veth = netns_name(name), _veth(name)
         # Remove leftovers of a crashed run ("RTNETLINK answers: File exists").
         self._destroy(name)
-        OWNERS.mkdir(parents=True, exist_ok=True)
-        (OWNERS / name).write_text(json.dumps({"workdir": str(self.workdir), "ip": ip}))
+        record = {"workdir": str(self.workdir), "name": name, "ip": ip}
+        self._claim(OWNERS / name, record)
+        self._claim(IP_OWNERS / ip, record)
         _ip("netns", "add", ns)
         _ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
         _ip("link", "set", veth, "master", BRIDGE, "up")

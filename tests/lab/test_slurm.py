@@ -12,15 +12,19 @@ import pytest
 
 from lab import procs
 from lab.slurm import SlurmLab
-from lab.sshhosts import HostSpec, SshHosts
+from lab.sshhosts import HostSpec, SshHosts, free_lab_ips
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("slurmctld") or not shutil.which("munged") or not shutil.which("sshd"),
     reason="needs root, slurm-wlm, munge, openssh-server",
 )
 
-CTL = ("tsl-ctl", "198.51.100.211")
-NODES = [("tsl-g1", "198.51.100.212", 2), ("tsl-g2", "198.51.100.213", 1)]
+# Names and addresses unique per run: other test runs may use the lab on the same machine at the same time.
+RUN = f"tsl{os.getpid() % 100000}"
+_IPS = free_lab_ips(5, first=100 + (os.getpid() + 20) % 120)
+CTL = (f"{RUN}-ctl", _IPS[0])
+G1, G2, D1 = f"{RUN}-g1", f"{RUN}-g2", f"{RUN}-d1"
+NODES = [(G1, _IPS[1], 2), (G2, _IPS[2], 1)]
 
 
 @pytest.fixture(scope="module")
@@ -46,17 +50,17 @@ def cluster(tmp_path_factory, lab_hosts):
 def test_sinfo_shows_gpu_partition_with_gres(cluster):
     out = cluster.run("sinfo", "-N", "-h", "-o", "%N %P %t %G").stdout.split("\n")
     rows = {line.split()[0]: line.split()[1:] for line in out if line.strip()}
-    assert rows["tsl-g1"] == ["gpu*", "idle", "gpu:2"]
-    assert rows["tsl-g2"] == ["gpu*", "idle", "gpu:1"]
-    assert "tsl-ctl" not in rows
-    assert cluster.status() == {"controller": True, "nodes": {"tsl-g1": "idle", "tsl-g2": "idle"}}
+    assert rows[G1] == ["gpu*", "idle", "gpu:2"]
+    assert rows[G2] == ["gpu*", "idle", "gpu:1"]
+    assert CTL[0] not in rows
+    assert cluster.status() == {"controller": True, "nodes": {G1: "idle", G2: "idle"}}
 
 
 def test_client_env_is_enough_for_plain_clients(cluster):
     env = {**os.environ, **cluster.client_env()}
     proc = subprocess.run(["scontrol", "show", "partition", "gpu"], env=env, capture_output=True, text=True, timeout=20)
     assert proc.returncode == 0, proc.stderr
-    assert "Nodes=tsl-g[1-2]" in proc.stdout and "TotalNodes=2" in proc.stdout
+    assert f"Nodes={RUN}-g[1-2]" in proc.stdout and "TotalNodes=2" in proc.stdout
     proc = subprocess.run(["squeue", "-h"], env=env, capture_output=True, text=True, timeout=20)
     assert proc.returncode == 0
 
@@ -64,14 +68,14 @@ def test_client_env_is_enough_for_plain_clients(cluster):
 def test_one_gpu_job_completes_and_sees_cuda_visible_devices(cluster):
     out = cluster.workdir / "jobs" / "cvd-%j.out"
     job = cluster.run(
-        "sbatch", "--parsable", "--gres=gpu:1", "-w", "tsl-g1", "-o", str(out), "--chdir", str(cluster.workdir),
+        "sbatch", "--parsable", "--gres=gpu:1", "-w", G1, "-o", str(out), "--chdir", str(cluster.workdir),
         "--wrap", 'echo "CVD=$CUDA_VISIBLE_DEVICES host=$(hostname) node=$SLURMD_NODENAME"',
     ).stdout.strip().split(";")[0]  # fmt: skip
     assert job.isdigit()
     assert cluster.wait_job(job, timeout=60) == "COMPLETED"
     text = Path(str(out).replace("%j", job)).read_text()
     assert "CVD=0 " in text
-    assert "host=tsl-g1 node=tsl-g1" in text
+    assert f"host={G1} node={G1}" in text
 
 
 def test_two_gpu_job_gets_both_devices(cluster):
@@ -87,7 +91,7 @@ def test_asking_for_more_gpus_than_a_node_has_is_rejected(cluster):
     proc = cluster.run("sbatch", "--gres=gpu:3", "--wrap", "true", check=False)
     assert proc.returncode != 0
     assert "Requested node configuration is not available" in proc.stderr
-    proc = cluster.run("sbatch", "--gres=gpu:2", "-w", "tsl-g2", "--wrap", "true", check=False)
+    proc = cluster.run("sbatch", "--gres=gpu:2", "-w", G2, "--wrap", "true", check=False)
     assert proc.returncode != 0
 
 
@@ -104,18 +108,18 @@ def test_controller_stop_and_start(cluster):
 
 
 def test_killed_host_takes_its_slurmd_and_comes_back(cluster, lab_hosts):
-    lab_hosts.kill("tsl-g2")
+    lab_hosts.kill(G2)
     try:
-        assert not procs.is_running(cluster.workdir, "slurmd-tslurm-tsl-g2")
-        proc = cluster.run("sbatch", "--parsable", "--gres=gpu:1", "-w", "tsl-g2", "-o", "/dev/null",
+        assert not procs.is_running(cluster.workdir, f"slurmd-tslurm-{G2}")
+        proc = cluster.run("sbatch", "--parsable", "--gres=gpu:1", "-w", G2, "-o", "/dev/null",
                            "--wrap", "true")  # fmt: skip
         job = proc.stdout.strip()
         time.sleep(2)
         # no slurmd to run it: the job waits (or is believed launched) but cannot finish
         assert cluster.job_state(job) in ("PENDING", "CONFIGURING", "RUNNING")
     finally:
-        lab_hosts.revive("tsl-g2")
-        cluster.start_node("tsl-g2")
+        lab_hosts.revive(G2)
+        cluster.start_node(G2)
     final = cluster.wait_job(job, timeout=60)
     print("job state after revive:", final)
     assert final == "COMPLETED"
@@ -126,7 +130,7 @@ def test_daemons_stay_off_the_root_namespace(cluster):
     # slurmctld/slurmd listen on 0.0.0.0, but only inside their host namespaces
     ss = subprocess.run(["ss", "-Hltn"], capture_output=True, text=True).stdout
     assert ":6817 " not in ss and ":6818 " not in ss
-    ss = subprocess.run(["ip", "netns", "exec", "gf-tsl-ctl", "ss", "-Hltn"], capture_output=True, text=True).stdout
+    ss = subprocess.run(["ip", "netns", "exec", f"gf-{CTL[0]}", "ss", "-Hltn"], capture_output=True, text=True).stdout
     assert ":6817 " in ss
 
 
@@ -137,32 +141,32 @@ def test_up_again_is_a_no_op_and_refuses_non_lab_controllers(cluster, tmp_path):
     # refuse a controller that is not a lab host (no namespace: it would listen on 0.0.0.0 in the root)
     other = SlurmLab(tmp_path / "other", "other")
     with pytest.raises(ValueError, match="namespace"):
-        other.up(("tsl-nohost", "198.51.100.214"), NODES)
+        other.up((f"{RUN}-nohost", _IPS[3]), NODES)
     with pytest.raises(ValueError):
-        other.up(("tsl-ctl", "10.1.2.3"), NODES)
+        other.up((CTL[0], "10.1.2.3"), NODES)
 
 
 def test_down_stops_every_daemon(tmp_path_factory):
     work = tmp_path_factory.mktemp("slurmdown")
     hosts = SshHosts(work / "hosts")
-    hosts.up([HostSpec("tsl-d1", "198.51.100.215", 1)])
+    hosts.up([HostSpec(D1, _IPS[4], 1)])
     slurm = SlurmLab(work / "slurm", "tdown")
     try:
-        slurm.up(("tsl-d1", "198.51.100.215"), [("tsl-d1", "198.51.100.215", 1)])
+        slurm.up((D1, _IPS[4]), [(D1, _IPS[4], 1)])
         # leave a job running: down() must end its slurmstepd and the job too
         job = slurm.run("sbatch", "--parsable", "--gres=gpu:1", "-o", "/dev/null", "--wrap", "sleep 300").stdout
         deadline = time.monotonic() + 30
         while slurm.job_state(job.strip()) != "RUNNING" and time.monotonic() < deadline:
             time.sleep(0.2)
         assert slurm.job_state(job.strip()) == "RUNNING"
-        pids = [procs.read_pid(slurm.workdir, n) for n in ("munged-tdown", "slurmctld-tdown", "slurmd-tdown-tsl-d1")]
+        pids = [procs.read_pid(slurm.workdir, n) for n in ("munged-tdown", "slurmctld-tdown", f"slurmd-tdown-{D1}")]
         assert all(pids)
     finally:
         slurm.down()
     try:
         for pid in pids:
             assert not _alive(pid)
-        ns_pids = subprocess.run(["ip", "netns", "pids", "gf-tsl-d1"], capture_output=True, text=True).stdout
+        ns_pids = subprocess.run(["ip", "netns", "pids", f"gf-{D1}"], capture_output=True, text=True).stdout
         leftover = [_cmd(int(p)) for p in ns_pids.split() if _alive(int(p))]
         # only the host's sshd may be left in the namespace: no slurmstepd, no `sleep 300`
         assert leftover and all("sshd" in cmd for cmd in leftover), leftover

@@ -11,15 +11,18 @@ from pathlib import Path
 import pytest
 
 from lab import procs
-from lab.sshhosts import BRIDGE, HostSpec, SshHosts, _veth, netns_name
+from lab.sshhosts import BRIDGE, HostSpec, SshHosts, _veth, free_lab_ips, netns_name
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("sshd") or not shutil.which("ip"),
     reason="needs root, sshd, iproute2",
 )
 
-GPU, CPU = "tsh-gpu1", "tsh-cpu1"
-HOSTS = [HostSpec(GPU, "198.51.100.201", 8), HostSpec(CPU, "198.51.100.202", 0)]
+# Names and addresses unique per run: other test runs may use the lab on the same machine at the same time.
+RUN = f"tsh{os.getpid() % 100000}"
+GPU, CPU = f"{RUN}-gpu", f"{RUN}-cpu"
+GPU_IP, CPU_IP, SPARE_IP = free_lab_ips(3, first=100 + os.getpid() % 120)
+HOSTS = [HostSpec(GPU, GPU_IP, 8), HostSpec(CPU, CPU_IP, 0)]
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +51,8 @@ def test_distinct_hostname_and_address_per_host_over_ssh(lab):
     assert sh(lab, CPU, "hostname") == CPU
     assert sh(lab, CPU, "cat /etc/hostname") == CPU
     # the SSH server sees our bridge address; each host resolves its peers through its private /etc/hosts
-    assert sh(lab, GPU, "echo $SSH_CONNECTION").split()[2] == "198.51.100.201"
-    assert sh(lab, GPU, f"getent hosts {CPU}").split()[0] == "198.51.100.202"
+    assert sh(lab, GPU, "echo $SSH_CONNECTION").split()[2] == GPU_IP
+    assert sh(lab, GPU, f"getent hosts {CPU}").split()[0] == CPU_IP
     assert "nameserver 127.0.0.1" in sh(lab, CPU, "cat /etc/resolv.conf")
     # no default route leaves a host namespace
     assert "default" not in sh(lab, GPU, "ip route")
@@ -67,8 +70,8 @@ def test_ansible_setup_sees_per_host_facts(lab, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = {line.split(" | ")[0]: line for line in proc.stdout.splitlines() if " | " in line}
-    assert '"ansible_hostname": "tsh-gpu1"' in lines[GPU]
-    assert '"ansible_hostname": "tsh-cpu1"' in lines[CPU]
+    assert f'"ansible_hostname": "{GPU}"' in lines[GPU]
+    assert f'"ansible_hostname": "{CPU}"' in lines[CPU]
     assert '"ansible_memtotal_mb": 65536' in lines[CPU]
     assert '"mount": "/var/lib/containerd"' in lines[GPU]
 
@@ -121,18 +124,18 @@ def test_set_fact_changes_what_the_host_reports(lab):
 def test_refuses_addresses_outside_the_lab_subnet(lab):
     for ip in ("10.0.0.5", "192.0.2.7", "198.51.100.1", "198.51.100.255", "not-an-ip"):
         with pytest.raises(ValueError):
-            lab.up([HostSpec("tsh-bad", ip, 0)])
+            lab.up([HostSpec(f"{RUN}-bad", ip, 0)])
     with pytest.raises(ValueError, match="already used"):
-        lab.up([HostSpec("tsh-dup", "198.51.100.201", 0)])
-    assert "tsh-bad" not in lab.status()
+        lab.up([HostSpec(f"{RUN}-dup", GPU_IP, 0)])
+    assert f"{RUN}-bad" not in lab.status()
 
 
 def test_another_lab_cannot_take_these_hosts(lab, tmp_path):
     other = SshHosts(tmp_path / "other")
     with pytest.raises(ValueError, match="clashes"):
-        other.up([HostSpec(GPU, "198.51.100.209", 0)])
+        other.up([HostSpec(GPU, SPARE_IP, 0)])
     with pytest.raises(ValueError, match="clashes"):
-        other.up([HostSpec("tsh-other", "198.51.100.202", 0)])
+        other.up([HostSpec(f"{RUN}-other", CPU_IP, 0)])
     assert lab.status() == {GPU: True, CPU: True}
 
 
@@ -163,7 +166,8 @@ def test_killed_host_is_unreachable_until_revived(lab):
 
 def test_sixteen_hosts_up_fast_and_teardown_leaves_nothing(tmp_path):
     hosts = SshHosts(tmp_path / "big")
-    specs = [HostSpec(f"tsh-n{i:02d}", f"198.51.100.{220 + i}", 8) for i in range(16)]
+    ips = free_lab_ips(16, first=100 + (os.getpid() + 50) % 120)
+    specs = [HostSpec(f"{RUN}-n{i:02d}", ip, 8) for i, ip in enumerate(ips)]
     t0 = time.monotonic()
     try:
         hosts.up(specs)
@@ -171,20 +175,20 @@ def test_sixteen_hosts_up_fast_and_teardown_leaves_nothing(tmp_path):
         print(f"16 hosts up in {elapsed:.2f}s")
         assert elapsed < 30
         assert all(hosts.status().values()) and len(hosts.status()) == 16
-        assert sh(hosts, "tsh-n15", "hostname") == "tsh-n15"
+        assert sh(hosts, f"{RUN}-n15", "hostname") == f"{RUN}-n15"
         pids = [procs.read_pid(hosts.workdir, f"sshd-{s.name}") for s in specs]
     finally:
         hosts.down()
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert "tsh-n" not in netns
+    assert f"{RUN}-n" not in netns
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     for s in specs:
         assert _veth(s.name) not in links
         assert not Path("/run/netns", netns_name(s.name)).exists()
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
-    assert "gflab-disk-tsh-n" not in Path("/proc/mounts").read_text()
-    assert "tsh-n" not in Path("/proc/self/mountinfo").read_text()
+    assert f"gflab-disk-{RUN}-n" not in Path("/proc/mounts").read_text()
+    assert f"{RUN}-n" not in Path("/proc/self/mountinfo").read_text()
     # the bridge stays only while another lab (e.g. this module's fixture) still has hosts on it
     others = subprocess.run(["ip", "-o", "link", "show", "master", BRIDGE], capture_output=True, text=True)
     if f" {BRIDGE}:" in links:
