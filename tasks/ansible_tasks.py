@@ -53,10 +53,11 @@ def collect_preflight_facts(config: Config, inventory: Path) -> dict[str, dict[s
 def count_plays(playbook: Path) -> int:
     """Plays in a playbook, following import_playbook, so progress can advance by play."""
     from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
 
     try:
         doc = YAML(typ="safe").load(playbook.read_text()) or []
-    except (OSError, ValueError):
+    except (OSError, ValueError, YAMLError):  # ansible-playbook will report a broken playbook itself
         return 0
     total = 0
     for entry in doc if isinstance(doc, list) else []:
