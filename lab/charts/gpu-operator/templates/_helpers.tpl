@@ -59,7 +59,7 @@ spec:
     type: {{ $root.Values.daemonsets.updateStrategy }}
     {{- if eq $root.Values.daemonsets.updateStrategy "RollingUpdate" }}
     rollingUpdate:
-      maxUnavailable: {{ $root.Values.daemonsets.rollingUpdate.maxUnavailable | quote }}
+      maxUnavailable: {{ $root.Values.daemonsets.rollingUpdate.maxUnavailable }}
     {{- end }}
   template:
     metadata:

@@ -1,0 +1,407 @@
+"""lab/reconciler.py against a real lab control plane (kube-apiserver, controller manager, scheduler, kwok) and
+the lab charts installed through pyhelm3 and the real helm binary.
+
+One control plane and one reconciler process serve the whole module; the tests run in file order and build
+on each other: GPU Operator install -> smoke pods -> API server restart -> NodeSets -> atomic rollback ->
+uninstall."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gpuforge import pins
+from lab import nodes
+from lab.controlplane import ControlPlane
+
+ROOT = Path(__file__).resolve().parents[2]
+CHARTS = ROOT / "lab" / "charts"
+BIN_DIR = Path(os.environ.get("GPUFORGE_BIN_DIR", Path.home() / ".cache" / "gpuforge" / "bin"))
+HELM = BIN_DIR / "helm-v3.19.0"
+GPU_NODES = {"gpu-a": (8, "H100"), "gpu-b": (4, "NVIDIA H200")}
+CPU_NODE = "cpu-a"
+GPU_LABELS = (
+    "nvidia.com/gpu.present",
+    "nvidia.com/gpu.product",
+    "nvidia.com/gpu.count",
+    "nvidia.com/gpu.deploy.driver",
+)
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def wait_for(what: str, fn, timeout: float = 90.0, interval: float = 0.2):
+    """Poll fn() until it returns something truthy; fail with `what` and the last value otherwise."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = fn()
+        except Exception as exc:  # noqa: BLE001 - keep polling; report the last error
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
+
+
+class Lab:
+    def __init__(self, cp: ControlPlane, workdir: Path) -> None:
+        from kubernetes import client, config
+
+        self.cp = cp
+        self.workdir = workdir
+        self.api = config.new_client_from_config(config_file=str(cp.kubeconfig))
+        self.core = client.CoreV1Api(self.api)
+        self.apps = client.AppsV1Api(self.api)
+        self.custom = client.CustomObjectsApi(self.api)
+        self.inventory = workdir / "inventory.json"
+        self.reconciler_log = workdir / "reconciler.log"
+        self.proc: subprocess.Popen | None = None
+        self.timings: dict[str, float] = {}
+
+    def helm(self):
+        from pyhelm3 import Client
+
+        return Client(executable=str(HELM), kubeconfig=self.cp.kubeconfig, default_timeout="180s")
+
+    def node(self, name: str) -> dict:
+        return self.api.sanitize_for_serialization(self.core.read_node(name))
+
+    def policy(self) -> dict | None:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            return self.custom.get_cluster_custom_object("nvidia.com", "v1", "clusterpolicies", "cluster-policy")
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def logs_object(self, namespace: str, name: str) -> dict | None:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            return self.custom.get_namespaced_custom_object("kwok.x-k8s.io", "v1alpha1", namespace, "logs", name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def reconciler_output(self) -> str:
+        return self.reconciler_log.read_text() if self.reconciler_log.exists() else ""
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    if not HELM.exists():
+        pytest.skip(f"helm not built: {HELM}")
+    pytest.importorskip("pyhelm3")
+    workdir = tmp_path_factory.mktemp("reconciler")
+    cp = ControlPlane(workdir, BIN_DIR)
+    try:
+        cp._binaries()
+    except FileNotFoundError as exc:
+        pytest.skip(f"lab binaries not built: {exc}")
+    cp.up()
+    lab = Lab(cp, workdir)
+    try:
+        # GPU nodes are registered without nvidia.com/gpu: the "device plugin" (reconciler) must add it.
+        manifests = [nodes.node_manifest(n, labels={}, taints=[], kubelet_version=pins.KUBE_VERSION) for n in GPU_NODES]
+        manifests.append(nodes.node_manifest(CPU_NODE, labels={}, taints=[], kubelet_version=pins.KUBE_VERSION))
+        nodes.register_nodes(cp.kubeconfig, manifests)
+        nodes.wait_nodes_ready(cp.kubeconfig, [m["metadata"]["name"] for m in manifests], timeout=60)
+        inventory = {n: {"gpus": g, "model": m} for n, (g, m) in GPU_NODES.items()}
+        inventory[CPU_NODE] = {"gpus": 0, "model": ""}
+        lab.inventory.write_text(json.dumps(inventory))
+        # A fake sinfo (first on PATH through --slurm-env) reports gpu-a idle and gpu-b drained.
+        fakebin = workdir / "fakebin"
+        fakebin.mkdir()
+        sinfo = fakebin / "sinfo"
+        sinfo.write_text("#!/bin/sh\nprintf 'gpu-a idle\\ngpu-a idle\\ngpu-b drained\\ncpu-a down*\\n'\n")
+        sinfo.chmod(0o755)
+        env_file = workdir / "slurm.env"
+        env_file.write_text(f"export PATH={fakebin}:{os.environ.get('PATH', '/usr/bin:/bin')}\n")
+        with open(lab.reconciler_log, "w") as out:
+            lab.proc = subprocess.Popen(
+                [sys.executable, "-m", "lab.reconciler", "--kubeconfig", str(cp.kubeconfig),
+                 "--inventory", str(lab.inventory), "--slurm-env", str(env_file), "--slurm-poll", "0.5"],
+                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        wait_for("reconciler watches synced", lambda: "all watches synced" in lab.reconciler_output(), 30)
+        yield lab
+    finally:
+        if lab.proc is not None:
+            os.killpg(lab.proc.pid, signal.SIGTERM)
+            try:
+                lab.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(lab.proc.pid, signal.SIGKILL)
+        print("timings:", json.dumps(lab.timings))
+        print("reconciler log (tail):\n" + "\n".join(lab.reconciler_output().splitlines()[-40:]))
+        cp.down()
+
+
+def _gpus(node: dict, field: str = "allocatable") -> str | None:
+    return ((node.get("status") or {}).get(field) or {}).get("nvidia.com/gpu")
+
+
+def test_gpu_operator_install_makes_cluster_policy_ready(lab):
+    for name in GPU_NODES:
+        assert _gpus(lab.node(name)) is None, "GPU capacity before the GPU Operator: the test would prove nothing"
+    values = {
+        "driver": {"enabled": True},
+        "dcgmExporter": {"config": {"name": "gpuforge-dcgm-metrics"}, "serviceMonitor": {"enabled": True}},
+    }
+
+    async def install():
+        helm = lab.helm()
+        chart = await helm.get_chart(CHARTS / "gpu-operator")
+        return await helm.install_or_upgrade_release(
+            "gpu-operator", chart, values, namespace="gpu-operator", create_namespace=True,
+            atomic=True, wait=True, timeout="240s",
+        )  # fmt: skip
+
+    t0 = time.monotonic()
+    revision = asyncio.run(install())
+    lab.timings["gpu_operator_helm_install_s"] = round(time.monotonic() - t0, 1)
+    assert revision.revision == 1 and revision.status.value == "deployed"
+    policy = wait_for(
+        "ClusterPolicy ready", lambda: (p := lab.policy()) and (p.get("status") or {}).get("state") == "ready" and p
+    )
+    lab.timings["install_to_cluster_policy_ready_s"] = round(time.monotonic() - t0, 1)
+    status = policy["status"]
+    assert status["namespace"] == "gpu-operator"
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("True", "Reconciled")
+
+    for name, (count, _model) in GPU_NODES.items():
+        node = lab.node(name)
+        labels = node["metadata"]["labels"]
+        assert _gpus(node) == str(count) and _gpus(node, "capacity") == str(count), name
+        assert labels["feature.node.kubernetes.io/pci-10de.present"] == "true"
+        assert labels["nvidia.com/gpu.present"] == "true"
+        assert labels["nvidia.com/gpu.count"] == str(count)
+        assert labels["nvidia.com/gpu.deploy.device-plugin"] == "true"
+    assert lab.node("gpu-a")["metadata"]["labels"]["nvidia.com/gpu.product"] == "NVIDIA-H100-80GB-HBM3"
+    assert lab.node("gpu-b")["metadata"]["labels"]["nvidia.com/gpu.product"] == "NVIDIA-H200"
+    assert lab.node("gpu-a")["metadata"]["labels"]["nvidia.com/gpu.family"] == "hopper"
+    cpu = lab.node(CPU_NODE)
+    assert _gpus(cpu) is None
+    assert not [k for k in cpu["metadata"]["labels"] if k.startswith("nvidia.com/") or "pci-10de" in k]
+
+    # The operands run exactly on the GPU nodes; NFD on every node.
+    for ds in ("nvidia-driver-daemonset", "nvidia-device-plugin-daemonset", "nvidia-dcgm-exporter"):
+        st = lab.apps.read_namespaced_daemon_set(ds, "gpu-operator").status
+        assert (st.desired_number_scheduled, st.number_ready) == (2, 2), ds
+    nfd = lab.apps.read_namespaced_daemon_set("gpu-operator-node-feature-discovery-worker", "gpu-operator").status
+    assert nfd.desired_number_scheduled == 3
+
+    # Idempotent: in a steady cluster (pod and node heartbeats keep arriving) nothing is written again.
+    time.sleep(3)
+    out = lab.reconciler_output()
+    assert out.count("node gpu-a: capacity/allocatable") == 1, out
+    assert out.count("node gpu-a: labels") == 2, out  # operator labels, then GFD's
+    assert out.count("-> ready") == 1, out
+
+
+def _pod(name: str, image: str, restart: str, gpus: int = 0) -> dict:
+    container = {"name": "main", "image": image}
+    if gpus:
+        container["resources"] = {"limits": {"nvidia.com/gpu": str(gpus)}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {"restartPolicy": restart, "containers": [container]},
+    }
+
+
+def _log(lab: Lab, name: str) -> str:
+    return lab.core.read_namespaced_pod_log(name, "default")
+
+
+def test_cuda_smoke_pod_passes_and_busybox_does_not(lab):
+    lab.core.create_namespaced_pod("default", _pod("cuda-vectoradd", pins.CUDA_SMOKE_IMAGE, "OnFailure", gpus=1))
+    lab.core.create_namespaced_pod("default", _pod("busybox-smoke", "busybox:1.36", "Never"))
+    for name in ("cuda-vectoradd", "busybox-smoke"):
+        wait_for(
+            f"{name} Succeeded", lambda n=name: lab.core.read_namespaced_pod(n, "default").status.phase == "Succeeded"
+        )
+    cuda = lab.core.read_namespaced_pod("cuda-vectoradd", "default")
+    assert cuda.spec.node_name in GPU_NODES  # the GPU limit kept it off the CPU node
+
+    text = wait_for("vectorAdd log", lambda: _log(lab, "cuda-vectoradd"), 30)
+    lines = text.strip().splitlines()
+    assert lines[0] == "[Vector addition of 50000 elements]"
+    assert lines[-2:] == ["Test PASSED", "Done"]
+    other = wait_for("busybox log", lambda: _log(lab, "busybox-smoke"), 30)
+    assert "Test PASSED" not in other and "busybox:1.36" in other
+
+    logs = lab.logs_object("default", "cuda-vectoradd")
+    assert logs["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "lab-reconciler"
+    assert logs["metadata"]["ownerReferences"][0]["uid"] == cuda.metadata.uid
+    assert Path(logs["spec"]["logs"][0]["logsFile"]).read_text().split(" ", 3)[1:3] == ["stdout", "F"]  # CRI format
+
+
+def test_logs_of_deleted_pods_go_away(lab):
+    for name in ("cuda-vectoradd", "busybox-smoke"):
+        lab.core.delete_namespaced_pod(name, "default", grace_period_seconds=0)
+    for name in ("cuda-vectoradd", "busybox-smoke"):
+        wait_for(f"Logs {name} deleted", lambda n=name: lab.logs_object("default", n) is None, 30)
+
+
+def test_survives_api_server_restart_and_follows_inventory(lab):
+    t0 = time.monotonic()
+    lab.cp.restart_apiserver(downtime=1.0)
+    lab.timings["apiserver_restart_s"] = round(time.monotonic() - t0, 1)
+    # A new pod after the restart still gets its Logs: the watches came back.
+    lab.core.create_namespaced_pod("default", _pod("after-restart", "busybox:1.36", "Always"))
+    t1 = time.monotonic()
+    wait_for("Logs after restart", lambda: lab.logs_object("default", "after-restart"), 60)
+    lab.timings["logs_after_restart_s"] = round(time.monotonic() - t1, 1)
+    # The inventory is re-read: gpu-a now reports 6 GPUs.
+    inventory = json.loads(lab.inventory.read_text())
+    inventory["gpu-a"]["gpus"] = 6
+    lab.inventory.write_text(json.dumps(inventory))
+    t2 = time.monotonic()
+    wait_for("gpu-a allocatable 6", lambda: _gpus(lab.node("gpu-a")) == "6", 30)
+    lab.timings["inventory_change_to_allocatable_s"] = round(time.monotonic() - t2, 1)
+    assert lab.node("gpu-a")["metadata"]["labels"]["nvidia.com/gpu.count"] == "6"
+    lab.core.delete_namespaced_pod("after-restart", "default", grace_period_seconds=0)
+
+
+def _nodeset(lab: Lab, name: str) -> dict:
+    return lab.custom.get_namespaced_custom_object("slinky.slurm.net", "v1beta1", "slurm", "nodesets", name)
+
+
+def _workers(lab: Lab, nodeset: str) -> list:
+    pods = lab.core.list_namespaced_pod("slurm", label_selector=f"app.kubernetes.io/instance={nodeset}").items
+    return [p for p in pods if p.metadata.deletion_timestamp is None]
+
+
+def test_nodeset_reports_replicas_and_helm_upgrade(lab):
+    slurm_values = {
+        "clusterName": "labc",
+        "nodesets": {
+            "gpu": {
+                "replicas": 2,
+                "slurmd": {"resources": {"limits": {"nvidia.com/gpu": 1}}},
+                "podSpec": {"nodeSelector": {"nvidia.com/gpu.present": "true"}},
+            }
+        },
+        "partitions": {"gpu": {"enabled": True, "nodesets": ["gpu"], "configMap": {"Default": "YES"}}},
+    }
+
+    async def install(replicas: int):
+        helm = lab.helm()
+        crds = await helm.get_chart(CHARTS / "slurm-operator-crds")
+        await helm.install_or_upgrade_release("slurm-operator-crds", crds, {}, namespace="slinky", wait=True)
+        chart = await helm.get_chart(CHARTS / "slurm")
+        slurm_values["nodesets"]["gpu"]["replicas"] = replicas
+        return await helm.install_or_upgrade_release(
+            "slurm", chart, slurm_values, namespace="slurm", atomic=True, wait=True, timeout="180s"
+        )
+
+    rev = asyncio.run(install(2))
+    assert rev.revision == 1
+    controller = lab.core.read_namespaced_pod("slurm-controller-0", "slurm")
+    assert [c.name for c in controller.spec.containers][0] == "slurmctld"
+    assert controller.metadata.labels["app.kubernetes.io/name"] == "slurmctld"
+
+    name = "slurm-worker-gpu"
+    t0 = time.monotonic()
+    status = wait_for(
+        "NodeSet 2 ready replicas",
+        lambda: (
+            (s := _nodeset(lab, name).get("status") or {}).get("readyReplicas") == 2
+            and s.get("slurmIdle", 0) + s.get("slurmDrain", 0) == 2
+            and s
+        ),
+        120,
+    )
+    lab.timings["nodeset_ready_s"] = round(time.monotonic() - t0, 1)
+    assert status["replicas"] == 2 and status["slurmDown"] == 0 and status["slurmAllocated"] == 0
+    workers = _workers(lab, name)
+    assert sorted(p.metadata.name for p in workers) == ["slurm-worker-gpu-0", "slurm-worker-gpu-1"]
+    assert all(p.spec.node_name in GPU_NODES for p in workers)
+    on_b = sum(p.spec.node_name == "gpu-b" for p in workers)
+    assert status["slurmDrain"] == on_b and status["slurmIdle"] == 2 - on_b  # the fake sinfo: gpu-b drained
+    assert workers[0].spec.containers[0].name == "slurmd"
+    assert workers[0].spec.hostname in ("gpu-0", "gpu-1")
+
+    # helm upgrade through pyhelm3: scale the NodeSet down to 1.
+    rev = asyncio.run(install(1))
+    assert rev.revision == 2 and rev.status.value == "deployed"
+    assert _nodeset(lab, name)["spec"]["replicas"] == 1
+    wait_for("NodeSet scaled to 1", lambda: (_nodeset(lab, name).get("status") or {}).get("replicas") == 1, 60)
+    wait_for("worker 1 deleted", lambda: [p.metadata.name for p in _workers(lab, name)] == ["slurm-worker-gpu-0"], 60)
+
+
+def test_fail_readiness_upgrade_rolls_back(lab):
+    from pyhelm3 import errors
+
+    async def upgrade():
+        helm = lab.helm()
+        chart = await helm.get_chart(CHARTS / "gpu-operator")
+        return await helm.install_or_upgrade_release(
+            "gpu-operator", chart, {"lab": {"failReadiness": True}}, namespace="gpu-operator",
+            atomic=True, wait=True, timeout="20s",
+        )  # fmt: skip
+
+    async def current():
+        return await lab.helm().get_current_revision("gpu-operator", namespace="gpu-operator")
+
+    before = asyncio.run(current())
+    t0 = time.monotonic()
+    with pytest.raises(errors.Error):
+        asyncio.run(upgrade())
+    lab.timings["fail_readiness_upgrade_rollback_s"] = round(time.monotonic() - t0, 1)
+    after = asyncio.run(current())
+    assert after.revision > before.revision + 1  # failed upgrade, then the rollback revision
+    assert after.status.value == "deployed"
+    values = asyncio.run(after.values())
+    assert not (values.get("lab") or {}).get("failReadiness")
+    dep = lab.apps.read_namespaced_deployment("gpu-operator", "gpu-operator")
+    assert not (dep.spec.template.spec.node_selector or {}).get("lab.gpuforge.io/unschedulable")
+    assert (lab.policy().get("status") or {}).get("state") == "ready"
+
+
+def test_uninstall_undoes_and_failing_install_is_removed(lab):
+    from pyhelm3 import errors
+
+    async def uninstall():
+        await lab.helm().uninstall_release("gpu-operator", namespace="gpu-operator", wait=True)
+
+    asyncio.run(uninstall())
+    wait_for("ClusterPolicy gone", lambda: lab.policy() is None, 60)
+    for name in GPU_NODES:
+        wait_for(f"{name} GPU capacity removed", lambda n=name: _gpus(lab.node(n)) is None, 30)
+        labels = lab.node(name)["metadata"]["labels"]
+        assert not [k for k in GPU_LABELS if k in labels], labels
+        assert "feature.node.kubernetes.io/pci-10de.present" not in labels
+
+    async def failing_install():
+        helm = lab.helm()
+        chart = await helm.get_chart(CHARTS / "gpu-operator")
+        return await helm.install_or_upgrade_release(
+            "gpu-operator", chart, {"lab": {"failReadiness": True}}, namespace="gpu-operator",
+            atomic=True, wait=True, timeout="20s",
+        )  # fmt: skip
+
+    with pytest.raises(errors.Error):
+        asyncio.run(failing_install())
+    with pytest.raises(errors.ReleaseNotFoundError):
+        asyncio.run(lab.helm().get_current_revision("gpu-operator", namespace="gpu-operator"))
+    assert lab.policy() is None
+    # The operator never ran, so no node was ever labelled for the GPU stack.
+    assert not [k for k in GPU_LABELS if k in lab.node("gpu-a")["metadata"]["labels"]]
