@@ -78,6 +78,13 @@ def test_one_gpu_job_completes_and_sees_cuda_visible_devices(cluster):
     assert f"host={G1} node={G1}" in text
 
 
+def test_srun_runs_from_inside_a_lab_host(cluster):
+    # srun listens for the job's I/O on 0.0.0.0, so it runs inside a lab namespace, never in the root one
+    proc = cluster.run("srun", "-w", G1, "--gres=gpu:1", "sh", "-c", "echo $CUDA_VISIBLE_DEVICES $(hostname)",
+                       netns=CTL[0], timeout=60)  # fmt: skip
+    assert proc.stdout.split() == ["0", G1]
+
+
 def test_two_gpu_job_gets_both_devices(cluster):
     out = cluster.workdir / "jobs" / "two-%j.out"
     job = cluster.run(
