@@ -275,7 +275,9 @@ class ControlPlane:
             raise RuntimeError("the lab control plane was never started; call up() first")
         argv = self._argvs(self._binaries(), state)[name]
         self._say(f"restarting {name}")
-        procs.stop_daemon(self.workdir, name)
+        # kube-apiserver's graceful shutdown hangs while clients hold watches open; it keeps no state of its
+        # own (etcd does), so after a short grace a SIGKILL is fine.
+        procs.stop_daemon(self.workdir, name, timeout=3.0)
         if downtime > 0:
             time.sleep(downtime)
         procs.start_daemon(self.workdir, name, argv, env=self._env(name), cwd=self.dir)
@@ -355,7 +357,7 @@ class ControlPlane:
         env = {}
         if name in (CONTROLLER_MANAGER, SCHEDULER, KWOK) and self._old_etcd():
             # Streaming watch-lists need etcd's RequestWatchProgress (>= 3.4.31 / 3.5.13); without it the
-            # API server refuses them and client-go >= 0.35 informers go stale.
+            # API server refuses them (client-go then falls back to LIST, noisily).
             env["KUBE_FEATURE_WatchListClient"] = "false"
         if name == KWOK:
             # kwok also loads ~/.kwok/kwok.yaml when it exists; point it at an empty home of its own.
@@ -526,6 +528,9 @@ class ControlPlane:
     def _argvs(self, bins: dict[str, Path], state: dict) -> dict[str, list[str]]:
         p = state["ports"]
         d, pki = self.dir, self.pki
+        # With an etcd lacking RequestWatchProgress the API server must not turn legacy watches (kwok
+        # restarts every watch at resourceVersion 0) into watch-lists, or those watches fail.
+        old_etcd_gates = ["--feature-gates=WatchList=false"] if self._old_etcd() else []
         etcd_client, etcd_peer = f"http://127.0.0.1:{p['etcd_client']}", f"http://127.0.0.1:{p['etcd_peer']}"
         return {
             ETCD: [
@@ -563,6 +568,7 @@ class ControlPlane:
                 # kwok's nodes carry InternalIP 127.0.0.1 and kwok's port: logs/exec reach kwok.
                 "--kubelet-preferred-address-types=InternalIP",
                 "--profiling=false",
+                *old_etcd_gates,
             ],
             CONTROLLER_MANAGER: [
                 str(bins[CONTROLLER_MANAGER]),

@@ -422,3 +422,32 @@ def test_down_leaves_no_process_and_no_port(cp):
     listening_ports = {port for _addr, port in _listening_sockets().values()}
     assert not (set(ports.values()) & listening_ports)
     assert cp.status()["up"] is False
+
+
+@pytest.mark.skipif(not Path("/usr/bin/etcd").exists(), reason="no Debian etcd-server")
+def test_debian_etcd_fallback_keeps_kwok_watches_working(tmp_path):
+    """etcd 3.4.23 lacks RequestWatchProgress: without WatchList=false kwok's watches fail and nodes go stale."""
+    plane = ControlPlane(tmp_path, BIN_DIR, etcd_binary=Path("/usr/bin/etcd"))
+    try:
+        plane._binaries()
+    except FileNotFoundError as exc:
+        pytest.skip(f"lab binaries not built: {exc}")
+    try:
+        plane.up()
+        assert plane._old_etcd()
+        from kubernetes import client, config
+
+        core = client.CoreV1Api(config.new_client_from_config(config_file=str(plane.kubeconfig)))
+        nodes.register_nodes(
+            plane.kubeconfig, [nodes.node_manifest("n1", labels={}, taints=[], kubelet_version="1.34.1")]
+        )
+        nodes.wait_nodes_ready(plane.kubeconfig, ["n1"], timeout=30)
+        nodes.register_nodes(
+            plane.kubeconfig, [nodes.node_manifest("n1", labels={}, taints=[], kubelet_version="1.35.4")]
+        )
+        wait_for(lambda: _kubelet_version(core, "n1") == "v1.35.4", 5, "kwok to see the new annotation")
+        core.create_namespaced_pod("default", pod("p1", restart="Never"))
+        wait_for(lambda: read_pod(core, "p1")["status"].get("phase") == "Succeeded", 30, "p1 Succeeded")
+        assert "RequestWatchProgress" not in procs.log_file(plane.workdir, "kwok").read_text()
+    finally:
+        plane.down()
