@@ -141,6 +141,11 @@ def lab(tmp_path_factory):
         yield lab
     finally:
         if lab.proc is not None:
+            try:
+                stat = Path(f"/proc/{lab.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+                lab.timings["reconciler_cpu_s"] = round((int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK"), 1)
+            except (OSError, IndexError, ValueError):
+                pass
             os.killpg(lab.proc.pid, signal.SIGTERM)
             try:
                 lab.proc.wait(10)
@@ -405,3 +410,67 @@ def test_uninstall_undoes_and_failing_install_is_removed(lab):
     assert lab.policy() is None
     # The operator never ran, so no node was ever labelled for the GPU stack.
     assert not [k for k in GPU_LABELS if k in lab.node("gpu-a")["metadata"]["labels"]]
+
+
+def test_all_charts_install_with_gpuforge_values(lab, tmp_path):
+    """Every lab chart, with the values gpuforge renders, installs and becomes ready on the real API server, in
+    gpuforge's order; the stack then behaves as gpuforge expects."""
+    import yaml
+
+    from gpuforge.config import load_config
+    from gpuforge.render import render_releases
+
+    cfg = {
+        "cluster_name": "labc",
+        "k8s_cluster_nodes": [
+            {"ip": "10.0.0.2", "role": ["gpu-worker"], "name": "gpu-a", "gpu_count": 8},
+            {"ip": "10.0.0.3", "role": ["gpu-worker"], "name": "gpu-b", "gpu_count": 4},
+            {"ip": "10.0.0.4", "role": ["cpu-worker", "control-plane", "etcd"], "name": CPU_NODE},
+        ],
+        "deepops_services": {
+            svc: {"enabled": True, "releases": {n: {"path": str(CHARTS / c)} for n, _, _, c, _ in rel}}
+            for svc, rel in pins.CHARTS.items()
+        },
+    }
+    (tmp_path / "config.yml").write_text(yaml.safe_dump(cfg))
+    releases = render_releases(load_config(tmp_path / "config.yml"))
+    inventory = json.loads(lab.inventory.read_text())
+    inventory["gpu-a"]["gpus"] = 8  # back to what the config says (a 6-GPU node cannot host the gpu-8 NodeSet)
+    lab.inventory.write_text(json.dumps(inventory))
+    # What gpuforge's Kubespray run puts on the nodes (NodeSets select on it).
+    for name, nodeset in (("gpu-a", "gpu-8"), ("gpu-b", "gpu-4")):
+        lab.core.patch_node(name, {"metadata": {"labels": {"gpuforge.io/nodeset": nodeset}}})
+
+    async def install_all():
+        helm = lab.helm()
+        out = {}
+        for r in releases:
+            t0 = time.monotonic()
+            chart = await helm.get_chart(Path(r.chart))
+            rev = await helm.install_or_upgrade_release(
+                r.name, chart, r.values, namespace=r.namespace, create_namespace=True,
+                atomic=True, wait=True, timeout="180s",
+            )  # fmt: skip
+            out[r.name] = (rev.status.value, round(time.monotonic() - t0, 1))
+        return out
+
+    t0 = time.monotonic()
+    results = asyncio.run(install_all())
+    lab.timings["all_charts_install_s"] = round(time.monotonic() - t0, 1)
+    lab.timings["per_release_s"] = {k: v[1] for k, v in results.items()}
+    assert {k: v[0] for k, v in results.items()} == {r.name: "deployed" for r in releases}
+
+    # kube-prometheus-stack went first, so the GPU Operator's ServiceMonitor exists, labelled for it.
+    sm = lab.custom.get_namespaced_custom_object(
+        "monitoring.coreos.com", "v1", "gpu-operator", "servicemonitors", "nvidia-dcgm-exporter"
+    )
+    assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    svc = lab.core.read_namespaced_service("kube-prometheus-stack-prometheus", "monitoring")
+    assert svc.spec.ports[0].port == 9090
+    wait_for("ClusterPolicy ready", lambda: ((lab.policy() or {}).get("status") or {}).get("state") == "ready", 60)
+    wait_for("gpu-a allocatable 8", lambda: _gpus(lab.node("gpu-a")) == "8", 30)
+    for name in ("slurm-worker-gpu-8", "slurm-worker-gpu-4"):
+        wait_for(f"{name} ready", lambda n=name: (_nodeset(lab, n).get("status") or {}).get("readyReplicas") == 1, 60)
+    assert _workers(lab, "slurm-worker-gpu-4")[0].spec.node_name == "gpu-b"
+    assert lab.core.read_namespaced_service("kubernetes-dashboard-kong-proxy", "kubernetes-dashboard")
+    assert lab.apps.read_namespaced_deployment("slurm-operator", "slinky").status.available_replicas == 1
