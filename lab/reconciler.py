@@ -476,7 +476,7 @@ def gfd_labels(gpus: int, model: str, driver_version: str, mig_strategy: str) ->
 
 
 def _label_value(value: str) -> str:
-    value = re.sub(r"[^A-Za-z0-9_.\-]", "-", value)[:63]
+    value = re.sub(r"-{2,}", "-", re.sub(r"[^A-Za-z0-9_.\-]", "-", value))[:63]
     return value.strip("-_.") or "unknown"
 
 

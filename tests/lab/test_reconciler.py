@@ -1,9 +1,10 @@
 """lab/reconciler.py against a real lab control plane (kube-apiserver, controller manager, scheduler, kwok) and
 the lab charts installed through pyhelm3 and the real helm binary.
 
-One control plane and one reconciler process serve the whole module; the tests run in file order and build
-on each other: GPU Operator install -> smoke pods -> API server restart -> NodeSets -> atomic rollback ->
-uninstall."""
+The first tests drive the reconciler's logic on in-memory objects (no binaries needed). The rest share one
+control plane and one reconciler process; they run in file order and build on each other: GPU Operator
+install -> smoke pods -> API server restart -> NodeSets -> atomic rollback -> uninstall -> every chart with
+gpuforge's values."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from gpuforge import pins
-from lab import nodes
+from lab import nodes, reconciler
 from lab.controlplane import ControlPlane
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,6 +37,183 @@ GPU_LABELS = (
 )
 
 pytestmark = pytest.mark.timeout(900)
+
+
+# ------------------------------------------------------------------------------ logic on in-memory objects
+
+
+class FakeKube:
+    """Records writes instead of sending them."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, object]] = []
+
+    def merge_patch(self, path, body):
+        self.calls.append(("PATCH", path, body))
+
+    def create(self, path, body):
+        self.calls.append(("POST", path, body))
+
+    def delete(self, path):
+        self.calls.append(("DELETE", path, None))
+
+    def get(self, path, **query):
+        raise AssertionError(f"unexpected GET {path}")
+
+
+def _fake_reconciler(tmp_path: Path, inventory: dict, objects: dict[str, list[dict]]) -> reconciler.Reconciler:
+    (tmp_path / "inv.json").write_text(json.dumps(inventory))
+    rec = reconciler.Reconciler(FakeKube(), tmp_path / "inv.json", tmp_path / "logs")
+    rec._reload_inventory()
+    for attr, items in objects.items():
+        getattr(rec, attr)._items = {reconciler.object_key(o): o for o in items}
+    return rec
+
+
+def _obj(name: str, namespace: str | None = None, **fields) -> dict:
+    meta = {"name": name, "resourceVersion": "1", "uid": f"uid-{name}", "generation": 1}
+    if namespace:
+        meta["namespace"] = namespace
+    meta.update(fields.pop("metadata", {}))
+    return {"metadata": meta, **fields}
+
+
+def _operator(available: int) -> dict:
+    return _obj("gpu-operator", "gpu-operator", status={"availableReplicas": available})
+
+
+def _daemonsets(desired: int, ready: int) -> list[dict]:
+    status = {"desiredNumberScheduled": desired, "numberReady": ready, "updatedNumberScheduled": desired,
+              "numberUnavailable": desired - ready, "observedGeneration": 1}  # fmt: skip
+    return [_obj(name, "gpu-operator", status=dict(status)) for _key, name, _state in reconciler.OPERANDS]
+
+
+def test_gfd_labels_follow_model_and_driver():
+    h100 = reconciler.gfd_labels(8, "H100", "595.91.07", "single")
+    assert h100["nvidia.com/gpu.product"] == "NVIDIA-H100-80GB-HBM3"
+    assert (h100["nvidia.com/gpu.count"], h100["nvidia.com/gpu.family"], h100["nvidia.com/gpu.memory"]) == (
+        "8", "hopper", "81559",
+    )  # fmt: skip
+    assert h100["nvidia.com/cuda.driver-version.full"] == "595.91.07"
+    assert h100["nvidia.com/mig.capable"] == "true"
+    a100 = reconciler.gfd_labels(4, "NVIDIA A100-SXM4-80GB", "580.126.20", "mixed")
+    assert a100["nvidia.com/gpu.product"] == "NVIDIA-A100-SXM4-80GB"
+    assert (a100["nvidia.com/cuda.runtime-version.full"], a100["nvidia.com/mig.strategy"]) == ("13.0", "mixed")
+    odd = reconciler.gfd_labels(1, "Some GPU (rev 2)", "595.91.07", "single")
+    assert odd["nvidia.com/gpu.product"] == "Some-GPU-rev-2"  # a valid label value
+    assert "nvidia.com/gpu.family" not in odd
+
+
+@pytest.mark.parametrize(
+    ("state", "cls"),
+    [("idle", "idle"), ("idle*", "down"), ("mixed", "allocated"), ("allocated+", "allocated"),
+     ("drained", "drain"), ("draining", "drain"), ("down*", "down"), ("completing", "allocated")],
+)  # fmt: skip
+def test_slurm_states_count_like_slinky(state, cls):
+    assert reconciler.slurm_node_class(state) == cls
+
+
+def test_env_file_json_or_shell(tmp_path):
+    (tmp_path / "a.json").write_text('{"SLURM_CONF": "/x/slurm.conf"}')
+    (tmp_path / "b.env").write_text("# lab\nexport SLURM_CONF=/x/slurm.conf\nPATH='/opt/bin:/usr/bin'\n")
+    assert reconciler.load_env_file(tmp_path / "a.json") == {"SLURM_CONF": "/x/slurm.conf"}
+    assert reconciler.load_env_file(tmp_path / "b.env") == {"SLURM_CONF": "/x/slurm.conf", "PATH": "/opt/bin:/usr/bin"}
+
+
+def test_operands_not_ready_gives_not_ready_and_no_capacity(tmp_path):
+    rec = _fake_reconciler(
+        tmp_path,
+        {"g1": {"gpus": 8, "model": "H100"}},
+        {"nodes": [_obj("g1", status={})], "policies": [_obj("cluster-policy", spec={})],
+         "deployments": [_operator(1)], "daemonsets": _daemonsets(1, 0)},
+    )  # fmt: skip
+    rec.reconcile_gpu()
+    paths = [(m, p) for m, p, _ in rec.kube.calls]
+    assert ("PATCH", "/api/v1/nodes/g1") in paths
+    assert ("PATCH", "/api/v1/nodes/g1/status") not in paths  # no nvidia.com/gpu before the operands run
+    labels = rec.kube.calls[0][2]["metadata"]["labels"]
+    assert labels["nvidia.com/gpu.present"] == "true" and "nvidia.com/gpu.product" not in labels
+    status = rec.kube.calls[-1][2]["status"]
+    assert status["state"] == "notReady"
+    assert {c["type"]: c["reason"] for c in status["conditions"]} == {
+        "Ready": "OperandNotReady", "Error": "OperandNotReady",
+    }  # fmt: skip
+
+
+def test_no_gpu_nodes_is_ready_with_reason_no_gpu_nodes(tmp_path):
+    rec = _fake_reconciler(
+        tmp_path,
+        {},
+        {"nodes": [_obj("c1", status={})], "policies": [_obj("cluster-policy", spec={})],
+         "deployments": [_operator(1)], "daemonsets": _daemonsets(0, 0)},
+    )  # fmt: skip
+    rec.reconcile_gpu()
+    assert [(m, p) for m, p, _ in rec.kube.calls] == [
+        ("PATCH", "/apis/nvidia.com/v1/clusterpolicies/cluster-policy/status")
+    ]
+    status = rec.kube.calls[0][2]["status"]
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert (status["state"], ready["status"], ready["reason"]) == ("ready", "True", "NoGPUNodes")
+
+
+def test_dead_operator_changes_nothing(tmp_path):
+    rec = _fake_reconciler(
+        tmp_path,
+        {"g1": {"gpus": 8, "model": "H100"}},
+        {"nodes": [_obj("g1", status={})], "policies": [_obj("cluster-policy", spec={})],
+         "deployments": [_operator(0)], "daemonsets": _daemonsets(1, 1)},
+    )  # fmt: skip
+    rec.reconcile_gpu()
+    assert rec.kube.calls == []
+
+
+def test_undo_restores_capacity_the_node_had_before(tmp_path):
+    state = {"labels": ["nvidia.com/gpu.present", "nvidia.com/gpu.count"], "capacity": "8", "previous": "2"}
+    node = _obj(
+        "g1",
+        metadata={"labels": {"nvidia.com/gpu.present": "true", "nvidia.com/gpu.count": "8", "mine": "x"},
+                  "annotations": {reconciler.STATE_ANNOTATION: json.dumps(state)}},
+        status={"capacity": {"nvidia.com/gpu": "8"}, "allocatable": {"nvidia.com/gpu": "8"}},
+    )  # fmt: skip
+    rec = _fake_reconciler(tmp_path, {"g1": {"gpus": 8, "model": "H100"}}, {"nodes": [node]})
+    rec.reconcile_gpu()  # no ClusterPolicy: the GPU Operator is gone
+    by_path = {p: b for _m, p, b in rec.kube.calls}
+    assert by_path["/api/v1/nodes/g1/status"]["status"]["allocatable"] == {"nvidia.com/gpu": "2"}
+    meta = by_path["/api/v1/nodes/g1"]["metadata"]
+    assert meta["labels"] == {"nvidia.com/gpu.present": None, "nvidia.com/gpu.count": None}  # only its own labels
+    assert meta["annotations"] == {reconciler.STATE_ANNOTATION: None}
+
+
+def test_nodeset_pods_and_status(tmp_path):
+    nodeset = _obj(
+        "slurm-worker-gpu", "slurm",
+        spec={"replicas": 2, "slurmd": {"image": "slurmd:x", "resources": {"limits": {"nvidia.com/gpu": 1}}},
+              "template": {"spec": {"hostname": "gpu-", "nodeSelector": {"a": "b"}}}},
+    )  # fmt: skip
+    owner = [{"kind": "NodeSet", "uid": "uid-slurm-worker-gpu", "name": "slurm-worker-gpu"}]
+    ready = {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}
+    pods = [
+        _obj("slurm-worker-gpu-0", "slurm", metadata={"ownerReferences": owner}, spec={"nodeName": "n1"}, status=ready),
+        _obj("slurm-worker-gpu-5", "slurm", metadata={"ownerReferences": owner}, spec={"nodeName": "n1"}, status=ready),
+    ]
+    rec = _fake_reconciler(tmp_path, {}, {"nodesets": [nodeset], "pods": pods})
+    rec._slurm_states = {"n1": "mixed"}
+    rec.reconcile_nodesets()
+    calls = {(m, p): b for m, p, b in rec.kube.calls}
+    assert ("DELETE", "/api/v1/namespaces/slurm/pods/slurm-worker-gpu-5") in calls  # beyond replicas
+    created = calls[("POST", "/api/v1/namespaces/slurm/pods")]
+    assert created["metadata"]["name"] == "slurm-worker-gpu-1"
+    assert created["metadata"]["ownerReferences"][0]["kind"] == "NodeSet"
+    assert created["spec"]["hostname"] == "gpu-1" and created["spec"]["nodeSelector"] == {"a": "b"}
+    slurmd = created["spec"]["containers"][0]
+    assert slurmd["name"] == "slurmd" and slurmd["resources"]["requests"] == {"nvidia.com/gpu": 1}
+    status = calls[("PATCH", "/apis/slinky.slurm.net/v1beta1/namespaces/slurm/nodesets/slurm-worker-gpu/status")]
+    st = status["status"]
+    assert (st["replicas"], st["readyReplicas"], st["slurmAllocated"], st["slurmIdle"]) == (1, 1, 1, 0)
+    assert st["selector"] == "app.kubernetes.io/instance=slurm-worker-gpu,app.kubernetes.io/name=slurmd"
+
+
+# ------------------------------------------------------------------------------------- against a real lab
 
 
 def wait_for(what: str, fn, timeout: float = 90.0, interval: float = 0.2):
