@@ -33,8 +33,12 @@ def kubespray(params: KubesprayParams) -> str:
     run = run_kubespray(config, checkout, inventory_dir / "hosts.yaml", binary)
     publish_table("kubespray-recap", run.recap(), "Kubespray PLAY RECAP, a row per host")
     if run.status != "successful":
-        failed = [f"{h} ({t.task}: {t.message})" for h, tasks in sorted(run.hosts.items()) for t in tasks
-                  if t.status == "failed"]
+        failed = [
+            f"{h} ({t.task}: {t.message})"
+            for h, tasks in sorted(run.hosts.items())
+            for t in tasks
+            if t.status == "failed"
+        ]
         raise RuntimeError(
             f"Kubespray {run.status} (rc {run.rc}); unreachable: {', '.join(run.unreachable) or 'none'}; "
             f"failed: {', '.join(failed) or 'none'}"

@@ -37,7 +37,21 @@ def validate(params: ValidateParams) -> dict:
 
     results = cluster_checks(config, kubeconfig, nodes)
     if config.enabled("gpu-operator"):
-        results += cuda_smoke(config, kubeconfig, list(expected), params.keep)
+        # GPUs a Slurm NodeSet (or anything else) holds cannot take a smoke pod; say who holds them.
+        held = kube.gpus_held(kubeconfig)
+        free = [n for n in expected if nodes[n].allocatable_gpus - sum(held.get(n, {}).values()) >= 1] if nodes else []
+        for node in expected:
+            if node not in free and node in nodes:
+                results.append(
+                    CheckResult(
+                        "cuda-smoke",
+                        node,
+                        SKIP,
+                        f"no free GPU: held by {', '.join(held.get(node, {})) or 'nobody (0 allocatable)'}",
+                    )
+                )
+        if free:
+            results += cuda_smoke(config, kubeconfig, free, params.keep)
     else:
         results.append(CheckResult("cuda-smoke", "cluster", SKIP, "gpu-operator is disabled in the config"))
     if config.enabled("monitoring_stack"):
@@ -45,7 +59,7 @@ def validate(params: ValidateParams) -> dict:
     else:
         results.append(CheckResult("dcgm-metrics", "cluster", SKIP, "monitoring_stack is disabled in the config"))
     if config.enabled("slurm"):
-        results += slurm_checks(config, kubeconfig, expected)
+        results += slurm_checks(config, kubeconfig, {n.name: expected[n.name] for n in config.slurm_gpu_nodes})
     else:
         results.append(CheckResult("slurm", "cluster", SKIP, "slurm is disabled in the config"))
     logger.info("validation: %d checks, %d failed", len(results), sum(r.result != PASS for r in results))

@@ -105,6 +105,8 @@ class Node(_Model):
     gpu_model: str | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     taints: list[Taint] = Field(default_factory=list)
+    # GPU workers join the Slurm GPU NodeSets unless this is false (their GPUs stay for Kubernetes jobs).
+    slurm: StrictBool = True
 
     @field_validator("ip")
     @classmethod
@@ -314,6 +316,10 @@ class Config(_Model):
     @property
     def gpu_nodes(self) -> list[NamedNode]:
         return [n for n in self.nodes if n.spec.is_gpu]
+
+    @property
+    def slurm_gpu_nodes(self) -> list[NamedNode]:
+        return [n for n in self.gpu_nodes if n.spec.slurm]
 
     def enabled(self, service: str) -> bool:
         return self.deepops_services.by_key()[service].enabled

@@ -63,7 +63,8 @@ def node_labels(node: NamedNode, cluster: str) -> dict[str, str]:
     labels = {f"{LABEL_PREFIX}cluster": cluster}
     if node.spec.is_gpu:
         labels[f"{LABEL_PREFIX}gpu-worker"] = "true"
-        labels[f"{LABEL_PREFIX}nodeset"] = nodeset_name(node)
+        if node.spec.slurm:
+            labels[f"{LABEL_PREFIX}nodeset"] = nodeset_name(node)
         if node.spec.gpu_count:
             labels[f"{LABEL_PREFIX}gpu-count"] = str(node.spec.gpu_count)
     if Role.CPU_WORKER in node.spec.role:
@@ -150,7 +151,7 @@ def nodeset_name(node: NamedNode) -> str:
 def gpu_nodesets(config: Config, learned: dict[str, int] | None = None) -> dict[str, dict[str, Any]]:
     """NodeSet name -> {nodes, gpus}. `learned` gives counts found at install for nodes the config leaves open."""
     sets: dict[str, dict[str, Any]] = {}
-    for node in config.gpu_nodes:
+    for node in config.slurm_gpu_nodes:
         name = nodeset_name(node)
         count = node.spec.gpu_count or (learned or {}).get(node.name)
         entry = sets.setdefault(name, {"nodes": [], "gpus": count})

@@ -53,8 +53,11 @@ def exit_code(results: list[CheckResult]) -> int:
 
 
 def dcgm_coverage_query(metrics: tuple[str, ...] = REQUIRED_DCGM_METRICS) -> str:
-    """One PromQL query for every GPU of every node: the timestamp of each required series' last sample."""
-    return 'timestamp({__name__=~"' + "|".join(metrics) + '"})'
+    """One PromQL query for every GPU of every node: the timestamp of each required series' last sample.
+
+    timestamp() drops the metric name, so each metric's timestamps carry it back in the `metric` label.
+    """
+    return " or ".join(f'label_replace(timestamp({m}), "metric", "{m}", "", "")' for m in metrics)
 
 
 def dcgm_coverage(
@@ -77,7 +80,7 @@ def dcgm_coverage(
         if node is None:
             continue
         gpu = str(labels.get("gpu", labels.get("exported_gpu", "")))
-        name = labels.get("__name__", "")
+        name = labels.get("metric", "")
         ts = float(item["value"][1])
         key = (node, gpu, name)
         seen[key] = max(ts, seen.get(key, 0.0))

@@ -157,7 +157,7 @@ class Lab:
 
     def _slurm_up(self) -> None:
         ctl = next(n for n in self.config.nodes if n.spec.is_control_plane)
-        gpu = [(n.name, n.spec.ip, n.spec.gpu_count or 1) for n in self.config.gpu_nodes]
+        gpu = [(n.name, n.spec.ip, n.spec.gpu_count or 1) for n in self.config.slurm_gpu_nodes]
         self.slurm.up(controller=(ctl.name, ctl.spec.ip), nodes=gpu, partition="gpu")
 
     def _control_plane_up(self) -> None:

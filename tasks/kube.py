@@ -195,7 +195,7 @@ def smoke_pod(name: str, node: str, image: str, gpus: int = 1) -> dict[str, Any]
             "restartPolicy": "Never",
             "nodeSelector": {"kubernetes.io/hostname": node} if node else {},
             "tolerations": [{"key": GPU, "operator": "Exists", "effect": "NoSchedule"}],
-            "containers": [{"name": "cuda-smoke", "image": image, "resources": {"limits": {GPU: gpus}}}],
+            "containers": [{"name": "cuda-smoke", "image": image, "resources": {"limits": {GPU: str(gpus)}}}],
         },
     }
 
@@ -219,7 +219,9 @@ def run_pods_to_completion(
             try:
                 for event in w.stream(core.list_namespaced_pod, namespace, timeout_seconds=remaining):
                     pod = event["object"]
-                    if pod.metadata.name in names and pod.status.phase in ("Succeeded", "Failed"):
+                    if pod.metadata.name in names and (
+                        pod.status.phase in ("Succeeded", "Failed") or _unschedulable(pod)
+                    ):
                         final[pod.metadata.name] = pod
                     if not names - final.keys():
                         w.stop()
@@ -232,10 +234,31 @@ def run_pods_to_completion(
         return final
 
 
+def _unschedulable(pod: client.V1Pod) -> bool:
+    """The scheduler refused the pod: at validation time that is a verdict, not a reason to wait."""
+    return any(
+        c.type == "PodScheduled" and c.status == "False" and c.reason == "Unschedulable"
+        for c in (pod.status.conditions or [])
+    )
+
+
+def gpus_held(kubeconfig: Path) -> dict[str, dict[str, int]]:
+    """Node -> {namespace/pod: GPUs} for every pod that holds GPUs (not finished), in one list call."""
+    held: dict[str, dict[str, int]] = {}
+    with api_client(kubeconfig) as api:
+        for pod in client.CoreV1Api(api).list_pod_for_all_namespaces().items:
+            if not pod.spec.node_name or pod.status.phase in ("Succeeded", "Failed"):
+                continue
+            gpus = sum(int((c.resources.limits or {}).get(GPU, 0)) for c in pod.spec.containers if c.resources)
+            if gpus:
+                held.setdefault(pod.spec.node_name, {})[f"{pod.metadata.namespace}/{pod.metadata.name}"] = gpus
+    return held
+
+
 def pod_log(kubeconfig: Path, namespace: str, name: str) -> str:
     with api_client(kubeconfig) as api:
         try:
-            return client.CoreV1Api(api).read_namespaced_pod_log(name, namespace, tail_lines=200)
+            return client.CoreV1Api(api).read_namespaced_pod_log(name, namespace, tail_lines=200) or ""
         except ApiException as exc:
             return f"(no log: {exc.reason})"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,10 +59,11 @@ def slurm_exec(
             err.append(resp.read_stderr())
         status = resp.read_channel(3)  # the exec status channel: JSON with the exit code
         resp.close()
-    return ExecResult(_exit_code(status, resp.returncode), "".join(out), "".join(err))
+    return ExecResult(_exit_code(status), "".join(out), "".join(err))
 
 
-def _exit_code(status: str, fallback: int | None) -> int:
+def _exit_code(status: str) -> int:
+    """The exit code from the exec status channel; no status at all means the stream broke (rc 255)."""
     if status:
         data = json.loads(status)
         if data.get("status") == "Success":
@@ -69,5 +71,8 @@ def _exit_code(status: str, fallback: int | None) -> int:
         for cause in (data.get("details") or {}).get("causes") or []:
             if cause.get("reason") == "ExitCode":
                 return int(cause.get("message", 1))
+        # Some runtimes report the code only in words: "... exit status 3".
+        if match := re.search(r"exit (?:status|code):? (\d+)", data.get("message", "")):
+            return int(match.group(1))
         return 1
-    return fallback if fallback is not None else 1
+    return 255
