@@ -57,7 +57,7 @@ Pod exec (`kubectl exec`): runs the requested argv on this machine (no container
      "run_as_user": 0, "run_as_group": 0}      # optional
 or kwok's own ClusterExec spec, {"name": ..., "selector": {"matchNamespaces": [...], "matchNames": [...]},
 "execs": [{"containers": [...], "local": {"workDir": ..., "envs": [{"name": ..., "value": ...}]}}]}.
-The first rule that matches wins. Changing the rules restarts only kwok.
+The first rule that matches wins. Changing the rules restarts only kwok; `up()` without exec_rules keeps them.
 """
 
 from __future__ import annotations
@@ -170,15 +170,25 @@ class ControlPlane:
         timeout: float = 180.0,
     ) -> None:
         """Start what is not running (idempotent) and return once the API server is ready, the controller
-        manager, scheduler and kwok are healthy and the `default` service account exists."""
+        manager, scheduler and kwok are healthy and the `default` service account exists.
+
+        `exec_rules=None` keeps the rules of the previous `up` (none the first time); `[]` removes them.
+        """
         started = time.monotonic()
         service_cidr = str(ipaddress.ip_network(service_cidr))
         pod_cidr = str(ipaddress.ip_network(pod_cidr))
-        cluster_execs = [_cluster_exec(rule, i) for i, rule in enumerate(exec_rules or [])]
+        if exec_rules is not None:
+            exec_rules = json.loads(json.dumps(exec_rules))  # plain JSON data, stored in state.json
+            for i, rule in enumerate(exec_rules):
+                _cluster_exec(rule, i)  # validate before touching anything
         binaries = self._binaries()
         self.dir.mkdir(parents=True, exist_ok=True)
         with self._lock():
             state = self._load_state()
+            if exec_rules is None:
+                exec_rules = state.get("exec_rules", [])
+            state["exec_rules"] = exec_rules
+            cluster_execs = [_cluster_exec(rule, i) for i, rule in enumerate(exec_rules)]
             if state.get("service_cidr", service_cidr) != service_cidr:
                 raise ValueError(
                     f"the lab control plane in {self.dir} was created with service CIDR {state['service_cidr']}; "
@@ -201,6 +211,8 @@ class ControlPlane:
                 if procs.is_running(self.workdir, name):
                     return False
                 self._say(f"starting {name}")
+                if name == KWOK:
+                    self._release_kwok_leases()
                 procs.start_daemon(self.workdir, name, argvs[name], env=self._env(name), cwd=self.dir)
                 fingerprints[name] = fp
                 self._save_state(state)
@@ -280,6 +292,8 @@ class ControlPlane:
         procs.stop_daemon(self.workdir, name, timeout=3.0)
         if downtime > 0:
             time.sleep(downtime)
+        if name == KWOK:
+            self._release_kwok_leases()
         procs.start_daemon(self.workdir, name, argv, env=self._env(name), cwd=self.dir)
         state.setdefault("fingerprints", {})[name] = self._fingerprint(name, argv)
         self._save_state(state)
@@ -500,6 +514,25 @@ class ControlPlane:
             return any(c.type == "Established" and c.status == "True" for c in obj.status.conditions or [])
 
         self._wait(APISERVER, established, deadline, what=f"CRD {name} established")
+
+    def _release_kwok_leases(self) -> None:
+        """Delete node Leases held by an earlier kwok process.
+
+        Every kwok process has a random identity and manages a node only while it holds the node's Lease, so
+        a restarted kwok would leave nodes (and the pods on them) alone until the old Leases expire (40 s).
+        """
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+
+        prefix = socket.gethostname() + "_"
+        coord = client.CoordinationV1Api(self._api_client())
+        for lease in coord.list_namespaced_lease("kube-node-lease").items:
+            if (lease.spec.holder_identity or "").startswith(prefix):
+                try:
+                    coord.delete_namespaced_lease(lease.metadata.name, "kube-node-lease")
+                except ApiException as exc:
+                    if exc.status != 404:
+                        raise
 
     def _wait_default_service_account(self, deadline: float) -> None:
         from kubernetes import client

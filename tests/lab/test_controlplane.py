@@ -388,9 +388,33 @@ def test_nodes_cli(cp, core, lab_nodes):
 def test_up_again_is_fast_and_keeps_processes(cp):
     pids = {n: procs.read_pid(cp.workdir, n) for n in COMPONENTS}
     started = time.monotonic()
-    cp.up(exec_rules=[{"name": "lab-exec", "namespaces": [EXEC_NS], "env": {"LAB_MARKER": MARKER}}])
+    cp.up()  # no exec_rules: keeps the ones given before
     assert time.monotonic() - started < 15
     assert {n: procs.read_pid(cp.workdir, n) for n in COMPONENTS} == pids
+    assert "LAB_MARKER" in (cp.workdir / "k8s" / "kwok.yaml").read_text()
+
+
+def test_changed_exec_rules_restart_only_kwok(cp, core, lab_nodes):
+    pids = {n: procs.read_pid(cp.workdir, n) for n in COMPONENTS}
+    second = {"name": "second", "namespaces": ["labexec2"], "containers": ["main"], "env": {"LAB_MARKER": "second"}}
+    cp.up(exec_rules=[{"name": "lab-exec", "namespaces": [EXEC_NS], "env": {"LAB_MARKER": MARKER}}, second])
+    now = {n: procs.read_pid(cp.workdir, n) for n in COMPONENTS}
+    assert [n for n in COMPONENTS if now[n] != pids[n]] == ["kwok"]
+    _ensure_ns(core, "labexec2")
+    wait_for(
+        lambda: core.list_namespaced_service_account("labexec2", field_selector="metadata.name=default").items,
+        30,
+        "default service account",
+    )
+    core.create_namespaced_pod("labexec2", pod("worker-0"))
+    # 15 s: a restarted kwok must take over the nodes at once, not when the old kwok's node Leases expire (40 s).
+    wait_for(lambda: read_pod(core, "worker-0", "labexec2")["status"].get("phase") == "Running", 15, "Running")
+    out = kubectl(cp, "exec", "-n", "labexec2", "worker-0", "--", "sh", "-c", 'echo "$LAB_MARKER"')
+    assert out.stdout.strip() == "second"
+    out = kubectl(cp, "exec", "-n", EXEC_NS, "slurm-controller-0", "--", "sh", "-c", 'echo "$LAB_MARKER"')
+    assert out.stdout.strip() == MARKER
+    with pytest.raises(ValueError, match="unknown keys"):
+        cp.up(exec_rules=[{"namespace": ["typo"]}])
 
 
 def test_restart_apiserver_keeps_data(cp, core, lab_nodes):
