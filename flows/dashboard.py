@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.common import ClusterParams, load, publish_table, run_name
-from tasks.helm import converge_service, outcome_rows
+from tasks.helm import converge_service, outcome_rows, phase_summary
 
 
 @flow(name="dashboard", flow_run_name=run_name("dashboard"))
@@ -13,4 +13,4 @@ def dashboard(params: ClusterParams) -> str:
     config = load(params)
     outcomes = converge_service(config, "k8s-dashboard", config.kubeconfig_path(), config.timeouts.dashboard)
     publish_table("dashboard-status", outcome_rows(outcomes), "Kubernetes dashboard release")
-    return ", ".join(f"{o.release} {o.action}" for o in outcomes)
+    return phase_summary(outcomes)

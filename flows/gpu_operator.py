@@ -6,7 +6,7 @@ from prefect import flow, get_run_logger
 
 from flows.common import ClusterParams, load, publish_table, run_name
 from gpuforge import checks, render
-from tasks.helm import converge_service
+from tasks.helm import converge_service, phase_summary
 from tasks.kube import (
     WaitTimeout,
     annotate_node,
@@ -53,7 +53,4 @@ def gpu_operator(params: ClusterParams) -> str:
         prometheuses = list_custom(kubeconfig, "monitoring.coreos.com", "v1", "prometheuses")
         if problems := checks.servicemonitor_problems(prometheuses, monitors):
             raise WaitTimeout("dcgm-exporter metrics would not be scraped: " + "; ".join(problems))
-    changed = [o.release for o in outcomes if o.action != "unchanged"]
-    return (
-        f"{', '.join(changed)} converged; " if changed else "unchanged; "
-    ) + f"{len(config.gpu_nodes)} GPU nodes ready"
+    return phase_summary(outcomes, f"{len(config.gpu_nodes)} GPU nodes offer their GPUs")

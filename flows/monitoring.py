@@ -11,7 +11,7 @@ from prefect import flow
 
 from flows.common import ClusterParams, load, publish_table, run_name
 from gpuforge import render
-from tasks.helm import converge_service, outcome_rows
+from tasks.helm import converge_service, outcome_rows, phase_summary
 from tasks.kube import apply, config_map
 
 
@@ -29,5 +29,4 @@ def monitoring(params: ClusterParams) -> str:
     apply(kubeconfig, dashboard)
     apply(kubeconfig, render.render_alert_rules(config))
     publish_table("monitoring-status", outcome_rows(outcomes), "kube-prometheus-stack release")
-    changed = [o.release for o in outcomes if o.action != "unchanged"]
-    return f"{', '.join(changed)} converged; dashboard and GPU alerts applied" if changed else "unchanged"
+    return phase_summary(outcomes, "dashboard and GPU alerts applied")

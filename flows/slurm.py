@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from flows.common import ClusterParams, load, publish_table, run_name
-from tasks.helm import converge_service, outcome_rows
+from tasks.helm import converge_service, outcome_rows, phase_summary
 from tasks.kube import list_custom, list_nodes, wait_for
 from tasks.slurm import slurm_exec
 
@@ -36,4 +36,4 @@ def slurm(params: ClusterParams) -> str:
     wait_for("the Slurm controller", controller_answers, config.timeouts.slurm, log=logger.info)
     detail = wait_for("the GPU NodeSets", nodesets_ready, config.timeouts.slurm, log=logger.info)
     publish_table("slurm-status", outcome_rows(outcomes), "Slurm releases")
-    return detail
+    return phase_summary(outcomes, detail)

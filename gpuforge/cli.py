@@ -119,9 +119,10 @@ def lab_up(config_path: Path, as_json: bool) -> None:
 
 @lab.command("down")
 @config_option
-def lab_down(config_path: Path) -> None:
+@click.option("--purge", is_flag=True, help="Also delete the cluster's data (etcd), for a fresh next `lab up`.")
+def lab_down(config_path: Path, purge: bool) -> None:
     """Stop every lab process and remove its namespaces and links."""
-    _lab(config_path).down()
+    _lab(config_path).down(purge=purge)
     click.echo("lab down", err=True)
 
 

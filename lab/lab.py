@@ -93,12 +93,13 @@ class Lab:
             self.progress(f"lab: {label} ready in {time.monotonic() - started:.1f}s")
         return self.endpoints()
 
-    def down(self) -> None:
-        """Stop everything and remove namespaces and links; the state folder stays (keys, build cache)."""
+    def down(self, purge: bool = False) -> None:
+        """Stop everything and remove namespaces and links. The state folder stays (keys, etcd data) unless
+        `purge`, which also forgets the cluster's data so the next `up` starts from an empty cluster."""
         procs.stop_daemon(self.workdir, RECONCILER)
         self.prometheus.down()
         self.dcgm.down()
-        self.cp.down()
+        self.cp.down(purge=purge)
         self.slurm.down()
         self.hosts.down()
         self.config.kubeconfig_path().unlink(missing_ok=True)

@@ -155,3 +155,10 @@ def outcome_rows(outcomes: list[ReleaseOutcome]) -> list[dict[str, Any]]:
         }
         for o in outcomes
     ]
+
+
+def phase_summary(outcomes: list[ReleaseOutcome], extra: str = "") -> str:
+    """A phase's one-line result; it starts with "skipped" when no release needed a change (converged)."""
+    changed = [f"{o.release} {o.action} (revision {o.revision})" for o in outcomes if o.action != "unchanged"]
+    head = ", ".join(changed) if changed else f"skipped: {len(outcomes)} release(s) unchanged"
+    return f"{head}; {extra}" if extra else head

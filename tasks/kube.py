@@ -255,12 +255,18 @@ def gpus_held(kubeconfig: Path) -> dict[str, dict[str, int]]:
     return held
 
 
-def pod_log(kubeconfig: Path, namespace: str, name: str) -> str:
+def pod_log(kubeconfig: Path, namespace: str, name: str, attempts: int = 6) -> str:
+    """The pod's last 200 log lines. A container that just finished may not serve its log for a moment
+    (the kubelet answers 400/404), so a few spaced tries are made before giving up."""
     with api_client(kubeconfig) as api:
-        try:
-            return client.CoreV1Api(api).read_namespaced_pod_log(name, namespace, tail_lines=200) or ""
-        except ApiException as exc:
-            return f"(no log: {exc.reason})"
+        for attempt in range(attempts):
+            try:
+                return client.CoreV1Api(api).read_namespaced_pod_log(name, namespace, tail_lines=200) or ""
+            except ApiException as exc:
+                if attempt == attempts - 1 or exc.status not in (400, 404, 500, 502, 503):
+                    return f"(no log: {exc.reason}: {(exc.body or '')[:200]})"
+                time.sleep(1)
+    return "(no log)"
 
 
 def pod_events(kubeconfig: Path, namespace: str, name: str) -> list[str]:

@@ -1,0 +1,195 @@
+"""The install pipeline and validation, end to end against the test session's lab, through Prefect.
+
+Order matters inside this module: the first test installs, later ones re-run, validate and inject faults
+(each fault is undone before the test ends).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from prefect import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+from flows.common import ClusterParams, PreconditionFailed, cluster_lock
+from flows.install import InstallParams, install
+from flows.preflight import preflight
+from flows.validate import ValidateParams, ValidationFailed, validate
+from gpuforge.config import load_config
+from tasks.helm import read_releases
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+def artifact(key: str):
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    assert found, f"no artifact {key}"
+    return max(found, key=lambda a: a.created)
+
+
+def table(key: str) -> list[dict]:
+    data = artifact(key).data
+    return json.loads(data) if isinstance(data, str) else data
+
+
+def report_of(state) -> dict:
+    if state.is_completed():
+        return state.result()
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, ValidationFailed), error
+    return error.report
+
+
+def checks_by(report: dict, check: str) -> dict[str, dict]:
+    return {c["target"]: c for c in report["checks"] if c["check"] == check}
+
+
+def test_first_install_runs_every_phase(lab, lab_config):
+    state = install(InstallParams(config=str(lab_config)), return_state=True)
+    rows = state.result(raise_on_failure=False)
+    assert state.is_completed(), rows
+    assert [(r["phase"], r["result"]) for r in rows] == [
+        ("preflight", "ran"),
+        ("kubespray", "ran"),
+        ("monitoring", "ran"),
+        ("gpu-operator", "ran"),
+        ("slurm", "ran"),
+        ("dashboard", "ran"),
+        ("validate", "ran"),
+    ]
+    summary = table("install-summary")
+    assert [r["phase"] for r in summary] == [r["phase"] for r in rows]
+    preflight_rows = {r["node"]: r for r in table("preflight-report")}
+    assert set(preflight_rows) == {"tcp-1", "tgpu-1", "tgpu-2", "tcpu-1"}
+    assert preflight_rows["tgpu-1"]["gpu_pci"].startswith("ok (8 NVIDIA devices")
+    recap = {r["host"]: r for r in table("kubespray-recap")}
+    assert recap["tgpu-1"]["failures"] == 0 and recap["tgpu-1"]["unreachable"] == 0
+    gpu_status = {r["node"]: r for r in table("gpu-operator-status")}
+    assert gpu_status["tgpu-1"]["allocatable"] == 8 and gpu_status["tgpu-2"]["allocatable"] == 4
+    releases = read_releases(load_config(lab_config).kubeconfig_path())
+    assert {n: r["status"] for n, r in releases.items()} == {
+        "kube-prometheus-stack": "deployed",
+        "gpu-operator": "deployed",
+        "cert-manager": "deployed",
+        "slurm-operator-crds": "deployed",
+        "slurm-operator": "deployed",
+        "slurm": "deployed",
+        "kubernetes-dashboard": "deployed",
+    }
+
+
+def test_converged_rerun_skips_and_adds_no_helm_revision(lab, lab_config):
+    kubeconfig = load_config(lab_config).kubeconfig_path()
+    before = {n: r["revision"] for n, r in read_releases(kubeconfig).items()}
+    state = install(
+        InstallParams(config=str(lab_config), only=["kubespray", "monitoring", "gpu-operator"]), return_state=True
+    )
+    rows = state.result()
+    assert rows[0]["result"] == "skipped" and "Ready at 1.35.4" in rows[0]["detail"]
+    assert "unchanged" in rows[1]["detail"] and "unchanged" in rows[2]["detail"]
+    assert {n: r["revision"] for n, r in read_releases(kubeconfig).items()} == before
+
+
+def test_validate_passes_on_the_lab(lab, lab_config):
+    report = report_of(validate(ValidateParams(config=str(lab_config)), return_state=True))
+    assert report["ok"] and report["exit_code"] == 0, report["failures"]
+    assert checks_by(report, "cuda-smoke")["tgpu-2"]["result"] == "pass"
+    # tgpu-1 belongs to the Slurm NodeSet, whose slurmd pod holds all its GPUs
+    assert checks_by(report, "cuda-smoke")["tgpu-1"]["result"] == "skipped"
+    assert checks_by(report, "dcgm-metrics")["tgpu-1"]["detail"] == "8 GPUs x 8 series fresh"
+    assert checks_by(report, "slurm-gpu-job")
+    assert checks_by(report, "gpu-scheduling")["9 GPUs"]["result"] == "pass"
+
+
+def test_validate_smoke_image_without_test_passed_fails_that_node(lab, lab_config, tmp_path):
+    cfg = tmp_path / "config.yml"
+    cfg.write_text(lab_config.read_text() + "validation:\n  cuda_image: docker.io/library/busybox:1.36\n")
+    report = report_of(validate(ValidateParams(config=str(cfg)), return_state=True))
+    assert report["exit_code"] == 1
+    assert [(f["check"], f["target"]) for f in report["failures"]] == [("cuda-smoke", "tgpu-2")]
+    assert "no 'Test PASSED' in the log" in report["failures"][0]["detail"]
+
+
+def test_validate_missing_gpu_and_stale_node(lab, lab_config):
+    lab.dcgm.remove_gpu("tgpu-1", 3)
+    lab.dcgm.stop_node("tgpu-2")
+    try:
+        import time
+
+        time.sleep(6)  # > two scrape intervals (2 s) so the stopped target's series are stale
+        report = report_of(validate(ValidateParams(config=str(lab_config)), return_state=True))
+    finally:
+        lab.dcgm.reset()
+    failures = {(f["check"], f["target"]): f["detail"] for f in report["failures"]}
+    assert set(failures) == {("dcgm-metrics", "tgpu-1"), ("dcgm-metrics", "tgpu-2")}
+    assert "missing: gpu 3 DCGM_FI_DEV_GPU_TEMP" in failures[("dcgm-metrics", "tgpu-1")]
+    assert "stale" in failures[("dcgm-metrics", "tgpu-2")] or "missing" in failures[("dcgm-metrics", "tgpu-2")]
+
+
+def test_validate_lowered_allocatable_and_stopped_slurm(lab, lab_config):
+    from lab import nodes as lab_nodes
+
+    kubeconfig = load_config(lab_config).kubeconfig_path()
+    lab.slurm.stop_controller()
+    lab_nodes.set_allocatable_gpus(kubeconfig, "tgpu-2", 3)
+    try:
+        report = report_of(validate(ValidateParams(config=str(lab_config)), return_state=True))
+    finally:
+        lab.slurm.start_controller()
+        lab_nodes.set_allocatable_gpus(kubeconfig, "tgpu-2", 4)
+    failed = {(f["check"], f["target"]) for f in report["failures"]}
+    assert ("gpu-allocatable", "tgpu-2") in failed
+    assert ("slurm-controller", "slurmctld") in failed
+    assert report["exit_code"] == 1
+
+
+def test_validate_prometheus_down_is_exit_2(lab, lab_config):
+    lab.prometheus.stop()
+    try:
+        report = report_of(validate(ValidateParams(config=str(lab_config)), return_state=True))
+    finally:
+        lab.prometheus.start()
+    assert report["exit_code"] == 2 and not report["ok"]
+    assert [f["check"] for f in report["failures"]] == ["dcgm-metrics"]
+    assert report["failures"][0]["result"] == "error"
+
+
+def test_preflight_reports_unreachable_host_by_name_and_keeps_others(lab, lab_config):
+    lab.hosts.kill("tcpu-1")
+    lab.hosts.set_fact("tgpu-2", "nouveau", True)
+    try:
+        state = preflight(ClusterParams(config=str(lab_config)), return_state=True)
+    finally:
+        lab.hosts.revive("tcpu-1")
+        lab.hosts.set_fact("tgpu-2", "nouveau", False)
+    assert state.is_failed()
+    message = str(state.result(raise_on_failure=False))
+    assert "tcpu-1: reachable: unreachable over SSH" in message
+    assert "tgpu-2: nouveau: nouveau is loaded" in message
+    rows = {r["node"]: r for r in table("preflight-report")}
+    assert rows["tcpu-1"]["reachable"].startswith("FAIL")
+    assert rows["tgpu-1"]["gpu_pci"].startswith("ok")  # the others are still reported
+
+
+def test_second_install_of_same_cluster_is_refused(lab, lab_config, monkeypatch):
+    import flows.common
+
+    monkeypatch.setattr(flows.common, "LOCK_WAIT_S", 2)
+    with cluster_lock("gpuforge-test", "install"):
+        with pytest.raises(PreconditionFailed, match="another install of cluster gpuforge-test is running"):
+            with cluster_lock("gpuforge-test", "install"):
+                pass
+
+
+def test_ssh_key_never_reaches_logs_or_artifacts(lab, lab_config):
+    key = Path(load_config(lab_config).ansible_ssh_private_key_file).read_text()
+    secret_line = [line for line in key.splitlines() if line and not line.startswith("-----")][1]
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts()
+        logs = client.read_logs()
+    assert arts and logs
+    assert not [a.key for a in arts if secret_line in str(a.data)]
+    assert not [log.message for log in logs if secret_line in log.message]
