@@ -73,6 +73,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -207,7 +208,7 @@ class ControlPlane:
                 fp = self._fingerprint(name, argvs[name])
                 if procs.is_running(self.workdir, name) and fingerprints.get(name) != fp:
                     self._say(f"{name}: configuration changed, restarting")
-                    procs.stop_daemon(self.workdir, name)
+                    self._stop(name)
                 if procs.is_running(self.workdir, name):
                     return False
                 self._say(f"starting {name}")
@@ -242,7 +243,7 @@ class ControlPlane:
         for name in reversed(COMPONENTS):
             if procs.is_running(self.workdir, name):
                 self._say(f"stopping {name}")
-            procs.stop_daemon(self.workdir, name)
+            self._stop(name)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and any(_port_listening(p) for p in ports.values()):
             time.sleep(0.1)
@@ -289,7 +290,7 @@ class ControlPlane:
         self._say(f"restarting {name}")
         # kube-apiserver's graceful shutdown hangs while clients hold watches open; it keeps no state of its
         # own (etcd does), so after a short grace a SIGKILL is fine.
-        procs.stop_daemon(self.workdir, name, timeout=3.0)
+        self._stop(name, timeout=3.0)
         if downtime > 0:
             time.sleep(downtime)
         if name == KWOK:
@@ -302,6 +303,16 @@ class ControlPlane:
     def restart_apiserver(self, downtime: float = 0.0) -> None:
         """Restart kube-apiserver (same port, same etcd data) and wait for /readyz."""
         self.restart(APISERVER, downtime=downtime)
+
+    def _stop(self, name: str, timeout: float = 10.0) -> None:
+        """procs.stop_daemon, plus the daemon's descendants that left its process group (a `kubectl exec`
+        command may call setsid; kwok kills its exec children on SIGTERM, but not when it has to be SIGKILLed)."""
+        pid = procs.read_pid(self.workdir, name)
+        children = _descendants(pid) if pid and procs.is_running(self.workdir, name) else []
+        procs.stop_daemon(self.workdir, name, timeout=timeout)
+        for child in children:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(child, signal.SIGKILL)
 
     # ------------------------------------------------------------------ files and state
 
@@ -1015,6 +1026,25 @@ def _write(path: Path, text: str | bytes, mode: int = 0o644) -> None:
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
     os.replace(tmp, path)
+
+
+def _descendants(pid: int) -> list[int]:
+    """All live descendants of `pid` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def _free_port(exclude: set[int]) -> int:

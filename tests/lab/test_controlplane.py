@@ -428,9 +428,53 @@ def test_restart_apiserver_keeps_data(cp, core, lab_nodes):
     wait_for(lambda: read_pod(core, "after-restart")["status"].get("phase") == "Running", 90, "after-restart Running")
 
 
-def test_down_leaves_no_process_and_no_port(cp):
+def _pids_with(needle: bytes) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if needle in (proc / "cmdline").read_bytes():
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_down_leaves_no_process_and_no_port(cp, core, lab_nodes):
     ports = cp.ports
-    cp.down()
+    # A command exec'ed through kwok into a session of its own (out of kwok's process group) must go too.
+    _ensure_ns(core, EXEC_NS)
+    wait_for(
+        lambda: core.list_namespaced_service_account(EXEC_NS, field_selector="metadata.name=default").items,
+        30,
+        "default service account",
+    )
+    core.create_namespaced_pod(EXEC_NS, pod("long-exec"))
+    wait_for(lambda: read_pod(core, "long-exec", EXEC_NS)["status"].get("phase") == "Running", 30, "Running")
+    exec_proc = subprocess.Popen(
+        [
+            "kubectl",
+            f"--kubeconfig={cp.kubeconfig}",
+            "exec",
+            "-n",
+            EXEC_NS,
+            "long-exec",
+            "--",
+            "setsid",
+            "sleep",
+            "4321",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: _pids_with(b"sleep\x004321"), 30, "the exec'ed sleep")
+        cp.down()
+        time.sleep(0.5)
+        assert _pids_with(b"sleep\x004321") == []
+    finally:
+        exec_proc.kill()
+        exec_proc.wait()
     needle = str(cp.workdir).encode()
     leftovers = []
     for proc in Path("/proc").iterdir():
