@@ -144,6 +144,52 @@ def lab_status(config_path: Path, as_json: bool) -> None:
     sys.exit(0 if cp.get("up") else 3)
 
 
+@app.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="A gpuforge config: its health.thresholds apply.",
+)
+@click.option(
+    "--serve",
+    "serve_addr",
+    metavar="ADDR:PORT",
+    help="Serve the readings as Prometheus series with dcgm-exporter names (e.g. 127.0.0.1:9400).",
+)
+@click.option("--slurm-healthcheck", is_flag=True, help="One line and a non-zero exit when a GPU is unhealthy.")
+@click.option("--expected-gpus", type=int, help="GPUs this node must have (a missing one is unhealthy).")
+@click.option("--node", help="Node name for the Hostname label (default: this host's name).")
+@json_option
+def probe(config_path, serve_addr, slurm_healthcheck, expected_gpus, node, as_json) -> None:
+    """Read this node's GPUs through NVML and judge them with the gpu-health rules.
+
+    Exit 0 healthy (or only degraded), 1 a GPU is unhealthy or cannot be judged, 2 no NVIDIA driver.
+    """
+    from gpuforge import health
+    from gpuforge import probe as gpu_probe
+
+    thresholds = None
+    if config_path:
+        cfg = load(config_path)
+        thresholds = {"thresholds": {k: v.model_dump() for k, v in cfg.health.thresholds.items()}}
+    try:
+        if serve_addr:
+            host, port = gpu_probe.parse_addr(serve_addr)
+            gpu_probe.serve(host, port, config_thresholds=thresholds, node=node)
+            return
+        if slurm_healthcheck:
+            code, reason = gpu_probe.slurm_healthcheck(thresholds, node=node, expected_gpus=expected_gpus)
+            click.echo(reason, err=code != 0)
+            sys.exit(code)
+        verdicts = gpu_probe.probe_table(thresholds, node=node, expected_gpus=expected_gpus)
+    except gpu_probe.ProbeError as exc:
+        fail(f"gpuforge probe: {exc}", 2)
+    click.echo(health.verdicts_json(verdicts) if as_json else health.format_table(verdicts))
+    bad = {health.Verdict.UNHEALTHY, health.Verdict.UNKNOWN}
+    sys.exit(1 if any(v.verdict in bad for v in verdicts) else 0)
+
+
 def _prefect_defaults() -> None:
     """Quiet, offline-friendly Prefect defaults; an explicit environment always wins."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
