@@ -31,7 +31,7 @@ FILE (written by the lab) says which simulated nodes have GPUs: {"gpu01": {"gpus
     match too). Without --slurm-env those stay 0.
 
 Every input is watched (list + watch with bookmarks, one thread per resource); a change triggers a full,
-idempotent pass within ~0.1 s. Watches that break (API server restart) re-list with backoff (0.2 s .. 2 s);
+idempotent pass within ~0.1 s. Watches that break (API server restart) re-list with backoff (0.2 s .. 1 s);
 a pass that fails is retried after 1 s; a full pass also runs every --resync seconds. Actions are logged.
 """
 
@@ -321,11 +321,14 @@ class Informer(threading.Thread):
             except _Expired:
                 log.debug("%s: watch expired, listing again", self.kind)
             except Exception as exc:  # noqa: BLE001 - any failure: list again after a pause
+                # A CRD just created answers 404/429 for a moment: expected, not worth a warning.
+                transient = isinstance(exc, ApiError) and exc.status in (404, 429)
                 if not self._failing:
-                    log.warning("%s: list/watch failed (%s); retrying", self.kind, _short(exc))
-                self._failing = True
+                    log.log(logging.DEBUG if transient else logging.WARNING, "%s: list/watch failed (%s); retrying",
+                            self.kind, _short(exc))  # fmt: skip
+                self._failing = not transient
                 self.stop.wait(delay)
-                delay = min(delay * 2, 2.0)
+                delay = min(delay * 2, 1.0)
 
     def _watch(self, rv: str) -> str:
         query = {
