@@ -185,53 +185,80 @@ class ControlPlane:
         binaries = self._binaries()
         self.dir.mkdir(parents=True, exist_ok=True)
         with self._lock():
-            state = self._load_state()
-            if exec_rules is None:
-                exec_rules = state.get("exec_rules", [])
-            state["exec_rules"] = exec_rules
-            cluster_execs = [_cluster_exec(rule, i) for i, rule in enumerate(exec_rules)]
-            if state.get("service_cidr", service_cidr) != service_cidr:
-                raise ValueError(
-                    f"the lab control plane in {self.dir} was created with service CIDR {state['service_cidr']}; "
-                    f"call down(purge=True) before using {service_cidr}"
-                )
-            state.update(service_cidr=service_cidr, pod_cidr=pod_cidr, version=self.version)
-            state["ports"] = self._choose_ports(state.get("ports", {}))
-            self._save_state(state)
-            self._ensure_pki(service_cidr)
-            self._write_kubeconfigs(state["ports"]["apiserver"])
-            self._write_kwok_config(cluster_execs)
-            argvs = self._argvs(binaries, state)
-            fingerprints = state.setdefault("fingerprints", {})
-
-            def ensure(name: str) -> bool:
-                fp = self._fingerprint(name, argvs[name])
-                if procs.is_running(self.workdir, name) and fingerprints.get(name) != fp:
-                    self._say(f"{name}: configuration changed, restarting")
-                    self._stop(name)
-                if procs.is_running(self.workdir, name):
-                    return False
-                self._say(f"starting {name}")
-                if name == KWOK:
-                    self._release_kwok_leases()
-                procs.start_daemon(self.workdir, name, argvs[name], env=self._env(name), cwd=self.dir)
-                fingerprints[name] = fp
-                self._save_state(state)
-                return True
-
-            deadline = time.monotonic() + timeout
-            ensure(ETCD)
-            ensure(APISERVER)
-            self._wait(ETCD, self._etcd_healthy, deadline)
-            self._wait(APISERVER, self._apiserver_ready, deadline)
-            self._say(f"kube-apiserver ready at {self.server} ({time.monotonic() - started:.1f}s)")
-            self._ensure_logs_crd(deadline)
-            for name in (CONTROLLER_MANAGER, SCHEDULER, KWOK):
-                ensure(name)
-            for name in (CONTROLLER_MANAGER, SCHEDULER, KWOK):
-                self._wait(name, self._checks()[name], deadline)
-            self._wait_default_service_account(deadline)
+            for attempt in (1, 2):
+                logs = {n: procs.log_file(self.workdir, n) for n in COMPONENTS}
+                offsets = {n: p.stat().st_size if p.exists() else 0 for n, p in logs.items()}
+                try:
+                    self._up_once(service_cidr, pod_cidr, exec_rules, binaries, started, timeout)
+                    break
+                except RuntimeError:
+                    # Ports are picked free, but another lab on this machine may take one before our daemon
+                    # binds it: then stop, pick again (busy ports only) and retry once.
+                    clash = any(
+                        b"address already in use" in _read_from(logs[n], offsets[n]).lower() for n in COMPONENTS
+                    )
+                    if attempt == 2 or not clash:
+                        raise
+                    self._say("a lab port was taken meanwhile; picking new ports and retrying")
+                    for name in reversed(COMPONENTS):
+                        self._stop(name, timeout=3.0)
         self._say(f"lab control plane {self.version} up in {time.monotonic() - started:.1f}s")
+
+    def _up_once(
+        self,
+        service_cidr: str,
+        pod_cidr: str,
+        exec_rules: list[dict] | None,
+        binaries: dict[str, Path],
+        started: float,
+        timeout: float,
+    ) -> None:
+        state = self._load_state()
+        if exec_rules is None:
+            exec_rules = state.get("exec_rules", [])
+        state["exec_rules"] = exec_rules
+        cluster_execs = [_cluster_exec(rule, i) for i, rule in enumerate(exec_rules)]
+        if state.get("service_cidr", service_cidr) != service_cidr:
+            raise ValueError(
+                f"the lab control plane in {self.dir} was created with service CIDR {state['service_cidr']}; "
+                f"call down(purge=True) before using {service_cidr}"
+            )
+        state.update(service_cidr=service_cidr, pod_cidr=pod_cidr, version=self.version)
+        state["ports"] = self._choose_ports(state.get("ports", {}))
+        self._save_state(state)
+        self._ensure_pki(service_cidr)
+        self._write_kubeconfigs(state["ports"]["apiserver"])
+        self._write_kwok_config(cluster_execs)
+        argvs = self._argvs(binaries, state)
+        fingerprints = state.setdefault("fingerprints", {})
+
+        def ensure(name: str) -> bool:
+            fp = self._fingerprint(name, argvs[name])
+            if procs.is_running(self.workdir, name) and fingerprints.get(name) != fp:
+                self._say(f"{name}: configuration changed, restarting")
+                self._stop(name)
+            if procs.is_running(self.workdir, name):
+                return False
+            self._say(f"starting {name}")
+            if name == KWOK:
+                self._release_kwok_leases()
+            procs.start_daemon(self.workdir, name, argvs[name], env=self._env(name), cwd=self.dir)
+            fingerprints[name] = fp
+            self._save_state(state)
+            return True
+
+        deadline = time.monotonic() + timeout
+        ensure(ETCD)
+        ensure(APISERVER)
+        self._wait(ETCD, self._etcd_healthy, deadline)
+        self._wait(APISERVER, self._apiserver_ready, deadline)
+        self._say(f"kube-apiserver ready at {self.server} ({time.monotonic() - started:.1f}s)")
+        self._ensure_logs_crd(deadline)
+        for name in (CONTROLLER_MANAGER, SCHEDULER, KWOK):
+            ensure(name)
+        for name in (CONTROLLER_MANAGER, SCHEDULER, KWOK):
+            self._wait(name, self._checks()[name], deadline)
+        self._wait_default_service_account(deadline)
 
     def down(self, purge: bool = False) -> None:
         """Stop every daemon (kwok first, etcd last) and wait until their ports are closed.
@@ -1026,6 +1053,15 @@ def _write(path: Path, text: str | bytes, mode: int = 0o644) -> None:
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
     os.replace(tmp, path)
+
+
+def _read_from(path: Path, offset: int) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            return fh.read()
+    except FileNotFoundError:
+        return b""
 
 
 def _descendants(pid: int) -> list[int]:

@@ -16,7 +16,7 @@ whenever the annotation changes (a stand-in upgrade re-registers the node with t
 CLI (used by the stand-in Kubespray playbook via `delegate_to: localhost`):
     python -m lab.nodes register --kubeconfig K --name N [--label k=v ...] [--taint k=v:Effect ...]
                                  [--gpus 8] [--kubelet-version 1.35.4] [--cpu 32] [--memory 256Gi] [--wait 60]
-    python -m lab.nodes set-gpus --kubeconfig K --name N --count 4
+    python -m lab.nodes set-gpus --kubeconfig K --name N --count 4     (--gpus 4 works too)
     python -m lab.nodes delete   --kubeconfig K --name N
 Each prints one JSON line, e.g. {"name": "gpu01", "changed": true, "action": "created"}.
 """
@@ -275,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     gpus = sub.add_parser("set-gpus", help="set nvidia.com/gpu capacity and allocatable")
     gpus.add_argument("--kubeconfig", required=True)
     gpus.add_argument("--name", required=True)
-    gpus.add_argument("--count", type=int, required=True)
+    gpus.add_argument("--count", "--gpus", dest="count", type=int, required=True)
     dele = sub.add_parser("delete", help="delete a node")
     dele.add_argument("--kubeconfig", required=True)
     dele.add_argument("--name", required=True)

@@ -519,3 +519,35 @@ def test_debian_etcd_fallback_keeps_kwok_watches_working(tmp_path):
         assert "RequestWatchProgress" not in procs.log_file(plane.workdir, "kwok").read_text()
     finally:
         plane.down()
+
+
+def test_port_taken_before_the_daemon_binds_it_is_picked_again(tmp_path):
+    plane = ControlPlane(tmp_path, BIN_DIR, progress=print)
+    try:
+        plane._binaries()
+    except FileNotFoundError as exc:
+        pytest.skip(f"lab binaries not built: {exc}")
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    taken = blocker.getsockname()[1]
+    real_choose = plane._choose_ports
+    chosen_ports = []
+
+    def choose(ports):  # the first pick hands the scheduler a port that is (now) in use
+        chosen = real_choose(ports)
+        if not chosen_ports:
+            chosen["scheduler"] = taken
+        chosen_ports.append(dict(chosen))
+        return chosen
+
+    plane._choose_ports = choose
+    try:
+        plane.up()
+        assert len(chosen_ports) == 2
+        assert plane.ports["scheduler"] != taken
+        assert plane.ports["apiserver"] == chosen_ports[0]["apiserver"]
+        assert plane.status()["up"] is True
+    finally:
+        blocker.close()
+        plane.down()
