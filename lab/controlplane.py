@@ -8,7 +8,7 @@ a kwok controller that plays the kubelets, all on 127.0.0.1 of this machine.
 
 Binaries (built by lab/build/build-binaries.sh): `<bin_dir>/kubernetes-v<K8S>/{kube-apiserver,
 kube-controller-manager,kube-scheduler}`, `<bin_dir>/kwok-<KWOK>`, `<bin_dir>/etcd-<ETCD>/etcd` (3.6; when it is
-missing, etcd from PATH, e.g. Debian's 3.4.23, with client-side watch-lists switched off, see `_old_etcd`).
+missing, etcd from PATH, e.g. Debian's 3.4.23, with the API server's WatchList feature off, see `_old_etcd`).
 Every process is a `lab.procs` daemon of `workdir` (pid in workdir/run, log in workdir/log); all other files
 live in `workdir/k8s/` (pki/, etcd data, kubeconfigs, kwok.yaml, state.json with the chosen ports).
 

@@ -211,6 +211,13 @@ def test_run_once_pods_complete_and_service_pods_keep_running(cp, core, lab_node
         "default", pod("smoke-fails", restart="Never", annotations={"lab.gpuforge.io/exit-code": "3"})
     )
     core.create_namespaced_pod("default", pod("service-always"))
+    core.create_namespaced_pod(
+        "default", pod("kept", restart="Never", annotations={"lab.gpuforge.io/keep-running": "true"})
+    )
+    core.create_namespaced_pod(
+        "default", pod("slow-smoke", restart="Never", annotations={"lab.gpuforge.io/complete-after": "4s"})
+    )
+    wait_for(lambda: read_pod(core, "slow-smoke")["status"].get("phase") == "Running", 30, "slow-smoke Running")
     for name in ("smoke-never", "smoke-onfailure"):
         wait_for(lambda n=name: read_pod(core, n)["status"].get("phase") == "Succeeded", 60, f"{name} Succeeded")
         state = read_pod(core, name)["status"]["containerStatuses"][0]["state"]
@@ -218,8 +225,9 @@ def test_run_once_pods_complete_and_service_pods_keep_running(cp, core, lab_node
     wait_for(lambda: read_pod(core, "smoke-fails")["status"].get("phase") == "Failed", 60, "smoke-fails Failed")
     assert read_pod(core, "smoke-fails")["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 3
     wait_for(lambda: read_pod(core, "service-always")["status"].get("phase") == "Running", 60, "Running")
-    time.sleep(2)
-    assert read_pod(core, "service-always")["status"]["phase"] == "Running"
+    wait_for(lambda: read_pod(core, "slow-smoke")["status"].get("phase") == "Succeeded", 30, "slow-smoke done")
+    for name in ("service-always", "kept"):
+        assert read_pod(core, name)["status"]["phase"] == "Running", name
 
 
 def test_job_completes(cp, api, lab_nodes):
