@@ -152,7 +152,8 @@ def cuda_smoke(config, kubeconfig, gpu_nodes: list[str], keep: bool) -> list[Che
         results.append(result)
         if result.result == PASS:
             passed.append(name)
-    too_many = max(checks.expected_gpus(config, None, n) or 1 for n in gpu_nodes) + 1
+    # More GPUs than any node has, so the scheduler must refuse it everywhere.
+    too_many = max(checks.expected_gpus(config, None, n.name) or 1 for n in config.gpu_nodes) + 1
     refused, why = kube.wait_unschedulable(
         kubeconfig, namespace, kube.smoke_pod("cuda-oversized", "", config.validation.cuda_image, too_many), 60
     )
