@@ -214,6 +214,27 @@ class Lab:
             env={"PYTHONPATH": str(REPO)},
         )
 
+    def set_device_plugin_gpus(self, node: str, count: int | None, timeout: float = 30.0) -> None:
+        """Fault injection: the node's device plugin now reports `count` GPUs (None: the configured count).
+
+        Changes what the lab reconciler advertises as the node's allocatable `nvidia.com/gpu`, and waits for it.
+        """
+        from lab import nodes as lab_nodes
+
+        inventory = self.workdir / "gpu-inventory.json"
+        data = json.loads(inventory.read_text())
+        spec = next(n for n in self.config.gpu_nodes if n.name == node)
+        data[node]["gpus"] = count if count is not None else (spec.spec.gpu_count or 1)
+        inventory.write_text(json.dumps(data, indent=1))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            core = lab_nodes._core(self.cp.kubeconfig)
+            alloc = (core.read_node(node).status.allocatable or {}).get("nvidia.com/gpu")
+            if alloc == str(data[node]["gpus"]):
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"the reconciler did not set {node} to {data[node]['gpus']} GPUs in {timeout:.0f}s")
+
     def _kubespray_checkout(self) -> None:
         checkout = self.config.path(self.config.kubespray.checkout.format(version=self.config.kubespray.version))
         checkout.mkdir(parents=True, exist_ok=True)

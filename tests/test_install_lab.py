@@ -130,16 +130,13 @@ def test_validate_missing_gpu_and_stale_node(lab, lab_config):
 
 
 def test_validate_lowered_allocatable_and_stopped_slurm(lab, lab_config):
-    from lab import nodes as lab_nodes
-
-    kubeconfig = load_config(lab_config).kubeconfig_path()
     lab.slurm.stop_controller()
-    lab_nodes.set_allocatable_gpus(kubeconfig, "tgpu-2", 3)
+    lab.set_device_plugin_gpus("tgpu-2", 3)
     try:
         report = report_of(validate(ValidateParams(config=str(lab_config)), return_state=True))
     finally:
         lab.slurm.start_controller()
-        lab_nodes.set_allocatable_gpus(kubeconfig, "tgpu-2", 4)
+        lab.set_device_plugin_gpus("tgpu-2", None)
     failed = {(f["check"], f["target"]) for f in report["failures"]}
     assert ("gpu-allocatable", "tgpu-2") in failed
     assert ("slurm-controller", "slurmctld") in failed
@@ -193,3 +190,65 @@ def test_ssh_key_never_reaches_logs_or_artifacts(lab, lab_config):
     assert arts and logs
     assert not [a.key for a in arts if secret_line in str(a.data)]
     assert not [log.message for log in logs if secret_line in log.message]
+
+
+def test_kubespray_names_the_host_that_went_away(lab, lab_config):
+    lab.hosts.kill("tcpu-1")
+    try:
+        params = InstallParams(config=str(lab_config), only=["kubespray"], force_phases=["kubespray"])
+        state = install(params, return_state=True)
+    finally:
+        lab.hosts.revive("tcpu-1")
+    assert state.is_failed()
+    [row] = (
+        state.result(raise_on_failure=False)
+        if isinstance(state.result(raise_on_failure=False), list)
+        else [table("install-summary")[0]]
+    )
+    assert row["phase"] == "kubespray" and row["result"] == "failed"
+    assert "unreachable: tcpu-1" in row["detail"]
+    recap = {r["host"]: r for r in table("kubespray-recap")}
+    assert recap["tcpu-1"]["unreachable"] >= 1 and recap["tgpu-1"]["unreachable"] == 0
+
+
+def test_helm_release_that_never_gets_ready_is_rolled_back_and_next_run_recovers(lab, lab_config, tmp_path):
+    kubeconfig = load_config(lab_config).kubeconfig_path()
+    before = read_releases(kubeconfig)["gpu-operator"]
+    bad = tmp_path / "config.yml"
+    text = lab_config.read_text().replace("gpu-operator: 300", "gpu-operator: 20")
+    bad.write_text(
+        text.replace(
+            "version: 26.7.0-lab}",
+            "version: 26.7.0-lab, values: {lab: {failReadiness: true}}}",
+        )
+        if "version: 26.7.0-lab}" in text
+        else text
+    )
+    assert "failReadiness" in bad.read_text()
+    state = install(InstallParams(config=str(bad), only=["gpu-operator"]), return_state=True)
+    assert state.is_failed()
+    detail = table("install-summary")[0]["detail"]
+    assert "helm release gpu-operator/gpu-operator" in detail and "atomic" in detail.lower()
+    after = read_releases(kubeconfig)["gpu-operator"]
+    assert after["status"] == "deployed" and after["values"] == before["values"]  # rolled back
+    good = install(InstallParams(config=str(lab_config), only=["gpu-operator"]), return_state=True)
+    assert good.is_completed() and good.result()[0]["result"] in ("ran", "skipped")
+
+
+def test_wait_recovers_when_the_api_server_restarts(lab, lab_config):
+    import threading
+
+    from flows.gpu_operator import gpu_operator
+
+    lab.set_device_plugin_gpus("tgpu-2", 2)  # the phase now waits for 4
+
+    def restart_then_restore():
+        lab.cp.restart_apiserver(downtime=3)
+        lab.set_device_plugin_gpus("tgpu-2", None)
+
+    helper = threading.Thread(target=restart_then_restore)
+    helper.start()
+    state = gpu_operator(ClusterParams(config=str(lab_config)), return_state=True)
+    helper.join()
+    assert state.is_completed(), state.message
+    assert {r["node"]: r["allocatable"] for r in table("gpu-operator-status")}["tgpu-2"] == 4

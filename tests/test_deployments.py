@@ -1,0 +1,60 @@
+"""prefect.yaml as a user runs it: deploy, then `prefect deployment run validate/lab` picked up by a
+process worker, against the test session's lab."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from prefect import get_client
+from ruamel.yaml import YAML
+
+REPO = Path(__file__).resolve().parents[1]
+PREFECT = str(Path(sys.executable).parent / "prefect")
+
+
+def prefect(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PREFECT_CLI_PROMPT": "false"}
+    return subprocess.run([PREFECT, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_prefect_yaml_declares_every_workflow_once():
+    data = YAML(typ="safe").load((REPO / "prefect.yaml").read_text())
+    declared = {(d["entrypoint"].split(":")[1], d["name"]) for d in data["deployments"]}
+    assert declared == {
+        ("install", "prod"),
+        ("install", "lab"),
+        ("validate", "prod"),
+        ("validate", "lab"),
+        ("gpu_health", "nightly"),
+        ("drift", "hourly"),
+    }
+    for d in data["deployments"]:
+        module, func = d["entrypoint"].split(":")
+        assert (REPO / module).exists() or func in ("gpu_health", "drift"), d["entrypoint"]
+        assert d["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
+    nightly = next(d for d in data["deployments"] if d["name"] == "nightly")
+    assert nightly["schedules"][0]["cron"] == "0 2 * * *"
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_deployment_run_through_a_process_worker(lab, lab_config):
+    assert prefect("work-pool", "create", "gpuforge", "--type", "process", "--overwrite").returncode == 0
+    deployed = prefect("--no-prompt", "deploy", "--name", "validate/lab", "--name", "install/prod")
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    params = json.dumps({"config": str(lab_config)})
+    run = prefect("deployment", "run", "validate/lab", "--param", f"params={params}")
+    assert run.returncode == 0, run.stdout + run.stderr
+    worker = prefect("worker", "start", "--pool", "gpuforge", "--run-once", timeout=600)
+    assert worker.returncode == 0, worker.stdout[-2000:] + worker.stderr[-2000:]
+    with get_client(sync_client=True) as client:
+        runs = [r for r in client.read_flow_runs() if r.deployment_id and r.name.startswith("validate-")]
+        assert runs, "no validate run from the deployment"
+        latest = max(runs, key=lambda r: r.created)
+        assert latest.state.is_completed(), latest.state.message
+        deployment = client.read_deployment_by_name("install/prod")
+        assert deployment.parameters == {"params": {"config": "deployments/prod/config.yml"}}
