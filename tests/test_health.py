@@ -39,39 +39,67 @@ T = DEFAULT_THRESHOLDS["H100"]
 
 def ok_values(**over: float | None) -> dict[str, float | None]:
     values: dict[str, float | None] = {
-        "gpu_temp": 35.0, "memory_temp": 33.0, "power_usage": 120.0, "power_limit": 700.0, "gpu_util": 0.0,
-        "ecc_sbe_vol": 0.0, "ecc_dbe_vol": 0.0, "remap_correctable": 0.0, "remap_uncorrectable": 0.0,
-        "remap_pending": 0.0, "remap_failure": 0.0, "clock_event_reasons": 1.0, "pcie_link_gen": 5.0,
-        "pcie_link_gen_max": 5.0, "pcie_link_width": 16.0, "pcie_link_width_max": 16.0,
+        "gpu_temp": 35.0,
+        "memory_temp": 33.0,
+        "power_usage": 120.0,
+        "power_limit": 700.0,
+        "gpu_util": 0.0,
+        "ecc_sbe_vol": 0.0,
+        "ecc_dbe_vol": 0.0,
+        "remap_correctable": 0.0,
+        "remap_uncorrectable": 0.0,
+        "remap_pending": 0.0,
+        "remap_failure": 0.0,
+        "clock_event_reasons": 1.0,
+        "pcie_link_gen": 5.0,
+        "pcie_link_gen_max": 5.0,
+        "pcie_link_width": 16.0,
+        "pcie_link_width_max": 16.0,
     }
     values.update(over)
     return values
 
 
-def reading(values: dict[str, float | None] | None = None, *, xids: list[int] | None = None,
-            age_s: float | None = 5.0, present: bool = True, model: str = H100) -> GpuReading:
-    return GpuReading(node="node-a", gpu=3, uuid="GPU-3", model=model,
-                      values=ok_values() if values is None else values, age_s=age_s, present=present,
-                      xids=xids or [])
+def reading(
+    values: dict[str, float | None] | None = None,
+    *,
+    xids: list[int] | None = None,
+    age_s: float | None = 5.0,
+    present: bool = True,
+    model: str = H100,
+) -> GpuReading:
+    return GpuReading(
+        node="node-a",
+        gpu=3,
+        uuid="GPU-3",
+        model=model,
+        values=ok_values() if values is None else values,
+        age_s=age_s,
+        present=present,
+        xids=xids or [],
+    )
 
 
 # ---------------------------------------------------------------------------------------------- thresholds
 
 
-@pytest.mark.parametrize(("name", "family"), [
-    ("NVIDIA H100 80GB HBM3", "H100"),
-    ("NVIDIA H100 PCIe", "H100"),
-    ("NVIDIA H100 NVL", "H100"),
-    ("NVIDIA H200", "H200"),
-    ("NVIDIA H200 NVL", "H200"),
-    ("NVIDIA A100-SXM4-80GB", "A100"),
-    ("NVIDIA A100 80GB PCIe", "A100"),
-    ("NVIDIA GH200 480GB", "default"),  # not an H200
-    ("NVIDIA H20", "default"),
-    ("Tesla T4", "default"),
-    ("", "default"),
-    (None, "default"),
-])
+@pytest.mark.parametrize(
+    ("name", "family"),
+    [
+        ("NVIDIA H100 80GB HBM3", "H100"),
+        ("NVIDIA H100 PCIe", "H100"),
+        ("NVIDIA H100 NVL", "H100"),
+        ("NVIDIA H200", "H200"),
+        ("NVIDIA H200 NVL", "H200"),
+        ("NVIDIA A100-SXM4-80GB", "A100"),
+        ("NVIDIA A100 80GB PCIe", "A100"),
+        ("NVIDIA GH200 480GB", "default"),  # not an H200
+        ("NVIDIA H20", "default"),
+        ("Tesla T4", "default"),
+        ("", "default"),
+        (None, "default"),
+    ],
+)
 def test_model_family(name: str | None, family: str) -> None:
     assert model_family(name) == family
 
@@ -110,8 +138,9 @@ def test_thresholds_for_lookup_order() -> None:
 
 
 def test_merge_threshold_config_layers_default_then_family() -> None:
-    table = merge_threshold_config({"thresholds": {"default": {"stale_after_s": 300, "max_gpu_temp_c": 80},
-                                                   "H200": {"max_gpu_temp_c": 10}}})
+    table = merge_threshold_config(
+        {"thresholds": {"default": {"stale_after_s": 300, "max_gpu_temp_c": 80}, "H200": {"max_gpu_temp_c": 10}}}
+    )
     # ... while merge_threshold_config lays its "default" section over every family.
     assert thresholds_for("NVIDIA H200", table).max_gpu_temp_c == 10
     assert thresholds_for("NVIDIA H200", table).stale_after_s == 300
@@ -170,12 +199,15 @@ def test_fatal_xid_list_is_configurable() -> None:
     assert judge(reading(xids=[79]), t).verdict == Verdict.HEALTHY
 
 
-@pytest.mark.parametrize(("over", "reason"), [
-    ({"ecc_dbe_vol": 2.0}, "ECC DBE volatile 2 > 0"),
-    ({"remap_failure": 1.0}, "row remap failure"),
-    ({"remap_uncorrectable": 513.0}, "uncorrectable remapped rows 513 > 512"),
-    ({"gpu_lost": 1.0}, "GPU lost (NVML: GPU is lost, fallen off the bus)"),
-])
+@pytest.mark.parametrize(
+    ("over", "reason"),
+    [
+        ({"ecc_dbe_vol": 2.0}, "ECC DBE volatile 2 > 0"),
+        ({"remap_failure": 1.0}, "row remap failure"),
+        ({"remap_uncorrectable": 513.0}, "uncorrectable remapped rows 513 > 512"),
+        ({"gpu_lost": 1.0}, "GPU lost (NVML: GPU is lost, fallen off the bus)"),
+    ],
+)
 def test_unhealthy_rules(over: dict[str, float], reason: str) -> None:
     v = judge(reading(ok_values(**over)), T)
     assert v.verdict == Verdict.UNHEALTHY
@@ -192,44 +224,50 @@ def test_missing_gpu_is_unhealthy() -> None:
     assert v.reasons == ["GPU 3 missing (expected on node-a)"]
 
 
-@pytest.mark.parametrize(("over", "reason"), [
-    ({"remap_pending": 1.0}, "row remap pending (GPU reset needed)"),
-    ({"remap_correctable_increase": 2.0}, "correctable remapped rows +2 in 2h > 1"),
-    ({"ecc_sbe_increase": 10001.0}, "ECC SBE +10001 in 2h > 10000"),
-    ({"ecc_sbe_vol": 10001.0}, "ECC SBE volatile 10001 > 10000"),
-    ({"gpu_temp": 93.0}, "GPU temp 93 °C > 87 °C"),
-    ({"gpu_temp": 87.5}, "GPU temp 87.5 °C > 87 °C"),
-    ({"memory_temp": 96.0}, "memory temp 96 °C > 95 °C"),
-    ({"power_usage": 712.0}, "power 712 W > limit 700 W"),
-    ({"power_limit": None, "power_usage": 701.0}, "power 701 W > 700 W"),
-    ({"clock_event_reasons": 0x8}, "clock events 0x8: HW slowdown"),
-    ({"clock_event_reasons": 0x20}, "clock events 0x20: SW thermal slowdown"),
-    ({"clock_event_reasons": 0x40}, "clock events 0x40: HW thermal slowdown"),
-    ({"clock_event_reasons": 0x80}, "clock events 0x80: HW power brake slowdown"),
-    ({"clock_event_reasons": 0x48}, "clock events 0x48: HW slowdown, HW thermal slowdown"),
-    ({"nvlink_error_increase": 1.0}, "NVLink errors +1 in 2h > 0"),
-    ({"nvlink_errors": 4.0}, "NVLink errors 4 > 0"),
-])
+@pytest.mark.parametrize(
+    ("over", "reason"),
+    [
+        ({"remap_pending": 1.0}, "row remap pending (GPU reset needed)"),
+        ({"remap_correctable_increase": 2.0}, "correctable remapped rows +2 in 2h > 1"),
+        ({"ecc_sbe_increase": 10001.0}, "ECC SBE +10001 in 2h > 10000"),
+        ({"ecc_sbe_vol": 10001.0}, "ECC SBE volatile 10001 > 10000"),
+        ({"gpu_temp": 93.0}, "GPU temp 93 °C > 87 °C"),
+        ({"gpu_temp": 87.5}, "GPU temp 87.5 °C > 87 °C"),
+        ({"memory_temp": 96.0}, "memory temp 96 °C > 95 °C"),
+        ({"power_usage": 712.0}, "power 712 W > limit 700 W"),
+        ({"power_limit": None, "power_usage": 701.0}, "power 701 W > 700 W"),
+        ({"clock_event_reasons": 0x8}, "clock events 0x8: HW slowdown"),
+        ({"clock_event_reasons": 0x20}, "clock events 0x20: SW thermal slowdown"),
+        ({"clock_event_reasons": 0x40}, "clock events 0x40: HW thermal slowdown"),
+        ({"clock_event_reasons": 0x80}, "clock events 0x80: HW power brake slowdown"),
+        ({"clock_event_reasons": 0x48}, "clock events 0x48: HW slowdown, HW thermal slowdown"),
+        ({"nvlink_error_increase": 1.0}, "NVLink errors +1 in 2h > 0"),
+        ({"nvlink_errors": 4.0}, "NVLink errors 4 > 0"),
+    ],
+)
 def test_degraded_rules(over: dict[str, float | None], reason: str) -> None:
     v = judge(reading(ok_values(**over)), T)
     assert v.verdict == Verdict.DEGRADED
     assert v.reasons == [reason]
 
 
-@pytest.mark.parametrize("over", [
-    {"gpu_temp": 87.0},  # at the threshold, not above
-    {"memory_temp": 95.0},
-    {"power_usage": 700.0},
-    {"remap_correctable_increase": 1.0},
-    {"remap_correctable": 40.0},  # lifetime total, not a burst
-    {"ecc_sbe_increase": 10.0, "ecc_sbe_vol": 50000.0},  # the window wins over the total
-    {"nvlink_error_increase": 0.0, "nvlink_errors": 12.0},
-    {"clock_event_reasons": 0x1},  # idle
-    {"clock_event_reasons": 0x4},  # SW power cap
-    {"clock_event_reasons": 0x5},
-    {"pcie_link_width": 8.0},  # PCIe width is opt-in
-    {"pcie_link_gen": 1.0},  # idle GPUs lower the generation
-])
+@pytest.mark.parametrize(
+    "over",
+    [
+        {"gpu_temp": 87.0},  # at the threshold, not above
+        {"memory_temp": 95.0},
+        {"power_usage": 700.0},
+        {"remap_correctable_increase": 1.0},
+        {"remap_correctable": 40.0},  # lifetime total, not a burst
+        {"ecc_sbe_increase": 10.0, "ecc_sbe_vol": 50000.0},  # the window wins over the total
+        {"nvlink_error_increase": 0.0, "nvlink_errors": 12.0},
+        {"clock_event_reasons": 0x1},  # idle
+        {"clock_event_reasons": 0x4},  # SW power cap
+        {"clock_event_reasons": 0x5},
+        {"pcie_link_width": 8.0},  # PCIe width is opt-in
+        {"pcie_link_gen": 1.0},  # idle GPUs lower the generation
+    ],
+)
 def test_values_that_stay_healthy(over: dict[str, float]) -> None:
     v = judge(reading(ok_values(**over)), T)
     assert v.verdict == Verdict.HEALTHY, v.reasons
@@ -267,14 +305,17 @@ def test_unhealthy_beats_degraded() -> None:
     assert v.reasons == ["ECC DBE volatile 1 > 0"]
 
 
-@pytest.mark.parametrize(("values", "age", "reason"), [
-    ({}, 5.0, "no GPU metrics"),
-    ({"gpu_temp": None, "power_usage": float("nan")}, 5.0, "no GPU metrics"),
-    ({"xid_last": 13.0}, 5.0, "no GPU metrics"),
-    (None, None, "no freshness timestamp for GPU metrics"),
-    (None, 121.0, "metrics stale: age 121 s > 120 s"),
-    (None, 3600.0, "metrics stale: age 3600 s > 120 s"),
-])
+@pytest.mark.parametrize(
+    ("values", "age", "reason"),
+    [
+        ({}, 5.0, "no GPU metrics"),
+        ({"gpu_temp": None, "power_usage": float("nan")}, 5.0, "no GPU metrics"),
+        ({"xid_last": 13.0}, 5.0, "no GPU metrics"),
+        (None, None, "no freshness timestamp for GPU metrics"),
+        (None, 121.0, "metrics stale: age 121 s > 120 s"),
+        (None, 3600.0, "metrics stale: age 3600 s > 120 s"),
+    ],
+)
 def test_absent_or_stale_is_unknown_never_healthy(values: dict | None, age: float | None, reason: str) -> None:
     v = judge(reading(values, age_s=age), T)
     assert v.verdict == Verdict.UNKNOWN
@@ -302,14 +343,26 @@ def test_judge_all_uses_each_models_thresholds() -> None:
 
 def test_queries_are_fixed_fleet_wide_and_windowed() -> None:
     assert len(HEALTH_QUERIES) <= 10
-    assert set(HEALTH_QUERIES) == {"values", "fresh", "xid_recent", "xid_count", "ecc_sbe_increase",
-                                   "remap_correctable_increase", "nvlink_error_increase"}
+    assert set(HEALTH_QUERIES) == {
+        "values",
+        "fresh",
+        "xid_recent",
+        "xid_count",
+        "ecc_sbe_increase",
+        "remap_correctable_increase",
+        "nvlink_error_increase",
+    }
     xid = HEALTH_QUERIES["xid_recent"]
     assert "DCGM_FI_DEV_XID_ERRORS" in xid and "[2h:1m]" in xid and "offset 2h" in xid
     assert "max_over_time(DCGM_EXP_XID_ERRORS_COUNT[2h])" in HEALTH_QUERIES["xid_count"]
     assert HEALTH_QUERIES["fresh"].startswith("timestamp(")
-    for name in ("DCGM_FI_DEV_GPU_TEMP", "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL", "DCGM_FI_DEV_ROW_REMAP_PENDING",
-                 "DCGM_FI_DEV_CLOCK_THROTTLE_REASONS", "DCGM_FI_DEV_CLOCKS_EVENT_REASONS"):
+    for name in (
+        "DCGM_FI_DEV_GPU_TEMP",
+        "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL",
+        "DCGM_FI_DEV_ROW_REMAP_PENDING",
+        "DCGM_FI_DEV_CLOCK_THROTTLE_REASONS",
+        "DCGM_FI_DEV_CLOCKS_EVENT_REASONS",
+    ):
         assert name in HEALTH_QUERIES["values"]
     short = health_queries("30m")
     assert "[30m:1m]" in short["xid_recent"] and "offset 30m" in short["xid_recent"]
@@ -325,20 +378,37 @@ def _series(name: str | None, labels: dict[str, str], value: float, ts: float = 
 
 
 def gpu_labels(node: str, gpu: int, host_label: str = "Hostname") -> dict[str, str]:
-    return {"gpu": str(gpu), "UUID": f"GPU-{node}-{gpu}", "device": f"nvidia{gpu}", "modelName": H100,
-            host_label: node, "pci_bus_id": f"00000000:{gpu:02x}:00.0", "DCGM_FI_DRIVER_VERSION": "580.105.08",
-            "instance": "10.0.0.1:9400", "job": "nvidia-dcgm-exporter", "pod": "nvidia-dcgm-exporter-abcde"}
+    return {
+        "gpu": str(gpu),
+        "UUID": f"GPU-{node}-{gpu}",
+        "device": f"nvidia{gpu}",
+        "modelName": H100,
+        host_label: node,
+        "pci_bus_id": f"00000000:{gpu:02x}:00.0",
+        "DCGM_FI_DRIVER_VERSION": "580.105.08",
+        "instance": "10.0.0.1:9400",
+        "job": "nvidia-dcgm-exporter",
+        "pod": "nvidia-dcgm-exporter-abcde",
+    }
 
 
 def synthetic_fleet(nodes: int, gpus_per_node: int, *, faults: dict | None = None) -> dict[str, list[dict]]:
     """Instant-query answers for a fleet, in prometheus-api-client's custom_query shape. ``faults`` maps
     (node, gpu) -> {"values": {metric: value}, "xid": n, "stale": True, "drop": True}."""
     faults = faults or {}
-    metrics = {"DCGM_FI_DEV_GPU_TEMP": 35, "DCGM_FI_DEV_MEMORY_TEMP": 33, "DCGM_FI_DEV_POWER_USAGE": 120.5,
-               "DCGM_FI_DEV_GPU_UTIL": 0, "DCGM_FI_DEV_FB_USED": 563, "DCGM_FI_DEV_FB_FREE": 80994,
-               "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL": 0, "DCGM_FI_DEV_ROW_REMAP_FAILURE": 0,
-               "DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS": 0, "DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS": 0,
-               "DCGM_FI_DEV_CLOCK_THROTTLE_REASONS": 1}
+    metrics = {
+        "DCGM_FI_DEV_GPU_TEMP": 35,
+        "DCGM_FI_DEV_MEMORY_TEMP": 33,
+        "DCGM_FI_DEV_POWER_USAGE": 120.5,
+        "DCGM_FI_DEV_GPU_UTIL": 0,
+        "DCGM_FI_DEV_FB_USED": 563,
+        "DCGM_FI_DEV_FB_FREE": 80994,
+        "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL": 0,
+        "DCGM_FI_DEV_ROW_REMAP_FAILURE": 0,
+        "DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS": 0,
+        "DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS": 0,
+        "DCGM_FI_DEV_CLOCK_THROTTLE_REASONS": 1,
+    }
     results: dict[str, list[dict]] = {name: [] for name in HEALTH_QUERIES}
     for n in range(nodes):
         node = f"gpu-node-{n:04d}"
@@ -353,8 +423,9 @@ def synthetic_fleet(nodes: int, gpus_per_node: int, *, faults: dict | None = Non
             results["fresh"].append(_series(None, labels, ts))
             results["ecc_sbe_increase"].append(_series(None, labels, fault.get("sbe", 0)))
             if "xid" in fault:
-                results["xid_recent"].append(_series(None, {**labels, "xid": str(fault["xid"]),
-                                                            "err_code": str(fault["xid"])}, 1))
+                results["xid_recent"].append(
+                    _series(None, {**labels, "xid": str(fault["xid"]), "err_code": str(fault["xid"])}, 1)
+                )
     return results
 
 
@@ -393,8 +464,9 @@ def test_same_queries_serve_2_and_2000_gpus(nodes: int, per_node: int) -> None:
     assert r.values["power_usage"] == 120.5 and r.values["clock_event_reasons"] == 1
 
 
-@pytest.mark.parametrize("host_label", ["Hostname", "hostname", "HOSTNAME", "exported_Hostname",
-                                        "exported_hostname", "node"])
+@pytest.mark.parametrize(
+    "host_label", ["Hostname", "hostname", "HOSTNAME", "exported_Hostname", "exported_hostname", "node"]
+)
 def test_node_label_variants_and_case(host_label: str) -> None:
     labels = gpu_labels("Node-A.Example", 0, host_label=host_label)
     results = {"values": [_series("DCGM_FI_DEV_GPU_TEMP", labels, 40)], "fresh": [_series(None, labels, NOW)]}
@@ -407,8 +479,10 @@ def test_node_label_variants_and_case(host_label: str) -> None:
 def test_series_of_one_gpu_with_differently_cased_host_labels_merge() -> None:
     a = gpu_labels("NODE-A", 0, host_label="Hostname")
     b = gpu_labels("node-a", 0, host_label="hostname")
-    results = {"values": [_series("DCGM_FI_DEV_GPU_TEMP", a, 40), _series("DCGM_FI_DEV_POWER_USAGE", b, 99)],
-               "fresh": [_series(None, a, NOW - 30), _series(None, b, NOW - 3)]}
+    results = {
+        "values": [_series("DCGM_FI_DEV_GPU_TEMP", a, 40), _series("DCGM_FI_DEV_POWER_USAGE", b, 99)],
+        "fresh": [_series(None, a, NOW - 30), _series(None, b, NOW - 3)],
+    }
     readings = readings_from_query_results(results, {}, NOW)
     assert len(readings) == 1
     assert readings[0].values == {"gpu_temp": 40.0, "power_usage": 99.0}
@@ -452,8 +526,10 @@ def test_xid_sources_and_zero_values() -> None:
         "values": [_series("DCGM_FI_DEV_GPU_TEMP", labels, 40)],
         "fresh": [_series(None, labels, NOW)],
         "xid_recent": [_series(None, {**labels, "xid": "0"}, 1), _series(None, {**labels, "xid": "13"}, 1)],
-        "xid_count": [_series(None, {**labels, "xid": "48", "window_size_in_ms": "300000"}, 2),
-                      _series(None, {**labels, "xid": "95"}, 0)],
+        "xid_count": [
+            _series(None, {**labels, "xid": "48", "window_size_in_ms": "300000"}, 2),
+            _series(None, {**labels, "xid": "95"}, 0),
+        ],
     }
     (r,) = readings_from_query_results(results, {}, NOW)
     assert r.xids == [13, 48]
@@ -464,9 +540,11 @@ def test_nvlink_totals_summed_and_per_link_series_attached_by_uuid() -> None:
     labels = gpu_labels("n", 0)
     link = {"Hostname": "n", "gpu_uuid": labels["UUID"], "nvlink": "3", "model_name": H100}
     results = {
-        "values": [_series("DCGM_FI_DEV_GPU_TEMP", labels, 40),
-                   _series("DCGM_FI_DEV_NVLINK_REPLAY_ERROR_COUNT_TOTAL", labels, 2),
-                   _series("DCGM_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL", labels, 1)],
+        "values": [
+            _series("DCGM_FI_DEV_GPU_TEMP", labels, 40),
+            _series("DCGM_FI_DEV_NVLINK_REPLAY_ERROR_COUNT_TOTAL", labels, 2),
+            _series("DCGM_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL", labels, 1),
+        ],
         "fresh": [_series(None, labels, NOW)],
         "nvlink_error_increase": [_series(None, link, 4), _series(None, {**link, "nvlink": "5"}, 1)],
     }
@@ -478,10 +556,14 @@ def test_nvlink_totals_summed_and_per_link_series_attached_by_uuid() -> None:
 
 def test_clock_events_alias_and_nan_values() -> None:
     labels = gpu_labels("n", 0)
-    results = {"values": [_series("DCGM_FI_DEV_CLOCKS_EVENT_REASONS", labels, 0x40),
-                          {"metric": {"__name__": "DCGM_FI_DEV_POWER_USAGE", **labels}, "value": [NOW, "NaN"]},
-                          _series("DCGM_FI_DEV_GPU_TEMP", labels, 40)],
-               "fresh": [_series(None, labels, NOW)]}
+    results = {
+        "values": [
+            _series("DCGM_FI_DEV_CLOCKS_EVENT_REASONS", labels, 0x40),
+            {"metric": {"__name__": "DCGM_FI_DEV_POWER_USAGE", **labels}, "value": [NOW, "NaN"]},
+            _series("DCGM_FI_DEV_GPU_TEMP", labels, 40),
+        ],
+        "fresh": [_series(None, labels, NOW)],
+    }
     (r,) = readings_from_query_results(results, {}, NOW)
     assert r.values["clock_event_reasons"] == 0x40
     assert r.values["power_usage"] is None
@@ -492,10 +574,13 @@ def test_clock_events_alias_and_nan_values() -> None:
 
 
 def test_summarize_worst_rows_table_json() -> None:
-    verdicts = [judge(reading(), T), judge(reading(ok_values(gpu_temp=90.0)), T),
-                judge(reading(xids=[79]), T), judge(reading({}), T)]
-    assert summarize(verdicts) == {Verdict.HEALTHY: 1, Verdict.DEGRADED: 1, Verdict.UNHEALTHY: 1,
-                                   Verdict.UNKNOWN: 1}
+    verdicts = [
+        judge(reading(), T),
+        judge(reading(ok_values(gpu_temp=90.0)), T),
+        judge(reading(xids=[79]), T),
+        judge(reading({}), T),
+    ]
+    assert summarize(verdicts) == {Verdict.HEALTHY: 1, Verdict.DEGRADED: 1, Verdict.UNHEALTHY: 1, Verdict.UNKNOWN: 1}
     assert summarize([]) == dict.fromkeys(Verdict, 0)
     assert worst(verdicts) == Verdict.UNHEALTHY
     assert worst(verdicts[:2]) == Verdict.DEGRADED
@@ -514,9 +599,11 @@ def test_summarize_worst_rows_table_json() -> None:
 
 
 def test_core_imports_no_client_library() -> None:
-    code = ("import sys, gpuforge.health; bad = {'prefect', 'requests', 'kubernetes', 'pynvml', "
-            "'prometheus_client', 'prometheus_api_client'} & set(sys.modules); print(sorted(bad)); "
-            "sys.exit(1 if bad else 0)")
+    code = (
+        "import sys, gpuforge.health; bad = {'prefect', 'requests', 'kubernetes', 'pynvml', "
+        "'prometheus_client', 'prometheus_api_client'} & set(sys.modules); print(sorted(bad)); "
+        "sys.exit(1 if bad else 0)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 

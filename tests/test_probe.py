@@ -131,8 +131,12 @@ def test_gpu_that_disappears_is_missing_and_its_series_dropped() -> None:
 
 def test_expected_gpu_count_marks_unseen_indices_missing() -> None:
     verdicts = probe_table(reader=RecordedReader(A100), node="n", expected_gpus=4)
-    assert [(v.gpu, v.verdict) for v in verdicts] == [(0, Verdict.HEALTHY), (1, Verdict.HEALTHY),
-                                                      (2, Verdict.UNHEALTHY), (3, Verdict.UNHEALTHY)]
+    assert [(v.gpu, v.verdict) for v in verdicts] == [
+        (0, Verdict.HEALTHY),
+        (1, Verdict.HEALTHY),
+        (2, Verdict.UNHEALTHY),
+        (3, Verdict.UNHEALTHY),
+    ]
 
 
 def _with_sbe(path: Path, *sbe: int) -> dict[str, Any]:
@@ -184,8 +188,7 @@ def test_xid_events_count_within_window_only() -> None:
 
 
 def test_serve_exposes_dcgm_names_and_labels_over_http_and_parses_back() -> None:
-    server = serve("127.0.0.1", 0, reader=RecordedReader(SYNTH), node="h100-node-7", block=False,
-                   min_refresh_s=0)
+    server = serve("127.0.0.1", 0, reader=RecordedReader(SYNTH), node="h100-node-7", block=False, min_refresh_s=0)
     try:
         assert server.httpd.server_address[0] == "127.0.0.1"
         deadline = time.time() + 5
@@ -194,10 +197,26 @@ def test_serve_exposes_dcgm_names_and_labels_over_http_and_parses_back() -> None
             time.sleep(0.05)
             text = scrape(server.port)
         found = series(text)
-        for key in ("gpu_temp", "memory_temp", "power_usage", "gpu_util", "fb_used", "fb_free", "ecc_sbe_vol",
-                    "ecc_dbe_vol", "remap_correctable", "remap_uncorrectable", "remap_pending", "remap_failure",
-                    "clock_event_reasons", "pcie_link_gen", "pcie_link_width", "pcie_link_gen_max",
-                    "pcie_link_width_max", "xid_last"):
+        for key in (
+            "gpu_temp",
+            "memory_temp",
+            "power_usage",
+            "gpu_util",
+            "fb_used",
+            "fb_free",
+            "ecc_sbe_vol",
+            "ecc_dbe_vol",
+            "remap_correctable",
+            "remap_uncorrectable",
+            "remap_pending",
+            "remap_failure",
+            "clock_event_reasons",
+            "pcie_link_gen",
+            "pcie_link_width",
+            "pcie_link_gen_max",
+            "pcie_link_width_max",
+            "xid_last",
+        ):
             assert DCGM_METRICS[key] in found, key
         temp = {lab["gpu"]: (lab, v) for lab, v in found["DCGM_FI_DEV_GPU_TEMP"]}
         assert set(temp) == {"0", "1", "2", "3", "4", "5", "7"}  # the lost GPU 6 exports nothing
@@ -243,8 +262,9 @@ def test_disappearing_gpu_while_serving_drops_its_series() -> None:
     data = json.loads(A100.read_text())
     both, one = data["snapshots"]
     data["snapshots"] = [both, both, one]  # serve() takes the first, each scrape the next
-    server = serve("127.0.0.1", 0, reader=RecordedReader(data), node="n", block=False, min_refresh_s=0,
-                   watch_xids=False)
+    server = serve(
+        "127.0.0.1", 0, reader=RecordedReader(data), node="n", block=False, min_refresh_s=0, watch_xids=False
+    )
     try:
         first = scrape(server.port)
         second = scrape(server.port)
@@ -283,13 +303,16 @@ def test_serve_binds_only_given_address() -> None:
         server.stop()
 
 
-@pytest.mark.parametrize(("text", "want"), [
-    ("127.0.0.1:9400", ("127.0.0.1", 9400)),
-    ("0.0.0.0:9400", ("0.0.0.0", 9400)),
-    ("[::1]:9400", ("::1", 9400)),
-    ("9400", ("127.0.0.1", 9400)),
-    (":9400", ("127.0.0.1", 9400)),
-])
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("127.0.0.1:9400", ("127.0.0.1", 9400)),
+        ("0.0.0.0:9400", ("0.0.0.0", 9400)),
+        ("[::1]:9400", ("::1", 9400)),
+        ("9400", ("127.0.0.1", 9400)),
+        (":9400", ("127.0.0.1", 9400)),
+    ],
+)
 def test_parse_addr(text: str, want: tuple[str, int]) -> None:
     assert parse_addr(text) == want
 
@@ -342,8 +365,9 @@ def test_slurm_healthcheck_codes_and_reasons() -> None:
     assert (code, reason) == (1, "gpuforge: GPU2 unhealthy: GPU 2 missing (expected on x)")
     code, reason = slurm_healthcheck({"default": {"max_gpu_temp_c": 10}}, reader=RecordedReader(A100))
     assert code == 0 and reason.startswith("gpuforge: 2 GPUs ok, degraded GPU0: GPU temp 34 °C > 10 °C")
-    code, _ = slurm_healthcheck({"default": {"max_gpu_temp_c": 10}}, reader=RecordedReader(A100),
-                                fail_on=[Verdict.DEGRADED])
+    code, _ = slurm_healthcheck(
+        {"default": {"max_gpu_temp_c": 10}}, reader=RecordedReader(A100), fail_on=[Verdict.DEGRADED]
+    )
     assert code == 1
 
 
@@ -402,8 +426,13 @@ class FakeNvml:
         def __str__(self) -> str:
             return {3: "Not Supported", 15: "GPU is lost", 10: "Timeout"}.get(self.value, f"error {self.value}")
 
-    def __init__(self, count: int = 2, fail: dict[tuple[int, str], int] | None = None,
-                 field_returns: dict[int, int] | None = None, events: list[tuple[int, int]] | None = None) -> None:
+    def __init__(
+        self,
+        count: int = 2,
+        fail: dict[tuple[int, str], int] | None = None,
+        field_returns: dict[int, int] | None = None,
+        events: list[tuple[int, int]] | None = None,
+    ) -> None:
         self.count, self.fail = count, fail or {}
         self.field_returns = field_returns or {}
         self.events = list(events or [])
@@ -415,45 +444,86 @@ class FakeNvml:
 
     def nvmlInit(self) -> None: ...
     def nvmlShutdown(self) -> None: ...
-    def nvmlSystemGetDriverVersion(self) -> str: return "580.0"
-    def nvmlDeviceGetCount(self) -> int: return self.count
+    def nvmlSystemGetDriverVersion(self) -> str:
+        return "580.0"
+
+    def nvmlDeviceGetCount(self) -> int:
+        return self.count
 
     def nvmlDeviceGetHandleByIndex(self, i: int) -> int:
         return self._call(i, "handle", i)
 
-    def nvmlDeviceGetUUID(self, h: int) -> str: return self._call(h, "uuid", f"GPU-fake-{h}")
-    def nvmlDeviceGetName(self, h: int) -> bytes: return b"NVIDIA H200"
-    def nvmlDeviceGetPciInfo(self, h: int) -> Any: return SimpleNamespace(busId=f"00000000:{h:02X}:00.0".encode())
-    def nvmlDeviceGetMinorNumber(self, h: int) -> int: return h
-    def nvmlDeviceGetTemperature(self, h: int, s: int) -> int: return self._call(h, "temp", 40 + h)
-    def nvmlDeviceGetPowerUsage(self, h: int) -> int: return self._call(h, "power", 123456)
-    def nvmlDeviceGetEnforcedPowerLimit(self, h: int) -> int: return 700000
-    def nvmlDeviceGetUtilizationRates(self, h: int) -> Any: return SimpleNamespace(gpu=7)
-    def nvmlDeviceGetMemoryInfo(self, h: int) -> Any: return SimpleNamespace(used=2 * 2**20, free=10 * 2**20)
-    def nvmlDeviceGetTotalEccErrors(self, h: int, kind: int, counter: int) -> int: return 0
-    def nvmlDeviceGetRemappedRows(self, h: int) -> tuple: return self._call(h, "remap", (1, 0, 0, 0))
+    def nvmlDeviceGetUUID(self, h: int) -> str:
+        return self._call(h, "uuid", f"GPU-fake-{h}")
+
+    def nvmlDeviceGetName(self, h: int) -> bytes:
+        return b"NVIDIA H200"
+
+    def nvmlDeviceGetPciInfo(self, h: int) -> Any:
+        return SimpleNamespace(busId=f"00000000:{h:02X}:00.0".encode())
+
+    def nvmlDeviceGetMinorNumber(self, h: int) -> int:
+        return h
+
+    def nvmlDeviceGetTemperature(self, h: int, s: int) -> int:
+        return self._call(h, "temp", 40 + h)
+
+    def nvmlDeviceGetPowerUsage(self, h: int) -> int:
+        return self._call(h, "power", 123456)
+
+    def nvmlDeviceGetEnforcedPowerLimit(self, h: int) -> int:
+        return 700000
+
+    def nvmlDeviceGetUtilizationRates(self, h: int) -> Any:
+        return SimpleNamespace(gpu=7)
+
+    def nvmlDeviceGetMemoryInfo(self, h: int) -> Any:
+        return SimpleNamespace(used=2 * 2**20, free=10 * 2**20)
+
+    def nvmlDeviceGetTotalEccErrors(self, h: int, kind: int, counter: int) -> int:
+        return 0
+
+    def nvmlDeviceGetRemappedRows(self, h: int) -> tuple:
+        return self._call(h, "remap", (1, 0, 0, 0))
 
     def nvmlDeviceGetCurrentClocksEventReasons(self, h: int) -> int:
         return self._call(h, "events", 0x1)
 
-    def nvmlDeviceGetCurrentClocksThrottleReasons(self, h: int) -> int: return 0x4
-    def nvmlDeviceGetCurrPcieLinkGeneration(self, h: int) -> int: return 5
-    def nvmlDeviceGetMaxPcieLinkGeneration(self, h: int) -> int: return 5
-    def nvmlDeviceGetCurrPcieLinkWidth(self, h: int) -> int: return 16
-    def nvmlDeviceGetMaxPcieLinkWidth(self, h: int) -> int: return 16
-    def nvmlDeviceGetTemperatureThreshold(self, h: int, kind: int) -> int: return [92, 90, 95, 87][kind]
+    def nvmlDeviceGetCurrentClocksThrottleReasons(self, h: int) -> int:
+        return 0x4
+
+    def nvmlDeviceGetCurrPcieLinkGeneration(self, h: int) -> int:
+        return 5
+
+    def nvmlDeviceGetMaxPcieLinkGeneration(self, h: int) -> int:
+        return 5
+
+    def nvmlDeviceGetCurrPcieLinkWidth(self, h: int) -> int:
+        return 16
+
+    def nvmlDeviceGetMaxPcieLinkWidth(self, h: int) -> int:
+        return 16
+
+    def nvmlDeviceGetTemperatureThreshold(self, h: int, kind: int) -> int:
+        return [92, 90, 95, 87][kind]
 
     def nvmlDeviceGetFieldValues(self, h: int, ids: list[int]) -> list[Any]:
         self._call(h, "fields", None)
         out = []
         for fid in ids:
             ret = self.field_returns.get(fid, 0)
-            out.append(SimpleNamespace(nvmlReturn=ret, valueType=1 if fid == 82 else 3,
-                                       value=SimpleNamespace(uiVal=38, ullVal=0)))
+            out.append(
+                SimpleNamespace(
+                    nvmlReturn=ret, valueType=1 if fid == 82 else 3, value=SimpleNamespace(uiVal=38, ullVal=0)
+                )
+            )
         return out
 
-    def nvmlEventSetCreate(self) -> str: return "set"
-    def nvmlDeviceRegisterEvents(self, h: int, kinds: int, es: str) -> None: self._call(h, "events_reg", None)
+    def nvmlEventSetCreate(self) -> str:
+        return "set"
+
+    def nvmlDeviceRegisterEvents(self, h: int, kinds: int, es: str) -> None:
+        self._call(h, "events_reg", None)
 
     def nvmlEventSetWait_v2(self, es: str, ms: int) -> Any:
         if self.events:
@@ -483,11 +553,18 @@ def test_nvml_reader_reads_every_field() -> None:
 
 
 def test_nvml_reader_unsupported_fields_and_errors() -> None:
-    nv = FakeNvml(fail={(0, "remap"): FakeNvml.NVML_ERROR_NOT_SUPPORTED, (0, "power"): FakeNvml.NVML_ERROR_UNKNOWN},
-                  field_returns={38: 3, 45: 3, 52: 3, 59: 3})
+    nv = FakeNvml(
+        fail={(0, "remap"): FakeNvml.NVML_ERROR_NOT_SUPPORTED, (0, "power"): FakeNvml.NVML_ERROR_UNKNOWN},
+        field_returns={38: 3, 45: 3, 52: 3, 59: 3},
+    )
     rec = fake_reader(nv).snapshot()[0]
-    assert set(rec["unsupported"]) == {"remapped_rows", "nvlink_crc_flit_total", "nvlink_crc_data_total",
-                                       "nvlink_replay_total", "nvlink_recovery_total"}
+    assert set(rec["unsupported"]) == {
+        "remapped_rows",
+        "nvlink_crc_flit_total",
+        "nvlink_crc_data_total",
+        "nvlink_replay_total",
+        "nvlink_recovery_total",
+    }
     assert rec["errors"] == {"power_usage_mw": "error 999"}
     assert "power_usage_mw" not in rec["values"] and "nvlink_replay_total" not in rec["values"]
     assert rec["values"]["temperature_gpu"] == 40  # the rest is still read
@@ -551,7 +628,7 @@ def _smi(field: str, section: str | None = None) -> str:
     recorded beside h200.json."""
     lines = (FIXTURES / "h200.nvidia-smi-q.txt").read_text().splitlines()
     if section is not None:
-        lines = lines[[line.strip() for line in lines].index(section):]
+        lines = lines[[line.strip() for line in lines].index(section) :]
     for line in lines:
         name, sep, value = line.partition(":")
         if sep and name.strip() == field:
@@ -588,7 +665,11 @@ def test_recorded_h200_is_healthy_and_matches_nvidia_smi() -> None:
 
 def test_recorded_h200_nvlink_unsupported_is_omitted_when_served() -> None:
     assert set(json.loads(H200.read_text())["gpus"][0]["unsupported"]) == {
-        "nvlink_crc_flit_total", "nvlink_crc_data_total", "nvlink_replay_total", "nvlink_recovery_total"}
+        "nvlink_crc_flit_total",
+        "nvlink_crc_data_total",
+        "nvlink_replay_total",
+        "nvlink_recovery_total",
+    }
     server = serve("127.0.0.1", 0, reader=RecordedReader(H200), node="vm", block=False, watch_xids=False)
     try:
         text = scrape(server.port)
@@ -661,8 +742,10 @@ def test_probe_daemonset_manifest() -> None:
     assert "nvidia.com/gpu" not in str(container.get("resources", {}))  # takes no GPU from jobs
     terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
     exprs = {e["key"]: (e["operator"], e["values"]) for e in terms[0]["matchExpressions"]}
-    assert exprs == {"nvidia.com/gpu.present": ("In", ["true"]),
-                     "nvidia.com/gpu.deploy.dcgm-exporter": ("NotIn", ["true"])}
+    assert exprs == {
+        "nvidia.com/gpu.present": ("In", ["true"]),
+        "nvidia.com/gpu.deploy.dcgm-exporter": ("NotIn", ["true"]),
+    }
     assert {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}} in container["env"]
     labels = ds["spec"]["template"]["metadata"]["labels"]
     assert ds["spec"]["selector"]["matchLabels"].items() <= labels.items()
@@ -688,18 +771,29 @@ def slurm_env(tmp_path: Path) -> dict[str, Any]:
     (bindir / "scontrol").write_text(
         "#!/bin/sh\n"
         f'if [ "$1" = show ]; then cat "{node_file}"; exit 0; fi\n'
-        f'printf "%s|" "$@" >> "{log_file}"; echo >> "{log_file}"\n')
+        f'printf "%s|" "$@" >> "{log_file}"; echo >> "{log_file}"\n'
+    )
     (bindir / "scontrol").chmod(0o755)
-    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "SLURMD_NODENAME": "gn1",
-           "PYTHONPATH": str(REPO), "GPUFORGE_CMD": f"{sys.executable} -m gpuforge.probe --fixture {A100}"}
+    env = {
+        **os.environ,
+        "PATH": f"{bindir}:{os.environ['PATH']}",
+        "SLURMD_NODENAME": "gn1",
+        "PYTHONPATH": str(REPO),
+        "GPUFORGE_CMD": f"{sys.executable} -m gpuforge.probe --fixture {A100}",
+    }
     return {"env": env, "log": log_file, "node": node_file}
 
 
 def run_hc(slurm_env: dict[str, Any], **env: str) -> tuple[int, list[str]]:
     import subprocess
 
-    proc = subprocess.run(["bash", str(REPO / "deploy" / "slurm-healthcheck.sh")], env={**slurm_env["env"], **env},
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["bash", str(REPO / "deploy" / "slurm-healthcheck.sh")],
+        env={**slurm_env["env"], **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     log = slurm_env["log"].read_text().splitlines() if slurm_env["log"].exists() else []
     return proc.returncode, log
 
@@ -719,8 +813,10 @@ def test_slurm_script_healthy_leaves_node_alone(slurm_env: dict[str, Any]) -> No
 
 
 def test_slurm_script_resumes_only_its_own_drain(slurm_env: dict[str, Any]) -> None:
-    slurm_env["node"].write_text("NodeName=gn1 State=IDLE+DRAIN Partitions=gpu Reason=gpuforge: GPU1 unhealthy: "
-                                 "ECC DBE volatile 2 > 0 [root@2026-11-28T21:55:00]\n")
+    slurm_env["node"].write_text(
+        "NodeName=gn1 State=IDLE+DRAIN Partitions=gpu Reason=gpuforge: GPU1 unhealthy: "
+        "ECC DBE volatile 2 > 0 [root@2026-11-28T21:55:00]\n"
+    )
     assert run_hc(slurm_env) == (0, ["update|NodeName=gn1|State=RESUME|"])
     slurm_env["log"].unlink()
     slurm_env["node"].write_text("NodeName=gn1 State=IDLE+DRAIN Reason=maintenance [admin@2026-11-28T21:55:00]\n")
@@ -731,8 +827,10 @@ def test_slurm_script_expected_gpus_from_gres(slurm_env: dict[str, Any]) -> None
     slurm_env["node"].write_text("NodeName=gn1 Gres=gpu:a100:4(S:0-1) State=IDLE Reason=none\n")
     rc, calls = run_hc(slurm_env, GPUFORGE_EXPECTED_GPUS="gres")
     assert rc == 1
-    assert calls == ["update|NodeName=gn1|State=DRAIN|Reason=gpuforge: GPU2 unhealthy: GPU 2 missing (expected on "
-                     "gn1); GPU3 unhealthy: GPU 3 missing (expected on gn1)|"]
+    assert calls == [
+        "update|NodeName=gn1|State=DRAIN|Reason=gpuforge: GPU2 unhealthy: GPU 2 missing (expected on "
+        "gn1); GPU3 unhealthy: GPU 3 missing (expected on gn1)|"
+    ]
 
 
 def test_slurm_script_probe_failure_and_timeout(slurm_env: dict[str, Any]) -> None:
@@ -740,7 +838,7 @@ def test_slurm_script_probe_failure_and_timeout(slurm_env: dict[str, Any]) -> No
     boom.write_text("#!/bin/sh\necho starting\necho boom\nexit 3\n")
     boom.chmod(0o755)
     rc, calls = run_hc(slurm_env, GPUFORGE_CMD=str(boom))
-    assert rc == 1 and calls == ['update|NodeName=gn1|State=DRAIN|Reason=gpuforge: probe failed (rc 3): boom|']
+    assert rc == 1 and calls == ["update|NodeName=gn1|State=DRAIN|Reason=gpuforge: probe failed (rc 3): boom|"]
     slurm_env["log"].unlink()
     hang = slurm_env["log"].parent / "hang.sh"
     hang.write_text("#!/bin/sh\nsleep 5\n")
@@ -772,10 +870,18 @@ def test_health_queries_on_a_real_prometheus_scraping_the_probe(tmp_path: Path) 
         prom_port = s.getsockname()[1]
     (tmp_path / "prometheus.yml").write_text(
         "global: {scrape_interval: 1s}\nscrape_configs:\n- job_name: gpuforge-probe\n"
-        f"  static_configs: [{{targets: ['127.0.0.1:{server.port}']}}]\n")
-    proc = subprocess.Popen([binary, f"--config.file={tmp_path / 'prometheus.yml'}",
-                             f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{prom_port}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        f"  static_configs: [{{targets: ['127.0.0.1:{server.port}']}}]\n"
+    )
+    proc = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{prom_port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         prom = PrometheusConnect(url=f"http://127.0.0.1:{prom_port}", disable_ssl=True)
         deadline = time.time() + 30
@@ -789,8 +895,7 @@ def test_health_queries_on_a_real_prometheus_scraping_the_probe(tmp_path: Path) 
                 break
             time.sleep(0.5)
         assert results, "Prometheus never answered"
-        verdicts = {v.gpu: v for v in judge_all(readings_from_query_results(results, {"h100-node-7": 8},
-                                                                          time.time()))}
+        verdicts = {v.gpu: v for v in judge_all(readings_from_query_results(results, {"h100-node-7": 8}, time.time()))}
     finally:
         proc.terminate()
         proc.wait(10)
