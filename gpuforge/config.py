@@ -649,28 +649,14 @@ def node_access_problems(config: Config) -> list[ConfigIssue]:
             )
         ]
     key = config.path(config.ansible_ssh_private_key_file)
-    line, col = _key_line(config, "ansible_ssh_private_key_file")
     if not key.exists():
-        return [
-            ConfigIssue(
-                config.source,
-                line,
-                col,
-                "ansible_ssh_private_key_file",
-                f"key file {key} does not exist; create it or point to the right file",
-            )
-        ]
-    if not os.access(key, os.R_OK) or not key.is_file():
-        return [
-            ConfigIssue(
-                config.source,
-                line,
-                col,
-                "ansible_ssh_private_key_file",
-                f"key file {key} is not readable; fix its permissions (chmod 600, owned by you)",
-            )
-        ]
-    return []
+        problem = f"key file {key} does not exist; create it or point to the right file"
+    elif not os.access(key, os.R_OK) or not key.is_file():
+        problem = f"key file {key} is not readable; fix its permissions (chmod 600, owned by you)"
+    else:
+        return []
+    line, col = _key_line(config, "ansible_ssh_private_key_file")
+    return [ConfigIssue(config.source, line, col, "ansible_ssh_private_key_file", problem)]
 
 
 def _key_line(config: Config, key: str) -> tuple[int, int]:

@@ -136,6 +136,7 @@ def test_validate_lowered_allocatable_and_stopped_slurm(lab, lab_config):
         report = report_of(validate(ValidateParams(config=str(lab_config)), return_state=True))
     finally:
         lab.slurm.start_controller()
+        lab.slurm.wait_idle()  # nodes re-register after a controller restart
         lab.set_device_plugin_gpus("tgpu-2", None)
     failed = {(f["check"], f["target"]) for f in report["failures"]}
     assert ("gpu-allocatable", "tgpu-2") in failed
@@ -252,3 +253,47 @@ def test_wait_recovers_when_the_api_server_restarts(lab, lab_config):
     helper.join()
     assert state.is_completed(), state.message
     assert {r["node"]: r["allocatable"] for r in table("gpu-operator-status")}["tgpu-2"] == 4
+
+
+def test_install_killed_mid_phase_resumes_without_duplicates(lab, lab_config, tmp_path):
+    """kill -9 the install (and its helm) while a Helm upgrade hangs; the next install recovers it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    kubeconfig = load_config(lab_config).kubeconfig_path()
+    stuck = tmp_path / "config.yml"
+    stuck.write_text(
+        lab_config.read_text().replace(
+            "version: 26.7.0-lab}", "version: 26.7.0-lab, values: {lab: {failReadiness: true}}}"
+        )
+    )
+    cli = subprocess.Popen(
+        [str(Path(sys.executable).parent / "gpuforge"), "install", "--config", str(stuck), "--only", "gpu-operator"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and read_releases(kubeconfig)["gpu-operator"]["status"] != "pending-upgrade":
+            time.sleep(0.5)
+        assert read_releases(kubeconfig)["gpu-operator"]["status"] == "pending-upgrade"
+    finally:
+        os.killpg(cli.pid, signal.SIGKILL)
+        cli.wait()
+    state = install(InstallParams(config=str(lab_config), only=["gpu-operator"]), return_state=True)
+    assert state.is_completed(), state.message
+    release = read_releases(kubeconfig)["gpu-operator"]
+    assert release["status"] == "deployed" and "lab" not in release["values"]
+    from tasks.helm import helm_executable
+
+    listed = subprocess.run(
+        [helm_executable(), "list", "-A", "-a", "-o", "json", "--kubeconfig", str(kubeconfig)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert [r["name"] for r in json.loads(listed.stdout)].count("gpu-operator") == 1  # nothing duplicated
