@@ -358,14 +358,14 @@ def release_decision(
 
     Healthy means healthy: degraded or unknown GPUs, or no GPU at all, keep it out too."""
     reasons = []
-    if not validation_ok:
-        reasons.append(f"re-validation failed: {validation_detail}")
     mine = [v for v in verdicts if v.node == node]
     if not mine:
         reasons.append("no GPU metrics for the node")
     for v in mine:
         if v.verdict != Verdict.HEALTHY:
             reasons.append(f"GPU {v.gpu} {v.verdict.value}: {'; '.join(v.reasons) or '-'}")
+    if not validation_ok:
+        reasons.append(f"re-validation failed: {validation_detail}")
     if in_slurm and slurm is None:
         reasons.append(f"no Slurm node found for {node}: cannot resume it, so it is not uncordoned either")
     if reasons:

@@ -1,0 +1,610 @@
+"""gpu-health (nightly): judge every GPU from DCGM metrics in Prometheus, list nodes out of service on the
+Kubernetes and the Slurm side, and (opt-in) take nodes with unhealthy GPUs out on both sides.
+
+    nodes (1 list) -> fleet PromQL (len(health_queries()) queries, whatever the GPU count) -> verdicts
+    -> Slurm (1 sinfo, 1 slurmd pod list) -> remediation.decide -> cordon + scontrol drain -> artifacts
+
+`release=NODE` instead returns one node to service: health rules on fresh metrics, then a re-validation on the
+node -- a CUDA smoke pod pinned to it (it tolerates the cordon) or, for a node in a Slurm NodeSet, whose GPUs
+the slurmd pod holds, a 1-GPU Slurm job pinned to it (`sbatch -w NODE --gres=gpu:1`) inside a maintenance
+reservation so no user job lands there meanwhile -- and only then the Slurm node is resumed and the
+Kubernetes node uncordoned. A failed re-validation keeps (or puts back) both sides out and says why.
+
+Exit codes in the report: 0 every GPU healthy (release: node returned); 1 an unhealthy or degraded GPU
+(release: node kept out); 2 could not judge (Prometheus unreachable: every GPU unknown; or only unknown
+GPUs). The run fails (and notifies) whenever the exit code is not 0.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from flows.common import ClusterParams, PreconditionFailed, load, publish_markdown, publish_table, run_name
+from flows.notify import notify_failure
+from gpuforge import checks, health, remediation, validation
+from gpuforge.config import Config
+from gpuforge.health import GpuVerdict, Thresholds, Verdict
+from gpuforge.remediation import Action, SlurmNode
+from tasks import kube, prometheus
+from tasks import slurm as slurm_tasks
+
+UNSCHEDULABLE_TAINT = "node.kubernetes.io/unschedulable"
+EXIT_HEALTHY, EXIT_UNHEALTHY, EXIT_UNKNOWN = 0, 1, 2
+
+
+class HealthParams(ClusterParams):
+    # Return this node to service (re-validate, then uncordon and resume) instead of the fleet check.
+    release: str | None = None
+
+
+class HealthCheckFailed(RuntimeError):
+    """The run found unhealthy/degraded/unknown GPUs (or kept a node out); `report` is the full report."""
+
+    def __init__(self, report: dict[str, Any], message: str):
+        self.report = report
+        super().__init__(message)
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+def thresholds_table(config: Config) -> dict[str, Thresholds]:
+    """The config's partial threshold sections laid over the built-in families (only the fields it sets)."""
+    raw = {name: t.model_dump(exclude_unset=True) for name, t in config.health.thresholds.items()}
+    return health.merge_threshold_config(raw)
+
+
+def fleet_queries(table: dict[str, Thresholds]) -> dict[str, str]:
+    """One window serves the fleet: the longest `xid_window` of any family; the subquery step scales with it
+    (1m for windows of 10 minutes and more, a tenth of the window below that)."""
+    longest = max(table.values(), key=lambda t: t.window_s)
+    step = "1m" if longest.window_s >= 600 else f"{max(1, longest.window_s // 10)}s"
+    return health.health_queries(longest.xid_window, step)
+
+
+def evaluate_fleet(
+    pc: Any, expected: dict[str, int | None], table: dict[str, Thresholds], queries: dict[str, str] | None = None
+) -> tuple[list[GpuVerdict], int]:
+    """Every GPU's verdict from the fixed fleet queries; returns (verdicts, number of queries sent).
+
+    Raises tasks.prometheus.PrometheusUnreachable when any query cannot be answered."""
+    queries = queries or fleet_queries(table)
+    results = {name: prometheus.query(pc, q) for name, q in queries.items()}
+    readings = health.readings_from_query_results(results, expected, time.time())
+    return health.judge_all(readings, table), len(queries)
+
+
+def unknown_verdicts(expected: dict[str, int | None], why: str) -> list[GpuVerdict]:
+    return [
+        GpuVerdict(node=node, gpu=i, verdict=Verdict.UNKNOWN, reasons=[why])
+        for node, count in expected.items()
+        for i in range(count or 1)
+    ]
+
+
+def exit_code(verdicts: list[GpuVerdict]) -> int:
+    kinds = {v.verdict for v in verdicts}
+    if kinds & {Verdict.UNHEALTHY, Verdict.DEGRADED}:
+        return EXIT_UNHEALTHY
+    if Verdict.UNKNOWN in kinds or not verdicts:
+        return EXIT_UNKNOWN
+    return EXIT_HEALTHY
+
+
+# ------------------------------------------------------------------------------------- cluster verbs
+
+
+def set_cordon(kubeconfig: Path, node: str, cordon: bool, reason: str | None) -> None:
+    """Cordon (with the reason annotation) or uncordon (annotation removed) in one patch."""
+    from kubernetes import client
+
+    body = {
+        "spec": {"unschedulable": True if cordon else None},
+        "metadata": {"annotations": {remediation.CORDON_ANNOTATION: reason if cordon else None}},
+    }
+    with kube.api_client(kubeconfig) as api:
+        client.CoreV1Api(api).patch_node(node, body)
+
+
+def slurm_pods(kubeconfig: Path, namespace: str) -> list[dict[str, str]]:
+    """slurmd pods (name, hostname, node) in one list call: how Kubernetes nodes map to Slurm nodes."""
+    out = []
+    for pod in kube.list_pods(kubeconfig, namespace):
+        labels = pod.metadata.labels or {}
+        if labels.get("app.kubernetes.io/name") == "slurmd":
+            out.append({"name": pod.metadata.name, "hostname": pod.spec.hostname or "", "node": pod.spec.node_name})
+    return out
+
+
+class Slurm:
+    """The Slurm side of one run: `sinfo` once, then scontrol/sbatch through the controller pod."""
+
+    def __init__(self, config: Config, kubeconfig: Path):
+        self.kubeconfig, self.namespace = kubeconfig, config.validation.slurm_namespace
+
+    def run(self, *argv: str, timeout: float = 20) -> slurm_tasks.ExecResult:
+        return slurm_tasks.slurm_exec(self.kubeconfig, self.namespace, list(argv), timeout_s=timeout)
+
+    def nodes(self) -> dict[str, SlurmNode]:
+        res = self.run(*remediation.SINFO_ARGV)
+        if not res.ok:
+            raise RuntimeError(f"sinfo failed (rc {res.rc}): {(res.stderr or res.stdout).strip()[:300]}")
+        return remediation.parse_sinfo(res.stdout)
+
+    def update(self, node: str, state: str, reason: str | None = None) -> None:
+        argv = ["scontrol", "update", f"nodename={node}", f"state={state}"]
+        if reason:
+            argv.append(f"reason={reason}")
+        res = self.run(*argv)
+        if not res.ok:
+            raise RuntimeError(f"scontrol update {node} state={state}: {(res.stderr or res.stdout).strip()[:300]}")
+
+
+# ------------------------------------------------------------------------------------------- the flow
+
+
+@flow(
+    name="gpu-health",
+    flow_run_name=run_name("gpu-health"),
+    on_failure=[notify_failure],
+    on_crashed=[notify_failure],
+)
+def gpu_health(params: HealthParams) -> dict:
+    config = load(params)
+    if params.release:
+        return _release(config, params.release)
+    return _check(config)
+
+
+def _gpu_state(config: Config) -> tuple[dict[str, kube.NodeState], str | None]:
+    try:
+        return kube.list_nodes(config.kubeconfig_path()), None
+    except Exception as exc:  # noqa: BLE001 - health still judges GPUs without the API; nothing is changed
+        return {}, f"Kubernetes API unreachable: {str(exc).splitlines()[0][:300]}"
+
+
+def _expected(config: Config, nodes: dict[str, kube.NodeState]) -> dict[str, int | None]:
+    return {n.name: checks.expected_gpus(config, nodes.get(n.name), n.name) for n in config.gpu_nodes}
+
+
+def _slurm_state(config: Config, kubeconfig: Path) -> tuple[dict[str, SlurmNode] | None, dict[str, str], str | None]:
+    if not config.enabled("slurm"):
+        return None, {}, None
+    try:
+        nodes = Slurm(config, kubeconfig).nodes()
+        pods = slurm_pods(kubeconfig, config.validation.slurm_namespace)
+    except Exception as exc:  # noqa: BLE001 - reported; no Slurm action (and no cordon of Slurm nodes) follows
+        return None, {}, f"Slurm could not be read: {str(exc).splitlines()[0][:300]}"
+    names = remediation.slurm_name_map([n.name for n in config.gpu_nodes], nodes, pods)
+    return nodes, names, None
+
+
+def _check(config: Config) -> dict:
+    logger = get_run_logger()
+    kubeconfig = config.kubeconfig_path()
+    started = time.monotonic()
+    nodes, kube_error = _gpu_state(config)
+    expected = _expected(config, nodes)
+    table = thresholds_table(config)
+    queries = fleet_queries(table)
+    prom_error = None
+    try:
+        verdicts, sent = evaluate_fleet(prometheus.prometheus(config), expected, table, queries)
+    except prometheus.PrometheusUnreachable as exc:
+        prom_error, sent = str(exc), 0
+        verdicts = unknown_verdicts(expected, f"could not judge: {exc}")
+    slurm_nodes, slurm_names, slurm_error = _slurm_state(config, kubeconfig)
+
+    actions: list[Action] = []
+    decision = None
+    if prom_error is None and kube_error is None:
+        decision = remediation.decide(config, verdicts, nodes, slurm_nodes, slurm_names, dt.datetime.now(dt.UTC))
+        actions = decision.actions
+        _carry_out(config, kubeconfig, actions, logger.info)
+        if any(a.status in ("done", "undone") for a in actions):  # report the state the actions left
+            nodes, _ = _gpu_state(config)
+            slurm_nodes, slurm_names, slurm_error = _slurm_state(config, kubeconfig)
+    elif config.remediate != "off":
+        why = "Prometheus unreachable" if prom_error else "Kubernetes API unreachable"
+        actions = [Action("-", "none", f"{why}: no remediation this run", status="skipped")]
+
+    code = EXIT_UNKNOWN if prom_error else exit_code(verdicts)
+    report = {
+        "cluster": config.cluster_name,
+        "mode": "check",
+        "exit_code": code,
+        "counts": {k.value: n for k, n in health.summarize(verdicts).items()},
+        "gpus": [v.model_dump(mode="json") for v in verdicts],
+        "nodes": node_rows(config, nodes, verdicts, slurm_nodes, slurm_names),
+        "slurm_out_of_service": slurm_out_rows(slurm_nodes, slurm_names),
+        "actions": [a.as_dict() for a in actions],
+        "remediate": str(config.remediate),
+        "max_out": decision.budget if decision else None,
+        "queries": sent,
+        "errors": [e for e in (prom_error, kube_error, slurm_error) if e],
+        "seconds": round(time.monotonic() - started, 2),
+    }
+    publish_table("gpu-health", health.table_rows(verdicts), f"GPU health of {config.cluster_name}")
+    publish_markdown("gpu-health-summary", summary_markdown(report), f"GPU health summary of {config.cluster_name}")
+    logger.info("gpu-health: %s", one_line(report))
+    if code != EXIT_HEALTHY:
+        raise HealthCheckFailed(report, failure_message(report))
+    return report
+
+
+def _carry_out(config: Config, kubeconfig: Path, actions: list[Action], log: Callable[[str], None]) -> None:
+    """Planned actions, per node: drain Slurm first, then cordon; a failed cordon resumes the Slurm node again
+    (and a failed drain means no cordon), so both sides always end in the same state."""
+    slurm = Slurm(config, kubeconfig)
+    by_node: dict[str, list[Action]] = {}
+    for a in actions:
+        if a.status == "planned":
+            by_node.setdefault(a.node, []).append(a)
+    for node, todo in by_node.items():
+        drain = next((a for a in todo if a.kind == remediation.DRAIN_SLURM), None)
+        cordon = next((a for a in todo if a.kind == remediation.CORDON), None)
+        if drain:
+            try:
+                slurm.update(drain.slurm_node, "drain", drain.slurm_reason)
+                drain.status = "done"
+                log(f"drained Slurm node {drain.slurm_node}: {drain.slurm_reason}")
+            except Exception as exc:  # noqa: BLE001 - recorded in the report
+                drain.status, drain.detail = "failed", f"{drain.detail}; {exc}"
+                if cordon:
+                    cordon.status, cordon.detail = "skipped", f"not cordoned: the Slurm drain failed ({exc})"
+                continue
+        if cordon:
+            try:
+                set_cordon(kubeconfig, node, True, cordon.annotation)
+                cordon.status = "done"
+                log(f"cordoned {node}: {cordon.annotation}")
+            except Exception as exc:  # noqa: BLE001
+                cordon.status, cordon.detail = "failed", f"{cordon.detail}; {exc}"
+                if drain and drain.status == "done":
+                    try:
+                        slurm.update(drain.slurm_node, "resume")
+                        drain.status, drain.detail = "undone", f"{drain.detail}; resumed again: the cordon failed"
+                    except Exception as exc2:  # noqa: BLE001
+                        drain.detail += f"; cordon failed and resuming failed too ({exc2}): fix by hand"
+
+
+# ------------------------------------------------------------------------------------------- release
+
+
+def _release(config: Config, node: str) -> dict:
+    logger = get_run_logger()
+    if node not in {n.name for n in config.gpu_nodes}:
+        raise PreconditionFailed(f"{node} is not a GPU node of cluster {config.cluster_name}")
+    kubeconfig = config.kubeconfig_path()
+    started = time.monotonic()
+    nodes = kube.list_nodes(kubeconfig)
+    if node not in nodes:
+        raise PreconditionFailed(f"node {node} is not registered in Kubernetes")
+    in_slurm = config.enabled("slurm") and node in {n.name for n in config.slurm_gpu_nodes}
+    slurm_nodes, slurm_names, slurm_error = _slurm_state(config, kubeconfig) if in_slurm else (None, {}, None)
+    if in_slurm and slurm_error:
+        raise PreconditionFailed(f"{slurm_error}: cannot resume {node}'s Slurm node, so it stays out")
+    sname = slurm_names.get(node)
+    snode = (slurm_nodes or {}).get(sname) if sname else None
+
+    # 1. The health rules on fresh metrics (cheap: before any job runs).
+    table = thresholds_table(config)
+    expected = {node: checks.expected_gpus(config, nodes[node], node)}
+    prom_error = None
+    try:
+        verdicts, _ = evaluate_fleet(prometheus.prometheus(config), expected, table)
+    except prometheus.PrometheusUnreachable as exc:
+        prom_error = str(exc)
+        verdicts = unknown_verdicts(expected, f"could not judge: {exc}")
+    verdicts = [v for v in verdicts if v.node == node]
+    healthy = bool(verdicts) and all(v.verdict == Verdict.HEALTHY for v in verdicts)
+
+    # 2. Re-validation on the node itself.
+    actions: list[Action] = []
+    if not healthy:
+        ok, detail, how = False, "not run: the health rules failed first", "-"
+    elif in_slurm:
+        how = (
+            f"Slurm job on {sname} (sbatch -w {sname} --gres=gpu:1): the node's GPUs are held by its slurmd pod, "
+            "so a CUDA smoke pod could not get one"
+        )
+        ok, detail = _slurm_revalidate(config, kubeconfig, sname, snode, actions, logger.info)
+    else:
+        how = f"CUDA smoke pod pinned to {node} (tolerating the cordon)"
+        ok, detail = _smoke_revalidate(config, kubeconfig, node)
+
+    # 3. Decide, then act: Slurm side first (already resumed by the job path), then the cordon.
+    if in_slurm and snode is not None:
+        snode = Slurm(config, kubeconfig).nodes().get(sname, snode)
+    decision = remediation.release_decision(node, ok, detail, verdicts, nodes[node], snode, sname, in_slurm)
+    slurm = Slurm(config, kubeconfig)
+    when = remediation.stamp(dt.datetime.now(dt.UTC), config.timezone)
+    if decision.ok:
+        done: list[Action] = []
+        for a in decision.actions:
+            if any(x.status == "failed" for x in decision.actions):
+                a.status, a.detail = "skipped", f"{a.detail}; not done: an earlier step failed"
+                continue
+            try:
+                if a.kind == remediation.RESUME_SLURM:
+                    slurm.update(a.slurm_node, "resume")
+                elif a.kind == remediation.UNCORDON:
+                    set_cordon(kubeconfig, node, False, None)
+                a.status = "done"
+                done.append(a)
+            except Exception as exc:  # noqa: BLE001
+                a.status, a.detail = "failed", f"{a.detail}; {exc}"
+        failed = [a.detail for a in decision.actions if a.status == "failed"]
+        if failed:
+            decision.ok = False
+            decision.reasons.append("returning the node failed: " + "; ".join(failed))
+            for a in done:  # undo, so that both sides stay out together
+                if a.kind == remediation.UNCORDON:
+                    note = nodes[node].annotations.get(remediation.CORDON_ANNOTATION) or remediation.annotation_text(
+                        decision.reasons, when
+                    )
+                    set_cordon(kubeconfig, node, True, note)
+                    a.status = "undone"
+                elif a.kind == remediation.RESUME_SLURM:
+                    slurm.update(a.slurm_node, "drain", remediation.slurm_reason(decision.reasons, when))
+                    a.status = "undone"
+        actions += decision.actions
+    if not decision.ok and in_slurm and sname and snode is not None:
+        # The job path may have resumed a drained node for the job: put it back, with the reason. A node that
+        # was in service in Slurm before stays as it was (gpuforge does not take out what it did not).
+        was_out = any(a.kind == remediation.RESUME_SLURM and a.status == "done" for a in actions)
+        current = slurm.nodes().get(sname)
+        if was_out and current is not None and not current.drained:
+            reason = remediation.slurm_reason([f"release refused: {r}" for r in decision.reasons], when)
+            slurm.update(sname, "drain", reason)
+            actions.append(Action(node, remediation.DRAIN_SLURM, "release refused: drained again", sname,
+                                  slurm_reason=reason, status="done"))  # fmt: skip
+
+    if decision.ok:
+        code = EXIT_HEALTHY
+    elif prom_error:
+        code = EXIT_UNKNOWN
+    else:
+        code = EXIT_UNHEALTHY
+    report = {
+        "cluster": config.cluster_name,
+        "mode": "release",
+        "node": node,
+        "released": decision.ok,
+        "exit_code": code,
+        "reasons": decision.reasons,
+        "validation": {"ok": ok, "how": how, "detail": detail},
+        "gpus": [v.model_dump(mode="json") for v in verdicts],
+        "actions": [a.as_dict() for a in actions],
+        "seconds": round(time.monotonic() - started, 2),
+    }
+    publish_table("gpu-health", health.table_rows(verdicts), f"GPU health of {node} (release)")
+    publish_markdown("gpu-health-summary", release_markdown(report), f"release of {node}")
+    logger.info("gpu-health --release %s: %s", node, "returned to service" if decision.ok else "kept out")
+    if not decision.ok:
+        raise HealthCheckFailed(report, f"{node} kept out of service:\n" + "\n".join(decision.reasons[:5]))
+    return report
+
+
+def _smoke_revalidate(config: Config, kubeconfig: Path, node: str) -> tuple[bool, str]:
+    """flows.validate.cuda_smoke's pod, plus a toleration of the cordon (the node is still cordoned)."""
+    namespace = f"gpuforge-release-{uuid.uuid4().hex[:6]}"
+    kube.ensure_namespace(kubeconfig, namespace, {"app.kubernetes.io/managed-by": "gpuforge"})
+    name = f"cuda-smoke-{node}"
+    pod = kube.smoke_pod(name, node, config.validation.cuda_image)
+    pod["spec"]["tolerations"].append({"key": UNSCHEDULABLE_TAINT, "operator": "Exists", "effect": "NoSchedule"})
+    try:
+        final = kube.run_pods_to_completion(kubeconfig, namespace, [pod], config.timeouts.validate_)[name]
+        log = kube.pod_log(kubeconfig, namespace, name)
+        events = [] if final.status.phase == "Succeeded" else kube.pod_events(kubeconfig, namespace, name)
+        result = validation.smoke_result(node, final.status.phase, log, events)
+    finally:
+        kube.delete_namespace(kubeconfig, namespace)
+    return result.result == validation.PASS, result.detail
+
+
+def _slurm_revalidate(
+    config: Config,
+    kubeconfig: Path,
+    sname: str | None,
+    snode: SlurmNode | None,
+    actions: list[Action],
+    log: Callable[[str], None],
+) -> tuple[bool, str]:
+    """A 1-GPU job pinned to the node. A drained node runs no job, so it is resumed inside a maintenance
+    reservation that only this job may use; the reservation goes when the job is done, and a failed job
+    drains the node again (done by the caller)."""
+    if sname is None or snode is None:
+        return False, "no Slurm node found for this node"
+    slurm = Slurm(config, kubeconfig)
+    resv = f"gpuforge-release-{sname}"
+    if snode.out_of_service:
+        slurm.run("scontrol", "delete", f"reservationname={resv}")
+        res = slurm.run(
+            "scontrol", "create", "reservation", f"reservationname={resv}", f"nodes={sname}", "starttime=now",
+            "duration=30", "users=root", "flags=maint,ignore_jobs",
+        )  # fmt: skip
+        if not res.ok:
+            return False, f"could not reserve {sname}: {(res.stderr or res.stdout).strip()}"
+        slurm.update(sname, "resume")
+        actions.append(Action(sname, remediation.RESUME_SLURM, f"resumed inside reservation {resv} for the job",
+                              sname, status="done"))  # fmt: skip
+        log(f"Slurm node {sname} resumed inside reservation {resv}")
+    try:
+        argv = [
+            "sbatch",
+            "--parsable",
+            "-w",
+            sname,
+            "--gres=gpu:1",
+            "--output=/dev/null",
+            "--job-name=gpuforge-release",
+        ]
+        if snode.out_of_service:
+            argv.append(f"--reservation={resv}")
+        job = slurm.run(*argv, "--wrap", 'test -n "$CUDA_VISIBLE_DEVICES"')
+        if not job.ok:
+            return False, f"sbatch refused: {job.stderr.strip()}"
+        job_id = job.stdout.strip().split(";")[0]
+        deadline = time.monotonic() + config.timeouts.validate_
+        while time.monotonic() < deadline:
+            info = slurm.run("scontrol", "show", "job", job_id, "-o")
+            state = _field(info.stdout, "JobState")
+            if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"):
+                code = _field(info.stdout, "ExitCode")
+                ok = state == "COMPLETED" and code == "0:0"
+                return ok, f"Slurm job {job_id} on {sname}: {state}, exit {code}"
+            time.sleep(0.5)
+        slurm.run("scancel", job_id)
+        return False, f"Slurm job {job_id} on {sname} did not finish within {config.timeouts.validate_}s"
+    finally:
+        if snode.out_of_service:
+            slurm.run("scontrol", "delete", f"reservationname={resv}")
+
+
+def _field(text: str, key: str) -> str:
+    for token in text.split():
+        if token.startswith(f"{key}="):
+            return token.split("=", 1)[1]
+    return ""
+
+
+# ------------------------------------------------------------------------------------------- reporting
+
+
+def node_rows(
+    config: Config,
+    nodes: dict[str, Any],
+    verdicts: list[GpuVerdict],
+    slurm_nodes: dict[str, SlurmNode] | None,
+    slurm_names: dict[str, str],
+) -> list[dict[str, Any]]:
+    """One row per GPU node: worst GPU verdict, the Kubernetes side (cordon and why), the Slurm side."""
+    by_node: dict[str, list[GpuVerdict]] = {}
+    for v in verdicts:
+        by_node.setdefault(v.node, []).append(v)
+    rows = []
+    for gpu in config.gpu_nodes:
+        state = nodes.get(gpu.name)
+        sname = slurm_names.get(gpu.name)
+        snode = (slurm_nodes or {}).get(sname) if sname else None
+        mine = by_node.get(gpu.name, [])
+        row = {
+            "node": gpu.name,
+            "verdict": health.worst(mine).value,
+            "gpus": len(mine),
+            "kubernetes": "unregistered" if state is None else ("cordoned" if state.unschedulable else "schedulable"),
+            "cordon_reason": (state.annotations.get(remediation.CORDON_ANNOTATION, "") if state else ""),
+            "slurm_node": sname or "",
+            "slurm_state": snode.state if snode else "",
+            "slurm_reason": snode.reason if snode else "",
+            "consistent": True,
+        }
+        if snode is not None and state is not None:
+            ours_k8s = bool(row["cordon_reason"])
+            if (ours_k8s and state.unschedulable and not snode.out_of_service) or (
+                snode.by_gpuforge and snode.drained and not state.unschedulable
+            ):
+                row["consistent"] = False
+        rows.append(row)
+    return rows
+
+
+def slurm_out_rows(slurm_nodes: dict[str, SlurmNode] | None, slurm_names: dict[str, str]) -> list[dict[str, str]]:
+    """Every Slurm node drained or down, by anyone, with its reason."""
+    k8s = {s: k for k, s in slurm_names.items()}
+    return [
+        {"slurm_node": s.name, "node": k8s.get(s.name, ""), "state": s.state, "reason": s.reason, "user": s.user}
+        for s in (slurm_nodes or {}).values()
+        if s.out_of_service
+    ]
+
+
+def one_line(report: dict) -> str:
+    c = report["counts"]
+    return (
+        f"{sum(c.values())} GPUs: {c['healthy']} healthy, {c['degraded']} degraded, {c['unhealthy']} unhealthy, "
+        f"{c['unknown']} unknown; {sum(a['status'] == 'done' for a in report['actions'])} actions; "
+        f"exit {report['exit_code']}"
+    )
+
+
+def failure_message(report: dict) -> str:
+    lines = [f"{report['cluster']}: {one_line(report)}"]
+    lines += report["errors"]
+    bad = [g for g in report["gpus"] if g["verdict"] != Verdict.HEALTHY.value]
+    order = {Verdict.UNHEALTHY.value: 0, Verdict.UNKNOWN.value: 1, Verdict.DEGRADED.value: 2}
+    for g in sorted(bad, key=lambda g: (order.get(g["verdict"], 3), g["node"], g["gpu"]))[:5]:
+        lines.append(f"{g['node']} GPU {g['gpu']} {g['verdict']}: {'; '.join(g['reasons']) or '-'}")
+    return "\n".join(lines)
+
+
+def summary_markdown(report: dict) -> str:
+    c = report["counts"]
+    lines = [
+        f"# GPU health of `{report['cluster']}`",
+        "",
+        f"**exit {report['exit_code']}** -- {sum(c.values())} GPUs, {report['queries']} PromQL queries, "
+        f"{report['seconds']} s",
+        "",
+        "| verdict | GPUs |",
+        "|---|---|",
+        *(f"| {k} | {n} |" for k, n in c.items()),
+        "",
+    ]
+    if report["errors"]:
+        lines += ["## Errors", "", *(f"- {e}" for e in report["errors"]), ""]
+    bad = [g for g in report["gpus"] if g["verdict"] != Verdict.HEALTHY.value]
+    if bad:
+        lines += ["## GPUs not healthy", "", "| node | gpu | verdict | reasons |", "|---|---|---|---|"]
+        lines += [f"| {g['node']} | {g['gpu']} | {g['verdict']} | {'; '.join(g['reasons'])} |" for g in bad]
+        lines.append("")
+    lines += [
+        "## Nodes",
+        "",
+        "| node | verdict | kubernetes | cordon reason | slurm node | slurm state | slurm reason | consistent |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['node']} | {r['verdict']} | {r['kubernetes']} | {r['cordon_reason'] or '-'} | {r['slurm_node'] or '-'} "
+        f"| {r['slurm_state'] or '-'} | {r['slurm_reason'] or '-'} | {'yes' if r['consistent'] else 'NO'} |"
+        for r in report["nodes"]
+    ]
+    lines += ["", f"## Actions (remediate: {report['remediate']}, at most {report['max_out']} GPU nodes out)", ""]
+    if report["actions"]:
+        lines += ["| node | action | status | detail |", "|---|---|---|---|"]
+        lines += [f"| {a['node']} | {a['kind']} | {a['status']} | {a['detail']} |" for a in report["actions"]]
+    else:
+        lines.append("none")
+    if report["slurm_out_of_service"]:
+        lines += ["", "## Slurm nodes out of service (by anyone)", "", "| slurm node | node | state | reason | user |"]
+        lines.append("|---|---|---|---|---|")
+        lines += [
+            f"| {r['slurm_node']} | {r['node'] or '-'} | {r['state']} | {r['reason'] or '-'} | {r['user'] or '-'} |"
+            for r in report["slurm_out_of_service"]
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def release_markdown(report: dict) -> str:
+    v = report["validation"]
+    lines = [
+        f"# Release of `{report['node']}` ({report['cluster']})",
+        "",
+        f"**{'returned to service' if report['released'] else 'kept out of service'}** (exit {report['exit_code']})",
+        "",
+        f"- re-validation: {'passed' if v['ok'] else 'failed'} -- {v['how']}: {v['detail']}",
+        *(f"- {r}" for r in report["reasons"]),
+        "",
+        "| action | status | detail |",
+        "|---|---|---|",
+        *(f"| {a['kind']} | {a['status']} | {a['detail']} |" for a in report["actions"]),
+    ]
+    return "\n".join(lines) + "\n"
