@@ -75,3 +75,14 @@ def lab(lab_config):
     the_lab.up()
     yield the_lab
     the_lab.down()
+
+
+def config_variant(config: Path, folder: Path, change) -> Path:
+    """A copy of `config` in `folder` after `change(data)` edited its YAML data in place."""
+    yaml = YAML()
+    data = yaml.load(config.read_text())
+    change(data)
+    path = folder / "config.yml"
+    with path.open("w") as f:
+        yaml.dump(data, f)
+    return path

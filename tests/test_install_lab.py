@@ -19,6 +19,7 @@ from flows.preflight import preflight
 from flows.validate import ValidateParams, ValidationFailed, validate
 from gpuforge.config import load_config
 from tasks.helm import read_releases
+from tests.conftest import config_variant
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -105,8 +106,9 @@ def test_validate_passes_on_the_lab(lab, lab_config):
 
 
 def test_validate_smoke_image_without_test_passed_fails_that_node(lab, lab_config, tmp_path):
-    cfg = tmp_path / "config.yml"
-    cfg.write_text(lab_config.read_text() + "validation:\n  cuda_image: docker.io/library/busybox:1.36\n")
+    cfg = config_variant(
+        lab_config, tmp_path, lambda data: data.update(validation={"cuda_image": "docker.io/library/busybox:1.36"})
+    )
     report = report_of(validate(ValidateParams(config=str(cfg)), return_state=True))
     assert report["exit_code"] == 1
     assert [(f["check"], f["target"]) for f in report["failures"]] == [("cuda-smoke", "tgpu-2")]
@@ -215,17 +217,14 @@ def test_kubespray_names_the_host_that_went_away(lab, lab_config):
 def test_helm_release_that_never_gets_ready_is_rolled_back_and_next_run_recovers(lab, lab_config, tmp_path):
     kubeconfig = load_config(lab_config).kubeconfig_path()
     before = read_releases(kubeconfig)["gpu-operator"]
-    bad = tmp_path / "config.yml"
-    text = lab_config.read_text().replace("gpu-operator: 300", "gpu-operator: 20")
-    bad.write_text(
-        text.replace(
-            "version: 26.7.0-lab}",
-            "version: 26.7.0-lab, values: {lab: {failReadiness: true}}}",
-        )
-        if "version: 26.7.0-lab}" in text
-        else text
-    )
-    assert "failReadiness" in bad.read_text()
+
+    def never_ready(data):
+        data["timeouts"]["gpu-operator"] = 20
+        data["deepops_services"]["gpu-operator"]["releases"]["gpu-operator"]["values"] = {
+            "lab": {"failReadiness": True}
+        }
+
+    bad = config_variant(lab_config, tmp_path, never_ready)
     state = install(InstallParams(config=str(bad), only=["gpu-operator"]), return_state=True)
     assert state.is_failed()
     detail = table("install-summary")[0]["detail"]
@@ -264,11 +263,12 @@ def test_install_killed_mid_phase_resumes_without_duplicates(lab, lab_config, tm
     import time
 
     kubeconfig = load_config(lab_config).kubeconfig_path()
-    stuck = tmp_path / "config.yml"
-    stuck.write_text(
-        lab_config.read_text().replace(
-            "version: 26.7.0-lab}", "version: 26.7.0-lab, values: {lab: {failReadiness: true}}}"
-        )
+    stuck = config_variant(
+        lab_config,
+        tmp_path,
+        lambda data: data["deepops_services"]["gpu-operator"]["releases"]["gpu-operator"].update(
+            values={"lab": {"failReadiness": True}}
+        ),
     )
     cli = subprocess.Popen(
         [str(Path(sys.executable).parent / "gpuforge"), "install", "--config", str(stuck), "--only", "gpu-operator"],
