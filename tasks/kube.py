@@ -17,7 +17,7 @@ from kubernetes.client.rest import ApiException
 from kubernetes.dynamic import DynamicClient
 from urllib3.exceptions import HTTPError
 
-from tasks.retry import is_transient_error
+from tasks.retry import is_transient_error, retry_transient
 
 FIELD_MANAGER = "gpuforge"
 GPU = "nvidia.com/gpu"
@@ -146,7 +146,13 @@ def list_custom(kubeconfig: Path, group: str, version: str, plural: str, namespa
 
 
 def apply(kubeconfig: Path, manifest: dict[str, Any]) -> None:
-    """Server-side apply one object (create or update), owned by the field manager `gpuforge`."""
+    """Server-side apply one object (create or update), owned by the field manager `gpuforge`.
+
+    Transient API errors (a restarting API server) are retried with backoff."""
+    retry_transient(lambda: _apply_once(kubeconfig, manifest))
+
+
+def _apply_once(kubeconfig: Path, manifest: dict[str, Any]) -> None:
     with api_client(kubeconfig) as api:
         dyn = DynamicClient(api)
         resource = dyn.resources.get(api_version=manifest["apiVersion"], kind=manifest["kind"])

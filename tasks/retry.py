@@ -33,3 +33,19 @@ def is_transient(state) -> bool:
     except Exception as raised:  # noqa: BLE001 - whatever the state held
         exc = raised
     return isinstance(exc, BaseException) and is_transient_error(exc)
+
+
+def retry_transient(fn, *, attempts: int = 6, first_delay_s: float = 1.0, max_delay_s: float = 8.0):
+    """Call `fn()`; on a transient error wait (1, 2, 4, 8, 8 s) and try again, at most `attempts` times."""
+    import time
+
+    delay = first_delay_s
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - only transient errors are retried, the rest re-raised
+            if attempt == attempts - 1 or not is_transient_error(exc):
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, max_delay_s)
+    raise AssertionError("unreachable")

@@ -237,12 +237,14 @@ def test_helm_release_that_never_gets_ready_is_rolled_back_and_next_run_recovers
 
 def test_wait_recovers_when_the_api_server_restarts(lab, lab_config):
     import threading
+    import time
 
     from flows.gpu_operator import gpu_operator
 
     lab.set_device_plugin_gpus("tgpu-2", 2)  # the phase now waits for 4
 
     def restart_then_restore():
+        time.sleep(3)  # let the phase reach its wait
         lab.cp.restart_apiserver(downtime=3)
         lab.set_device_plugin_gpus("tgpu-2", None)
 
