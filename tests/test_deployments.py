@@ -18,7 +18,10 @@ PREFECT = str(Path(sys.executable).parent / "prefect")
 
 
 def prefect(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PREFECT_CLI_PROMPT": "false"}
+    from prefect.settings import PREFECT_API_URL
+
+    # The test server lives in this process's settings context; hand its URL to the CLI explicitly.
+    env = {**os.environ, "PREFECT_CLI_PROMPT": "false", "PREFECT_API_URL": PREFECT_API_URL.value() or ""}
     return subprocess.run([PREFECT, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
