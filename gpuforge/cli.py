@@ -284,6 +284,17 @@ def validate(config_path: Path, keep: bool, as_json: bool) -> None:
     sys.exit(report["exit_code"])
 
 
+def _add_day2_commands() -> None:
+    # gpuforge.cli_day2 builds on the helpers above, so it is imported once they exist.
+    from gpuforge.cli_day2 import drift, health
+
+    app.add_command(health)
+    app.add_command(drift)
+
+
+_add_day2_commands()
+
+
 def main() -> None:
     """Console entry point: one-line usage errors instead of click's multi-line usage block."""
     try:
