@@ -40,7 +40,11 @@ def smoke_round(kubeconfig: Path, names: list[str], round_no: int) -> float:
     elapsed = time.perf_counter() - started
     ok = sum(p.status.phase == "Succeeded" for p in final.values())
     kube.delete_namespace(kubeconfig, namespace)
-    assert ok == len(names) and logs_ok == len(names), f"{ok}/{logs_ok} of {len(names)} passed"
+    if ok != len(names) or logs_ok != len(names):
+        from collections import Counter
+
+        phases = Counter(p.status.phase for p in final.values())
+        raise AssertionError(f"{ok} Succeeded, {logs_ok} logs with Test PASSED of {len(names)}; phases {dict(phases)}")
     return elapsed
 
 

@@ -193,6 +193,18 @@ def validate_ip(ip: str) -> str:
     return str(addr)
 
 
+def _claim_alive(owner: dict) -> bool:
+    """A claim holds while its lab can still be up: the namespace exists, its lab folder exists, and some
+    process still runs in the namespace. A lab killed without `down` (a crashed test run, a reboot of the
+    session) leaves namespaces with no process in them; their claims are stale and may be taken over."""
+    name = owner["name"]
+    return (
+        netns_exists(name)
+        and Path(owner.get("workdir", "/nonexistent")).exists()
+        and bool(netns_pids(netns_name(name)))
+    )
+
+
 def _write(path: Path, text: str, mode: int | None = None) -> None:
     """Write in place (same inode), so a bind mount of `path` shows the new content."""
     if path.exists():
@@ -498,12 +510,12 @@ class SshHosts:
                     owner = {}
                 if owner.get("workdir") == record["workdir"] and owner.get("name") == record["name"]:
                     return False
-                if owner.get("name") and netns_exists(owner["name"]):
+                if owner.get("name") and _claim_alive(owner):
                     raise ValueError(
                         f"lab host {record['name']} ({record['ip']}) clashes with host {owner['name']} "
                         f"({owner.get('ip')}) of the lab in {owner.get('workdir')}"
                     ) from None
-                path.unlink(missing_ok=True)  # stale claim: its namespace is gone
+                path.unlink(missing_ok=True)  # stale claim: its lab is gone (see _claim_alive)
                 continue
             with os.fdopen(fd, "w") as fh:
                 fh.write(data)
