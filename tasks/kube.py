@@ -207,9 +207,13 @@ def smoke_pod(name: str, node: str, image: str, gpus: int = 1) -> dict[str, Any]
 
 
 def run_pods_to_completion(
-    kubeconfig: Path, namespace: str, pods: list[dict[str, Any]], timeout_s: float
+    kubeconfig: Path, namespace: str, pods: list[dict[str, Any]], timeout_s: float, unschedulable_grace_s: float = 30
 ) -> dict[str, client.V1Pod]:
-    """Create all pods at once and watch the namespace (one watch, not a poll per pod) until each is terminal."""
+    """Create all pods at once and watch the namespace (one watch, not a poll per pod) until each is terminal.
+
+    A pod the scheduler keeps refusing for `unschedulable_grace_s` counts as done too (a verdict, not a reason
+    to wait out the timeout); a refusal that clears sooner (a node still settling) is waited for.
+    """
     from kubernetes import watch
 
     with api_client(kubeconfig) as api:
@@ -221,13 +225,11 @@ def run_pods_to_completion(
         deadline = time.monotonic() + timeout_s
         while names - final.keys() and time.monotonic() < deadline:
             w = watch.Watch()
-            remaining = max(1, int(deadline - time.monotonic()))
+            window = max(1, min(5, int(deadline - time.monotonic())))
             try:
-                for event in w.stream(core.list_namespaced_pod, namespace, timeout_seconds=remaining):
+                for event in w.stream(core.list_namespaced_pod, namespace, timeout_seconds=window):
                     pod = event["object"]
-                    if pod.metadata.name in names and (
-                        pod.status.phase in ("Succeeded", "Failed") or _unschedulable(pod)
-                    ):
+                    if pod.metadata.name in names and pod.status.phase in ("Succeeded", "Failed"):
                         final[pod.metadata.name] = pod
                     if not names - final.keys():
                         w.stop()
@@ -235,30 +237,23 @@ def run_pods_to_completion(
                 if not is_transient_error(exc):
                     raise
                 time.sleep(1)
+            for pod in core.list_namespaced_pod(namespace).items if names - final.keys() else []:
+                if pod.metadata.name in names - final.keys() and _unschedulable_for(pod) >= unschedulable_grace_s:
+                    final[pod.metadata.name] = pod
         for name in names - final.keys():
             final[name] = core.read_namespaced_pod(name, namespace)
         return final
 
 
-def _unschedulable(pod: client.V1Pod) -> bool:
-    """The scheduler refused the pod: at validation time that is a verdict, not a reason to wait."""
-    return any(
-        c.type == "PodScheduled" and c.status == "False" and c.reason == "Unschedulable"
-        for c in (pod.status.conditions or [])
-    )
+def _unschedulable_for(pod: client.V1Pod) -> float:
+    """Seconds the scheduler has been refusing the pod (0 when it is not refused)."""
+    from datetime import UTC, datetime
 
-
-def gpus_held(kubeconfig: Path) -> dict[str, dict[str, int]]:
-    """Node -> {namespace/pod: GPUs} for every pod that holds GPUs (not finished), in one list call."""
-    held: dict[str, dict[str, int]] = {}
-    with api_client(kubeconfig) as api:
-        for pod in client.CoreV1Api(api).list_pod_for_all_namespaces().items:
-            if not pod.spec.node_name or pod.status.phase in ("Succeeded", "Failed"):
-                continue
-            gpus = sum(int((c.resources.limits or {}).get(GPU, 0)) for c in pod.spec.containers if c.resources)
-            if gpus:
-                held.setdefault(pod.spec.node_name, {})[f"{pod.metadata.namespace}/{pod.metadata.name}"] = gpus
-    return held
+    for c in pod.status.conditions or []:
+        if c.type == "PodScheduled" and c.status == "False" and c.reason == "Unschedulable":
+            since = pod.metadata.creation_timestamp or c.last_transition_time
+            return (datetime.now(UTC) - since).total_seconds() if since else 0.0
+    return 0.0
 
 
 def pod_log(kubeconfig: Path, namespace: str, name: str, attempts: int = 6) -> str:
