@@ -36,7 +36,8 @@ def smoke_round(kubeconfig: Path, names: list[str], round_no: int) -> float:
     pods = [kube.smoke_pod(f"cuda-smoke-{n}", n, IMAGE) for n in names]
     started = time.perf_counter()
     final = kube.run_pods_to_completion(kubeconfig, namespace, pods, timeout_s=300)
-    logs_ok = sum("Test PASSED" in kube.pod_log(kubeconfig, namespace, f"cuda-smoke-{n}") for n in names)
+    logs = kube.pod_logs(kubeconfig, namespace, [f"cuda-smoke-{n}" for n in names])
+    logs_ok = sum("Test PASSED" in log for log in logs.values())
     elapsed = time.perf_counter() - started
     ok = sum(p.status.phase == "Succeeded" for p in final.values())
     kube.delete_namespace(kubeconfig, namespace)

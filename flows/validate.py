@@ -142,11 +142,12 @@ def cuda_smoke(config, kubeconfig, gpu_nodes: list[str], keep: bool) -> list[Che
     kube.ensure_namespace(kubeconfig, namespace, {"app.kubernetes.io/managed-by": "gpuforge"})
     pods = [kube.smoke_pod(f"cuda-smoke-{node}", node, config.validation.cuda_image) for node in gpu_nodes]
     final = kube.run_pods_to_completion(kubeconfig, namespace, pods, config.timeouts.validate_)
+    logs = kube.pod_logs(kubeconfig, namespace, [f"cuda-smoke-{node}" for node in gpu_nodes])
     results, passed = [], []
     for node in gpu_nodes:
         name = f"cuda-smoke-{node}"
         pod = final[name]
-        log = kube.pod_log(kubeconfig, namespace, name)
+        log = logs[name]
         events = [] if pod.status.phase == "Succeeded" else kube.pod_events(kubeconfig, namespace, name)
         result = validation.smoke_result(node, pod.status.phase, log, events)
         results.append(result)
