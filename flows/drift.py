@@ -10,7 +10,7 @@ be read: the items found are still listed). The run fails (and notifies) unless 
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,33 @@ class DriftFound(RuntimeError):
 
 
 def _node_dicts(kubeconfig: Path) -> dict[str, dict[str, Any]]:
-    return {name: dataclasses.asdict(state) for name, state in kube.list_nodes(kubeconfig).items()}
+    """Every node in one list call, as the plain fields drift compares (tasks.kube.NodeState's), read from the
+    raw JSON: building the client's typed models for a thousand nodes costs more than the call itself."""
+    from kubernetes import client
+
+    with kube.api_client(kubeconfig) as api:
+        resp = client.CoreV1Api(api).list_node(_preload_content=False)
+        data = json.loads(resp.data)
+    return {item["metadata"]["name"]: _node_dict(item) for item in data.get("items") or []}
+
+
+def _node_dict(node: dict[str, Any]) -> dict[str, Any]:
+    meta, spec, status = node.get("metadata") or {}, node.get("spec") or {}, node.get("status") or {}
+    conditions = {c.get("type"): c.get("status") for c in status.get("conditions") or []}
+    taints = [
+        f"{t['key']}={t['value']}:{t['effect']}" if t.get("value") else f"{t['key']}:{t['effect']}"
+        for t in spec.get("taints") or []
+    ]
+    return {
+        "name": meta["name"],
+        "ready": conditions.get("Ready") == "True",
+        "kubelet_version": ((status.get("nodeInfo") or {}).get("kubeletVersion") or "").lstrip("v"),
+        "allocatable_gpus": int((status.get("allocatable") or {}).get(kube.GPU, "0")),
+        "unschedulable": bool(spec.get("unschedulable")),
+        "labels": dict(meta.get("labels") or {}),
+        "annotations": dict(meta.get("annotations") or {}),
+        "taints": taints,
+    }
 
 
 def read_live(config: Config, *, nodes_reader=_node_dicts) -> tuple[core.LiveState, dict[str, int], list[str]]:

@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from gpuforge import render
-from gpuforge.checks import NodeView, expected_gpus
+from gpuforge.checks import INSTALLED_GPU_COUNT
 from gpuforge.config import Config
 from gpuforge.remediation import SlurmNode, slurm_name_map
 
@@ -170,25 +170,26 @@ def mask(value: Any) -> Any:
 # --------------------------------------------------------------------------------------------- desired
 
 
-def learned_counts(config: Config, nodes: Mapping[str, Mapping[str, Any]]) -> dict[str, int]:
-    """GPU counts the config leaves open, as recorded on the nodes at install (what install rendered with)."""
-    out = {}
+def expected_gpu_counts(config: Config, nodes: Mapping[str, Any]) -> dict[str, int | None]:
+    """checks.expected_gpus for every GPU node at once (that function looks the node up in the config, which is
+    linear per call): the configured count, else the count recorded on the node at install, else None.
+    `nodes` maps names to NodeState-like objects or dicts with `annotations`."""
+    out: dict[str, int | None] = {}
     for gpu in config.gpu_nodes:
-        if gpu.spec.gpu_count is None and gpu.name in nodes:
-            n = expected_gpus(config, _view(gpu.name, nodes[gpu.name]), gpu.name)
-            if n is not None:
-                out[gpu.name] = n
+        if gpu.spec.gpu_count:
+            out[gpu.name] = gpu.spec.gpu_count
+            continue
+        node = nodes.get(gpu.name)
+        notes = (node.get("annotations") if isinstance(node, Mapping) else getattr(node, "annotations", None)) or {}
+        recorded = str(notes.get(INSTALLED_GPU_COUNT, ""))
+        out[gpu.name] = int(recorded) if recorded.isdigit() else None
     return out
 
 
-def _view(name: str, node: Mapping[str, Any]) -> NodeView:
-    return NodeView(
-        name=name,
-        ready=bool(node.get("ready", True)),
-        allocatable_gpus=int(node.get("allocatable_gpus") or 0),
-        labels=dict(node.get("labels") or {}),
-        annotations=dict(node.get("annotations") or {}),
-    )
+def learned_counts(config: Config, nodes: Mapping[str, Any]) -> dict[str, int]:
+    """GPU counts the config leaves open, as recorded on the nodes at install (what install rendered with)."""
+    open_count = {g.name for g in config.gpu_nodes if g.spec.gpu_count is None}
+    return {n: c for n, c in expected_gpu_counts(config, nodes).items() if n in open_count and c is not None}
 
 
 def _taint_map(taints: Iterable[str]) -> dict[str, str]:
@@ -215,6 +216,7 @@ def compare_nodes(config: Config, live: LiveState) -> list[DriftItem]:
     # Taint keys gpuforge owns anywhere in the config: removing one from a node's config is drift too.
     owned_taints = {k for n in config.nodes for k in _taint_map(render.node_taints(n))}
     gpu_operator = config.enabled("gpu-operator")
+    expected = expected_gpu_counts(config, live.nodes)
     for name, node in wanted.items():
         res = f"node/{name}"
         state = live.nodes.get(name)
@@ -247,7 +249,7 @@ def compare_nodes(config: Config, live: LiveState) -> list[DriftItem]:
                     )
                 )
         if gpu_operator and node.spec.is_gpu:
-            want = expected_gpus(config, _view(name, state), name)
+            want = expected[name]
             have = int(state.get("allocatable_gpus") or 0)
             if (want is None and have < 1) or (want is not None and have != want):
                 items.append(

@@ -203,6 +203,24 @@ def test_fault_gives_exactly_that_verdict_for_exactly_that_gpu(installed, config
     assert all(a["status"] == "skipped" for a in report["actions"])
 
 
+def test_missing_gpu_is_unhealthy_with_the_default_2h_window(installed, lab_config, names):
+    """A GPU that stops exporting keeps windowed-increase series for the whole window: it must still read as
+    missing (unhealthy), not as present with stale metrics (unknown) for two hours."""
+    from gpuforge.config import load_config
+
+    default = load_config(lab_config)  # xid_window 2h
+    node = names["k8s"]
+    installed.dcgm.remove_gpu(node, 2)
+    deadline = time.monotonic() + 40
+    got = None
+    while time.monotonic() < deadline:
+        got = not_healthy(verdicts_now(default)).get((node, 2))
+        if got and got[0] == "unhealthy":
+            break
+        time.sleep(1)
+    assert got == ("unhealthy", f"GPU 2 missing (expected on {node})")
+
+
 def test_prometheus_down_every_gpu_unknown_and_the_run_fails(installed, lab_config, cfg, tmp_path):
     from tests.conftest import free_port
 

@@ -294,3 +294,21 @@ def test_pointer_escaping():
 def test_disabled_or_unread_parts_are_not_compared(config):
     live = LiveState(nodes=converged(config).nodes)  # nothing but nodes was read
     assert drift.compute(config, live) == []
+
+
+def test_automation_definition_validates_and_targets_both_day2_flows():
+    """deployments/automations.yaml is what `prefect automation create --from-file` accepts (once the block id
+    is filled in): failed or crashed gpu-health/drift runs send a notification."""
+    import uuid
+    from pathlib import Path
+
+    import yaml
+    from prefect.events.schemas.automations import AutomationCore
+
+    text = (Path(__file__).resolve().parents[1] / "deployments" / "automations.yaml").read_text()
+    assert "BLOCK_DOCUMENT_ID" in text
+    (data,) = yaml.safe_load(text.replace("BLOCK_DOCUMENT_ID", str(uuid.uuid4())))["automations"]
+    automation = AutomationCore.model_validate(data)
+    assert automation.trigger.expect == {"prefect.flow-run.Failed", "prefect.flow-run.Crashed"}
+    assert automation.trigger.match_related.root["prefect.resource.name"] == ["gpu-health", "drift"]
+    assert [a.type for a in automation.actions] == ["send-notification"]
