@@ -36,9 +36,11 @@ def smoke_round(kubeconfig: Path, names: list[str], round_no: int) -> float:
     pods = [kube.smoke_pod(f"cuda-smoke-{n}", n, IMAGE) for n in names]
     started = time.perf_counter()
     final = kube.run_pods_to_completion(kubeconfig, namespace, pods, timeout_s=300)
+    terminal = time.perf_counter() - started
     logs = kube.pod_logs(kubeconfig, namespace, [f"cuda-smoke-{n}" for n in names])
     logs_ok = sum("Test PASSED" in log for log in logs.values())
     elapsed = time.perf_counter() - started
+    print(f"  {len(names):>2} nodes: all pods terminal after {terminal:.2f}s, logs read after {elapsed:.2f}s")
     ok = sum(p.status.phase == "Succeeded" for p in final.values())
     kube.delete_namespace(kubeconfig, namespace)
     if ok != len(names) or logs_ok != len(names):

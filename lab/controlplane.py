@@ -515,7 +515,25 @@ class ControlPlane:
     # ------------------------------------------------------------------ kwok configuration
 
     def _write_kwok_config(self, cluster_execs: list[dict]) -> None:
-        docs = [*_stages(self.version), *cluster_execs]
+        # Like kwokctl's --disable-qps-limits: the simulated kubelets must not be what a benchmark measures.
+        tuning = {
+            "apiVersion": "config.kwok.x-k8s.io/v1alpha1",
+            "kind": "KwokConfiguration",
+            # kwok does not default the options of a configuration file: every field is spelled out.
+            "options": {
+                "podPlayStageParallelism": 32,
+                "nodePlayStageParallelism": 16,
+                "nodeLeaseParallelism": 16,
+                "podsOnNodeSyncParallelism": 4,
+                "enableDebuggingHandlers": True,
+                "enableProfilingHandler": False,
+                "enableContentionProfiling": False,
+                "manageAllNodes": False,
+                "enablePodsOnNodeSyncListPager": True,
+                "enablePodsOnNodeSyncStreamWatch": False,
+            },
+        }
+        docs = [tuning, *_stages(self.version), *cluster_execs]
         text = "".join("---\n" + yaml.dump(d, Dumper=_LiteralDumper, sort_keys=False) for d in docs)
         path = self.dir / "kwok.yaml"
         if not path.exists() or path.read_text() != text:
@@ -639,6 +657,10 @@ class ControlPlane:
                 # kwok's nodes carry InternalIP 127.0.0.1 and kwok's port: logs/exec reach kwok.
                 "--kubelet-preferred-address-types=InternalIP",
                 "--profiling=false",
+                # One machine, no tenants: no request throttling between the lab's own clients.
+                "--max-requests-inflight=0",
+                "--max-mutating-requests-inflight=0",
+                "--enable-priority-and-fairness=false",
                 *old_etcd_gates,
             ],
             CONTROLLER_MANAGER: [
@@ -656,6 +678,8 @@ class ControlPlane:
                 f"--authorization-always-allow-paths={_ALWAYS_ALLOW}",
                 "--node-monitor-grace-period=60s",
                 "--profiling=false",
+                "--kube-api-qps=5000",
+                "--kube-api-burst=10000",
             ],
             SCHEDULER: [
                 str(bins[SCHEDULER]),
@@ -664,6 +688,8 @@ class ControlPlane:
                 f"--secure-port={p['scheduler']}",
                 "--leader-elect=false",
                 f"--authorization-always-allow-paths={_ALWAYS_ALLOW}",
+                "--kube-api-qps=5000",
+                "--kube-api-burst=10000",
             ],
             KWOK: [
                 str(bins[KWOK]),

@@ -257,9 +257,9 @@ def _unschedulable_for(pod: client.V1Pod) -> float:
     return 0.0
 
 
-def pod_log(kubeconfig: Path, namespace: str, name: str, attempts: int = 6) -> str:
+def pod_log(kubeconfig: Path, namespace: str, name: str, attempts: int = 24, pause_s: float = 0.25) -> str:
     """The pod's last 200 log lines. A container that just finished may not serve its log for a moment
-    (the kubelet answers 400/404), so a few spaced tries are made before giving up."""
+    (the kubelet answers 400/404), so it is asked again every `pause_s` for up to attempts x pause_s."""
     with api_client(kubeconfig) as api:
         for attempt in range(attempts):
             try:
@@ -267,7 +267,7 @@ def pod_log(kubeconfig: Path, namespace: str, name: str, attempts: int = 6) -> s
             except ApiException as exc:
                 if attempt == attempts - 1 or exc.status not in (400, 404, 500, 502, 503):
                     return f"(no log: {exc.reason}: {(exc.body or '')[:200]})"
-                time.sleep(1)
+                time.sleep(pause_s)
     return "(no log)"
 
 
