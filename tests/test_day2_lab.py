@@ -48,7 +48,9 @@ def _variant(base: Path, name: str, **keys) -> Path:
 def installed(lab, lab_config, prefect_server):
     from flows.install import InstallParams, install
 
-    state = install(InstallParams(config=str(lab_config)), return_state=True)
+    # Every phase but validate (not what is tested here; idempotent when another module installed first).
+    phases = ["preflight", "kubespray", "monitoring", "gpu-operator", "slurm", "dashboard"]
+    state = install(InstallParams(config=str(lab_config), only=phases), return_state=True)
     assert state.is_completed(), state.message
     return lab
 
@@ -287,6 +289,18 @@ def test_remediation_cordons_and_drains_then_release_closes_the_loop(installed, 
     assert sinfo(installed)[node].state == "idle"
     reservations = installed.slurm.run("scontrol", "show", "reservation").stdout
     assert "gpuforge-release" not in reservations
+
+
+def test_slurm_node_drained_by_someone_else_is_in_the_report(installed, configs, cfg, names):
+    node = names["slurm"]
+    installed.slurm.run("scontrol", "update", f"nodename={node}", "state=drain", "reason=bad cable (alice)")
+    report, _ = run_health(configs["on"])
+    assert report["exit_code"] == 0  # its GPUs are healthy
+    row = next(r for r in report["nodes"] if r["node"] == node)
+    assert row["slurm_state"].startswith("drain") and row["slurm_reason"] == "bad cable (alice)" and row["consistent"]
+    (out,) = report["slurm_out_of_service"]
+    assert (out["slurm_node"], out["node"], out["reason"]) == (node, node, "bad cable (alice)")
+    assert report["actions"] == [] and not node_state(cfg, node).unschedulable  # not gpuforge's to change
 
 
 def test_release_of_kubernetes_only_node_runs_a_cuda_smoke_pod_through_the_cordon(installed, configs, cfg, names):
