@@ -257,6 +257,19 @@ def _unschedulable_for(pod: client.V1Pod) -> float:
     return 0.0
 
 
+def gpus_held(kubeconfig: Path) -> dict[str, dict[str, int]]:
+    """Node -> {namespace/pod: GPUs} for every pod that holds GPUs (not finished), in one list call."""
+    held: dict[str, dict[str, int]] = {}
+    with api_client(kubeconfig) as api:
+        for pod in client.CoreV1Api(api).list_pod_for_all_namespaces().items:
+            if not pod.spec.node_name or pod.status.phase in ("Succeeded", "Failed"):
+                continue
+            gpus = sum(int((c.resources.limits or {}).get(GPU, 0)) for c in pod.spec.containers if c.resources)
+            if gpus:
+                held.setdefault(pod.spec.node_name, {})[f"{pod.metadata.namespace}/{pod.metadata.name}"] = gpus
+    return held
+
+
 def pod_log(kubeconfig: Path, namespace: str, name: str, attempts: int = 24, pause_s: float = 0.25) -> str:
     """The pod's last 200 log lines. A container that just finished may not serve its log for a moment
     (the kubelet answers 400/404), so it is asked again every `pause_s` for up to attempts x pause_s."""
