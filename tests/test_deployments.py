@@ -38,10 +38,15 @@ def test_prefect_yaml_declares_every_workflow_once():
     }
     for d in data["deployments"]:
         module, func = d["entrypoint"].split(":")
-        assert (REPO / module).exists() or func in ("gpu_health", "drift"), d["entrypoint"]
+        assert (REPO / module).exists(), d["entrypoint"]
         assert d["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
     nightly = next(d for d in data["deployments"] if d["name"] == "nightly")
     assert nightly["schedules"][0]["cron"] == "0 2 * * *"
+    # 02:00 in the cluster's own time zone
+    from gpuforge.config import load_config
+
+    prod = load_config(REPO / nightly["parameters"]["params"]["config"])
+    assert nightly["schedules"][0]["timezone"] == prod.timezone
 
 
 @pytest.mark.usefixtures("prefect_server")
