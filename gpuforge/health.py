@@ -562,9 +562,19 @@ _HOST_LABELS = ("hostname", "exported_hostname")
 _FALLBACK_NODE_LABELS = ("node", "exported_node", "kubernetes_node", "nodename")
 
 
+class _FoldedLabels(dict):
+    """A series' labels with case-folded names and no empty values, folded once per series."""
+
+
+def _fold(metric: Mapping[str, str]) -> _FoldedLabels:
+    if isinstance(metric, _FoldedLabels):
+        return metric
+    return _FoldedLabels((k.casefold(), v) for k, v in metric.items() if v not in (None, ""))
+
+
 def _label(metric: Mapping[str, str], *names: str) -> str | None:
     """First label whose name matches one of ``names`` case-insensitively, non-empty."""
-    lowered = {k.casefold(): v for k, v in metric.items() if v not in (None, "")}
+    lowered = _fold(metric)
     for name in names:
         if name in lowered:
             return lowered[name]
@@ -574,7 +584,8 @@ def _label(metric: Mapping[str, str], *names: str) -> str | None:
 def node_of(metric: Mapping[str, str]) -> str | None:
     """The node a series belongs to: ``Hostname``/``hostname`` (any case) or their ``exported_`` forms;
     failing those, a ``node``-style label added by relabelling."""
-    return _label(metric, *_HOST_LABELS) or _label(metric, *_FALLBACK_NODE_LABELS)
+    folded = _fold(metric)
+    return _label(folded, *_HOST_LABELS) or _label(folded, *_FALLBACK_NODE_LABELS)
 
 
 def _sample_value(item: Mapping[str, Any]) -> float | None:
@@ -646,7 +657,7 @@ def readings_from_query_results(
     # First pass: every series with a gpu label; second: series known only by UUID.
     for query, items in results.items():
         for item in items or []:
-            metric = item.get("metric") or {}
+            metric = _fold(item.get("metric") or {})
             if _label(metric, "gpu") is None:
                 pending.append((query, metric, _sample_value(item)))
                 continue
