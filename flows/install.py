@@ -21,6 +21,7 @@ from flows.notify import notify_failure
 from flows.preflight import preflight
 from flows.slurm import slurm
 from flows.validate import ValidateParams, validate
+from tasks.kube import nodes_converged
 
 Phase = Literal["preflight", "kubespray", "monitoring", "gpu-operator", "slurm", "dashboard", "validate"]
 PHASES: list[str] = ["preflight", "kubespray", "monitoring", "gpu-operator", "slurm", "dashboard", "validate"]
@@ -66,17 +67,19 @@ def install(params: InstallParams) -> list[dict]:
     logger = get_run_logger()
     config = load(params, connects=True)
     rows: list[dict] = []
+    # Preflight guards what Kubespray does to the nodes; when Kubespray has nothing to do, neither has it.
+    nodes_done = "kubespray" not in params.force_phases and nodes_converged(
+        config.kubeconfig_path(), [n.name for n in config.nodes], config.kubespray.kube_version
+    )
     with cluster_lock(config.cluster_name, "install"):
         for phase in selected_phases(params):
+            skip = None
             if phase in SERVICE and not config.enabled(SERVICE[phase]):
-                rows.append(
-                    {
-                        "phase": phase,
-                        "result": "skipped",
-                        "seconds": 0,
-                        "detail": f"{SERVICE[phase]} is disabled in the config",
-                    }
-                )
+                skip = f"{SERVICE[phase]} is disabled in the config"
+            elif phase == "preflight" and nodes_done and not params.only:
+                skip = "skipped: every node is Ready at the pinned version; Kubespray will not run"
+            if skip:
+                rows.append({"phase": phase, "result": "skipped", "seconds": 0, "detail": skip})
                 continue
             started = time.monotonic()
             state = _run_phase(phase, params)

@@ -10,7 +10,7 @@ from flows.common import ClusterParams, load, publish_markdown, publish_table, r
 from gpuforge.plan import write_plan
 from gpuforge.render import CONTAINERD_IMPORTS
 from tasks.ansible_tasks import run_kubespray
-from tasks.kube import list_nodes, nodes_ready_probe, wait_for
+from tasks.kube import nodes_converged, nodes_ready_probe, wait_for
 
 
 class KubesprayParams(ClusterParams):
@@ -23,7 +23,7 @@ def kubespray(params: KubesprayParams) -> str:
     config = load(params, connects=True)
     names, version = [n.name for n in config.nodes], config.kubespray.kube_version
     kubeconfig = config.kubeconfig_path()
-    if not params.force and kubeconfig.exists() and _converged(kubeconfig, names, version):
+    if not params.force and nodes_converged(kubeconfig, names, version):
         return f"skipped: all {len(names)} nodes Ready at {version} (use --force-phase kubespray to re-run)"
 
     inventory_dir = state_dir(config) / "inventory"
@@ -62,11 +62,3 @@ def kubespray(params: KubesprayParams) -> str:
         "Kubespray phase summary",
     )
     return f"converged {len(names)} nodes at {version}"
-
-
-def _converged(kubeconfig, names: list[str], version: str) -> bool:
-    try:
-        nodes = list_nodes(kubeconfig)
-    except Exception:  # noqa: BLE001 - an unreachable cluster is simply not converged
-        return False
-    return all(n in nodes and nodes[n].ready and nodes[n].kubelet_version == version for n in names)

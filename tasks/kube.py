@@ -122,6 +122,17 @@ def nodes_ready_probe(kubeconfig: Path, names: list[str], version: str) -> Calla
     return probe
 
 
+def nodes_converged(kubeconfig: Path, names: list[str], version: str) -> bool:
+    """Every named node is registered, Ready and at `version`; an unreachable cluster is not converged."""
+    if not Path(kubeconfig).exists():
+        return False
+    try:
+        done, _ = nodes_ready_probe(kubeconfig, names, version)()
+    except Exception:  # noqa: BLE001 - whatever stops us reading the cluster means "not converged"
+        return False
+    return done
+
+
 def get_custom(kubeconfig: Path, group: str, version: str, plural: str, name: str) -> dict[str, Any] | None:
     """A cluster-scoped custom resource, or None when it (or its CRD) does not exist."""
     with api_client(kubeconfig) as api:
