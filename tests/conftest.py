@@ -86,3 +86,12 @@ def config_variant(config: Path, folder: Path, change) -> Path:
     with path.open("w") as f:
         yaml.dump(data, f)
     return path
+
+
+@pytest.fixture(scope="session")
+def first_install(lab, lab_config, prefect_server):
+    """The session's first `install` of its lab (all phases), run once whichever test module needs it first."""
+    from flows.install import InstallParams, install
+
+    state = install(InstallParams(config=str(lab_config)), return_state=True)
+    return state

@@ -45,13 +45,8 @@ def _variant(base: Path, name: str, **keys) -> Path:
 
 
 @pytest.fixture(scope="module")
-def installed(lab, lab_config, prefect_server):
-    from flows.install import InstallParams, install
-
-    # Every phase but validate (not what is tested here; idempotent when another module installed first).
-    phases = ["preflight", "kubespray", "monitoring", "gpu-operator", "slurm", "dashboard"]
-    state = install(InstallParams(config=str(lab_config), only=phases), return_state=True)
-    assert state.is_completed(), state.message
+def installed(lab, first_install):
+    assert first_install.is_completed(), first_install.message
     return lab
 
 

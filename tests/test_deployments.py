@@ -50,7 +50,7 @@ def test_prefect_yaml_declares_every_workflow_once():
 
 
 @pytest.mark.usefixtures("prefect_server")
-def test_deployment_run_through_a_process_worker(lab, lab_config):
+def test_deployment_run_through_a_process_worker(lab, lab_config, first_install):
     assert prefect("work-pool", "create", "gpuforge", "--type", "process", "--overwrite").returncode == 0
     deployed = prefect("--no-prompt", "deploy", "--name", "validate/lab", "--name", "install/prod")
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
