@@ -16,10 +16,7 @@ if ((${#missing[@]})); then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-# Debian starts some of these as services where it can; the lab runs its own private instances.
-for svc in prometheus etcd munge slurmctld slurmd ssh; do
-  pkill -x "$svc" 2>/dev/null || true
-done
+# The lab runs private instances of these daemons; without systemd, Debian starts none of its own.
 
 if [[ ! -x .venv/bin/python ]]; then
   python3 -m venv .venv
