@@ -114,7 +114,7 @@ def read_live(config: Config, *, nodes_reader=_node_dicts) -> tuple[core.LiveSta
 
 
 def _slurmd_pods(kubeconfig: Path, namespace: str) -> list[dict[str, str]]:
-    from flows.gpu_health import slurm_pods
+    from tasks.kube import slurm_pods
 
     return slurm_pods(kubeconfig, namespace)
 

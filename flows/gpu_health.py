@@ -33,12 +33,24 @@ from gpuforge import checks, health, remediation, validation
 from gpuforge.config import Config
 from gpuforge.drift import expected_gpu_counts
 from gpuforge.health import GpuVerdict, Thresholds, Verdict
+from gpuforge.health_report import (
+    EXIT_HEALTHY,
+    EXIT_UNHEALTHY,
+    EXIT_UNKNOWN,
+    exit_code,
+    failure_message,
+    node_rows,
+    one_line,
+    release_markdown,
+    slurm_out_rows,
+    summary_markdown,
+    unknown_verdicts,
+)
 from gpuforge.remediation import Action, SlurmNode
 from tasks import kube, prometheus
 from tasks import slurm as slurm_tasks
 
 UNSCHEDULABLE_TAINT = "node.kubernetes.io/unschedulable"
-EXIT_HEALTHY, EXIT_UNHEALTHY, EXIT_UNKNOWN = 0, 1, 2
 
 
 class HealthParams(ClusterParams):
@@ -134,72 +146,6 @@ def evaluate_fleet(
     return health.judge_all(readings, table), len(queries)
 
 
-def unknown_verdicts(expected: dict[str, int | None], why: str) -> list[GpuVerdict]:
-    return [
-        GpuVerdict(node=node, gpu=i, verdict=Verdict.UNKNOWN, reasons=[why])
-        for node, count in expected.items()
-        for i in range(count or 1)
-    ]
-
-
-def exit_code(verdicts: list[GpuVerdict]) -> int:
-    kinds = {v.verdict for v in verdicts}
-    if kinds & {Verdict.UNHEALTHY, Verdict.DEGRADED}:
-        return EXIT_UNHEALTHY
-    if Verdict.UNKNOWN in kinds or not verdicts:
-        return EXIT_UNKNOWN
-    return EXIT_HEALTHY
-
-
-# ------------------------------------------------------------------------------------- cluster verbs
-
-
-def set_cordon(kubeconfig: Path, node: str, cordon: bool, reason: str | None) -> None:
-    """Cordon (with the reason annotation) or uncordon (annotation removed) in one patch."""
-    from kubernetes import client
-
-    body = {
-        "spec": {"unschedulable": True if cordon else None},
-        "metadata": {"annotations": {remediation.CORDON_ANNOTATION: reason if cordon else None}},
-    }
-    with kube.api_client(kubeconfig) as api:
-        client.CoreV1Api(api).patch_node(node, body)
-
-
-def slurm_pods(kubeconfig: Path, namespace: str) -> list[dict[str, str]]:
-    """slurmd pods (name, hostname, node) in one list call: how Kubernetes nodes map to Slurm nodes."""
-    out = []
-    for pod in kube.list_pods(kubeconfig, namespace):
-        labels = pod.metadata.labels or {}
-        if labels.get("app.kubernetes.io/name") == "slurmd":
-            out.append({"name": pod.metadata.name, "hostname": pod.spec.hostname or "", "node": pod.spec.node_name})
-    return out
-
-
-class Slurm:
-    """The Slurm side of one run: `sinfo` once, then scontrol/sbatch through the controller pod."""
-
-    def __init__(self, config: Config, kubeconfig: Path):
-        self.kubeconfig, self.namespace = kubeconfig, config.validation.slurm_namespace
-
-    def run(self, *argv: str, timeout: float = 20) -> slurm_tasks.ExecResult:
-        return slurm_tasks.slurm_exec(self.kubeconfig, self.namespace, list(argv), timeout_s=timeout)
-
-    def nodes(self) -> dict[str, SlurmNode]:
-        res = self.run(*remediation.SINFO_ARGV)
-        if not res.ok:
-            raise RuntimeError(f"sinfo failed (rc {res.rc}): {(res.stderr or res.stdout).strip()[:300]}")
-        return remediation.parse_sinfo(res.stdout)
-
-    def update(self, node: str, state: str, reason: str | None = None) -> None:
-        argv = ["scontrol", "update", f"nodename={node}", f"state={state}"]
-        if reason:
-            argv.append(f"reason={reason}")
-        res = self.run(*argv)
-        if not res.ok:
-            raise RuntimeError(f"scontrol update {node} state={state}: {(res.stderr or res.stdout).strip()[:300]}")
-
-
 # ------------------------------------------------------------------------------------------- the flow
 
 
@@ -232,8 +178,8 @@ def _slurm_state(config: Config, kubeconfig: Path) -> tuple[dict[str, SlurmNode]
     if not config.enabled("slurm"):
         return None, {}, None
     try:
-        nodes = Slurm(config, kubeconfig).nodes()
-        pods = slurm_pods(kubeconfig, config.validation.slurm_namespace)
+        nodes = slurm_tasks.Slurm(config, kubeconfig).nodes()
+        pods = kube.slurm_pods(kubeconfig, config.validation.slurm_namespace)
     except Exception as exc:  # noqa: BLE001 - reported; no Slurm action (and no cordon of Slurm nodes) follows
         return None, {}, f"Slurm could not be read: {str(exc).splitlines()[0][:300]}"
     names = remediation.slurm_name_map([n.name for n in config.gpu_nodes], nodes, pods)
@@ -296,7 +242,7 @@ def _check(config: Config) -> dict:
 def _carry_out(config: Config, kubeconfig: Path, actions: list[Action], log: Callable[[str], None]) -> None:
     """Planned actions, per node: drain Slurm first, then cordon; a failed cordon resumes the Slurm node again
     (and a failed drain means no cordon), so both sides always end in the same state."""
-    slurm = Slurm(config, kubeconfig)
+    slurm = slurm_tasks.Slurm(config, kubeconfig)
     by_node: dict[str, list[Action]] = {}
     for a in actions:
         if a.status == "planned":
@@ -316,7 +262,7 @@ def _carry_out(config: Config, kubeconfig: Path, actions: list[Action], log: Cal
                 continue
         if cordon:
             try:
-                set_cordon(kubeconfig, node, True, cordon.annotation)
+                kube.set_cordon(kubeconfig, node, True, cordon.annotation)
                 cordon.status = "done"
                 log(f"cordoned {node}: {cordon.annotation}")
             except Exception as exc:  # noqa: BLE001
@@ -376,9 +322,9 @@ def _release(config: Config, node: str) -> dict:
 
     # 3. Decide, then act: Slurm side first (already resumed by the job path), then the cordon.
     if in_slurm and snode is not None:
-        snode = Slurm(config, kubeconfig).nodes().get(sname, snode)
+        snode = slurm_tasks.Slurm(config, kubeconfig).nodes().get(sname, snode)
     decision = remediation.release_decision(node, ok, detail, verdicts, nodes[node], snode, sname, in_slurm)
-    slurm = Slurm(config, kubeconfig)
+    slurm = slurm_tasks.Slurm(config, kubeconfig)
     when = remediation.stamp(dt.datetime.now(dt.UTC), config.timezone)
     if decision.ok:
         done: list[Action] = []
@@ -390,7 +336,7 @@ def _release(config: Config, node: str) -> dict:
                 if a.kind == remediation.RESUME_SLURM:
                     slurm.update(a.slurm_node, "resume")
                 elif a.kind == remediation.UNCORDON:
-                    set_cordon(kubeconfig, node, False, None)
+                    kube.set_cordon(kubeconfig, node, False, None)
                 a.status = "done"
                 done.append(a)
             except Exception as exc:  # noqa: BLE001
@@ -404,7 +350,7 @@ def _release(config: Config, node: str) -> dict:
                     note = nodes[node].annotations.get(remediation.CORDON_ANNOTATION) or remediation.annotation_text(
                         decision.reasons, when
                     )
-                    set_cordon(kubeconfig, node, True, note)
+                    kube.set_cordon(kubeconfig, node, True, note)
                     a.status = "undone"
                 elif a.kind == remediation.RESUME_SLURM:
                     slurm.update(a.slurm_node, "drain", remediation.slurm_reason(decision.reasons, when))
@@ -477,7 +423,7 @@ def _slurm_revalidate(
     drains the node again (done by the caller)."""
     if sname is None or snode is None:
         return False, "no Slurm node found for this node"
-    slurm = Slurm(config, kubeconfig)
+    slurm = slurm_tasks.Slurm(config, kubeconfig)
     resv = f"gpuforge-release-{sname}"
     if snode.out_of_service:
         slurm.run("scontrol", "delete", f"reservationname={resv}")
@@ -531,134 +477,3 @@ def _field(text: str, key: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------- reporting
-
-
-def node_rows(
-    config: Config,
-    nodes: dict[str, Any],
-    verdicts: list[GpuVerdict],
-    slurm_nodes: dict[str, SlurmNode] | None,
-    slurm_names: dict[str, str],
-) -> list[dict[str, Any]]:
-    """One row per GPU node: worst GPU verdict, the Kubernetes side (cordon and why), the Slurm side."""
-    by_node: dict[str, list[GpuVerdict]] = {}
-    for v in verdicts:
-        by_node.setdefault(v.node, []).append(v)
-    rows = []
-    for gpu in config.gpu_nodes:
-        state = nodes.get(gpu.name)
-        sname = slurm_names.get(gpu.name)
-        snode = (slurm_nodes or {}).get(sname) if sname else None
-        mine = by_node.get(gpu.name, [])
-        row = {
-            "node": gpu.name,
-            "verdict": health.worst(mine).value,
-            "gpus": len(mine),
-            "kubernetes": "unregistered" if state is None else ("cordoned" if state.unschedulable else "schedulable"),
-            "cordon_reason": (state.annotations.get(remediation.CORDON_ANNOTATION, "") if state else ""),
-            "slurm_node": sname or "",
-            "slurm_state": snode.state if snode else "",
-            "slurm_reason": snode.reason if snode else "",
-            "consistent": True,
-        }
-        if snode is not None and state is not None:
-            ours_k8s = bool(row["cordon_reason"])
-            if (ours_k8s and state.unschedulable and not snode.out_of_service) or (
-                snode.by_gpuforge and snode.drained and not state.unschedulable
-            ):
-                row["consistent"] = False
-        rows.append(row)
-    return rows
-
-
-def slurm_out_rows(slurm_nodes: dict[str, SlurmNode] | None, slurm_names: dict[str, str]) -> list[dict[str, str]]:
-    """Every Slurm node drained or down, by anyone, with its reason."""
-    k8s = {s: k for k, s in slurm_names.items()}
-    return [
-        {"slurm_node": s.name, "node": k8s.get(s.name, ""), "state": s.state, "reason": s.reason, "user": s.user}
-        for s in (slurm_nodes or {}).values()
-        if s.out_of_service
-    ]
-
-
-def one_line(report: dict) -> str:
-    c = report["counts"]
-    return (
-        f"{sum(c.values())} GPUs: {c['healthy']} healthy, {c['degraded']} degraded, {c['unhealthy']} unhealthy, "
-        f"{c['unknown']} unknown; {sum(a['status'] == 'done' for a in report['actions'])} actions; "
-        f"exit {report['exit_code']}"
-    )
-
-
-def failure_message(report: dict) -> str:
-    lines = [f"{report['cluster']}: {one_line(report)}"]
-    lines += report["errors"]
-    bad = [g for g in report["gpus"] if g["verdict"] != Verdict.HEALTHY.value]
-    order = {Verdict.UNHEALTHY.value: 0, Verdict.UNKNOWN.value: 1, Verdict.DEGRADED.value: 2}
-    for g in sorted(bad, key=lambda g: (order.get(g["verdict"], 3), g["node"], g["gpu"]))[:5]:
-        lines.append(f"{g['node']} GPU {g['gpu']} {g['verdict']}: {'; '.join(g['reasons']) or '-'}")
-    return "\n".join(lines)
-
-
-def summary_markdown(report: dict) -> str:
-    c = report["counts"]
-    lines = [
-        f"# GPU health of `{report['cluster']}`",
-        "",
-        f"**exit {report['exit_code']}** -- {sum(c.values())} GPUs, {report['queries']} PromQL queries, "
-        f"{report['seconds']} s",
-        "",
-        "| verdict | GPUs |",
-        "|---|---|",
-        *(f"| {k} | {n} |" for k, n in c.items()),
-        "",
-    ]
-    if report["errors"]:
-        lines += ["## Errors", "", *(f"- {e}" for e in report["errors"]), ""]
-    bad = [g for g in report["gpus"] if g["verdict"] != Verdict.HEALTHY.value]
-    if bad:
-        lines += ["## GPUs not healthy", "", "| node | gpu | verdict | reasons |", "|---|---|---|---|"]
-        lines += [f"| {g['node']} | {g['gpu']} | {g['verdict']} | {'; '.join(g['reasons'])} |" for g in bad]
-        lines.append("")
-    lines += [
-        "## Nodes",
-        "",
-        "| node | verdict | kubernetes | cordon reason | slurm node | slurm state | slurm reason | consistent |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    lines += [
-        f"| {r['node']} | {r['verdict']} | {r['kubernetes']} | {r['cordon_reason'] or '-'} | {r['slurm_node'] or '-'} "
-        f"| {r['slurm_state'] or '-'} | {r['slurm_reason'] or '-'} | {'yes' if r['consistent'] else 'NO'} |"
-        for r in report["nodes"]
-    ]
-    lines += ["", f"## Actions (remediate: {report['remediate']}, at most {report['max_out']} GPU nodes out)", ""]
-    if report["actions"]:
-        lines += ["| node | action | status | detail |", "|---|---|---|---|"]
-        lines += [f"| {a['node']} | {a['kind']} | {a['status']} | {a['detail']} |" for a in report["actions"]]
-    else:
-        lines.append("none")
-    if report["slurm_out_of_service"]:
-        lines += ["", "## Slurm nodes out of service (by anyone)", "", "| slurm node | node | state | reason | user |"]
-        lines.append("|---|---|---|---|---|")
-        lines += [
-            f"| {r['slurm_node']} | {r['node'] or '-'} | {r['state']} | {r['reason'] or '-'} | {r['user'] or '-'} |"
-            for r in report["slurm_out_of_service"]
-        ]
-    return "\n".join(lines) + "\n"
-
-
-def release_markdown(report: dict) -> str:
-    v = report["validation"]
-    lines = [
-        f"# Release of `{report['node']}` ({report['cluster']})",
-        "",
-        f"**{'returned to service' if report['released'] else 'kept out of service'}** (exit {report['exit_code']})",
-        "",
-        f"- re-validation: {'passed' if v['ok'] else 'failed'} -- {v['how']}: {v['detail']}",
-        *(f"- {r}" for r in report["reasons"]),
-        "",
-        "| action | status | detail |",
-        "|---|---|---|",
-        *(f"| {a['kind']} | {a['status']} | {a['detail']} |" for a in report["actions"]),
-    ]
-    return "\n".join(lines) + "\n"

@@ -18,6 +18,7 @@ from kubernetes.client.rest import ApiException
 from kubernetes.dynamic import DynamicClient
 from urllib3.exceptions import HTTPError
 
+from gpuforge.remediation import CORDON_ANNOTATION
 from tasks.retry import is_transient_error, retry_transient
 
 FIELD_MANAGER = "gpuforge"
@@ -353,3 +354,23 @@ def delete_namespace(kubeconfig: Path, name: str) -> None:
 def list_pods(kubeconfig: Path, namespace: str) -> list[client.V1Pod]:
     with api_client(kubeconfig) as api:
         return client.CoreV1Api(api).list_namespaced_pod(namespace).items
+
+
+def set_cordon(kubeconfig: Path, node: str, cordon: bool, reason: str | None) -> None:
+    """Cordon (with the reason annotation) or uncordon (annotation removed) in one patch."""
+    body = {
+        "spec": {"unschedulable": True if cordon else None},
+        "metadata": {"annotations": {CORDON_ANNOTATION: reason if cordon else None}},
+    }
+    with api_client(kubeconfig) as api:
+        client.CoreV1Api(api).patch_node(node, body)
+
+
+def slurm_pods(kubeconfig: Path, namespace: str) -> list[dict[str, str]]:
+    """slurmd pods (name, hostname, node) in one list call: how Kubernetes nodes map to Slurm nodes."""
+    out = []
+    for pod in list_pods(kubeconfig, namespace):
+        labels = pod.metadata.labels or {}
+        if labels.get("app.kubernetes.io/name") == "slurmd":
+            out.append({"name": pod.metadata.name, "hostname": pod.spec.hostname or "", "node": pod.spec.node_name})
+    return out

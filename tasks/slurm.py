@@ -10,6 +10,9 @@ from pathlib import Path
 from kubernetes import client
 from kubernetes.stream import stream
 
+from gpuforge import remediation
+from gpuforge.config import Config
+from gpuforge.remediation import SlurmNode
 from tasks.kube import api_client
 
 CONTROLLER_POD = "slurm-controller-0"
@@ -76,3 +79,27 @@ def _exit_code(status: str) -> int:
             return int(match.group(1))
         return 1
     return 255
+
+
+class Slurm:
+    """The Slurm side of one run: `sinfo` once, then scontrol/sbatch through the controller pod."""
+
+    def __init__(self, config: Config, kubeconfig: Path):
+        self.kubeconfig, self.namespace = kubeconfig, config.validation.slurm_namespace
+
+    def run(self, *argv: str, timeout: float = 20) -> ExecResult:
+        return slurm_exec(self.kubeconfig, self.namespace, list(argv), timeout_s=timeout)
+
+    def nodes(self) -> dict[str, SlurmNode]:
+        res = self.run(*remediation.SINFO_ARGV)
+        if not res.ok:
+            raise RuntimeError(f"sinfo failed (rc {res.rc}): {(res.stderr or res.stdout).strip()[:300]}")
+        return remediation.parse_sinfo(res.stdout)
+
+    def update(self, node: str, state: str, reason: str | None = None) -> None:
+        argv = ["scontrol", "update", f"nodename={node}", f"state={state}"]
+        if reason:
+            argv.append(f"reason={reason}")
+        res = self.run(*argv)
+        if not res.ok:
+            raise RuntimeError(f"scontrol update {node} state={state}: {(res.stderr or res.stdout).strip()[:300]}")

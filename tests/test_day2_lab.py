@@ -134,7 +134,7 @@ def run_health(config_path: Path, release: str | None = None) -> tuple[dict, obj
 def clean_faults(installed, cfg, names):
     """Every test starts healthy and leaves no fault, cordon or Slurm drain behind."""
     yield
-    from flows.gpu_health import set_cordon
+    from tasks.kube import set_cordon
 
     installed.dcgm.reset()
     for node in names.values():
