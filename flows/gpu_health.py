@@ -453,27 +453,13 @@ def _slurm_revalidate(
         if not job.ok:
             return False, f"sbatch refused: {job.stderr.strip()}"
         job_id = job.stdout.strip().split(";")[0]
-        deadline = time.monotonic() + config.timeouts.validate_
-        while time.monotonic() < deadline:
-            info = slurm.run("scontrol", "show", "job", job_id, "-o")
-            state = _field(info.stdout, "JobState")
-            if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"):
-                code = _field(info.stdout, "ExitCode")
-                ok = state == "COMPLETED" and code == "0:0"
-                return ok, f"Slurm job {job_id} on {sname}: {state}, exit {code}"
-            time.sleep(0.5)
+        ended = slurm_tasks.wait_job(slurm.run, job_id, config.timeouts.validate_)
+        if ended is not None:
+            state, code = ended
+            ok = state == "COMPLETED" and code == "0:0"
+            return ok, f"Slurm job {job_id} on {sname}: {state}, exit {code}"
         slurm.run("scancel", job_id)
         return False, f"Slurm job {job_id} on {sname} did not finish within {config.timeouts.validate_}s"
     finally:
         if snode.out_of_service:
             slurm.run("scontrol", "delete", f"reservationname={resv}")
-
-
-def _field(text: str, key: str) -> str:
-    for token in text.split():
-        if token.startswith(f"{key}="):
-            return token.split("=", 1)[1]
-    return ""
-
-
-# ------------------------------------------------------------------------------------------- reporting

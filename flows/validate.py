@@ -215,25 +215,14 @@ def _job_result(run, job) -> CheckResult:
     if not job.ok:
         return CheckResult("slurm-gpu-job", "gpu:1", FAIL, f"sbatch refused: {job.stderr.strip()}")
     job_id = job.stdout.strip().split(";")[0]
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        info = run("scontrol", "show", "job", job_id, "-o")
-        state = _field(info.stdout, "JobState")
-        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
-            code = _field(info.stdout, "ExitCode")
-            ok = state == "COMPLETED" and code == "0:0"
-            return CheckResult(
-                "slurm-gpu-job",
-                f"job {job_id}",
-                PASS if ok else FAIL,
-                f"{state}, exit {code}" + ("" if ok else " (CUDA_VISIBLE_DEVICES unset or job failed)"),
-            )
-        time.sleep(0.5)
-    return CheckResult("slurm-gpu-job", f"job {job_id}", FAIL, "did not finish within 60s")
-
-
-def _field(text: str, key: str) -> str:
-    for token in text.split():
-        if token.startswith(f"{key}="):
-            return token.split("=", 1)[1]
-    return ""
+    ended = slurm_tasks.wait_job(run, job_id, 60)
+    if ended is None:
+        return CheckResult("slurm-gpu-job", f"job {job_id}", FAIL, "did not finish within 60s")
+    state, code = ended
+    ok = state == "COMPLETED" and code == "0:0"
+    return CheckResult(
+        "slurm-gpu-job",
+        f"job {job_id}",
+        PASS if ok else FAIL,
+        f"{state}, exit {code}" + ("" if ok else " (CUDA_VISIBLE_DEVICES unset or job failed)"),
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,3 +104,27 @@ class Slurm:
         res = self.run(*argv)
         if not res.ok:
             raise RuntimeError(f"scontrol update {node} state={state}: {(res.stderr or res.stdout).strip()[:300]}")
+
+
+JOB_DONE_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL")
+
+
+def scontrol_field(text: str, key: str) -> str:
+    """A `Key=Value` field of one-line `scontrol show ... -o` output ("" when absent)."""
+    for token in text.split():
+        if token.startswith(f"{key}="):
+            return token.split("=", 1)[1]
+    return ""
+
+
+def wait_job(run, job_id: str, timeout_s: float) -> tuple[str, str] | None:
+    """Poll `scontrol show job` (through `run(*argv) -> ExecResult`) until the job ends: (JobState, ExitCode),
+    or None when it did not end within `timeout_s`. sbatch --wait polls at 2/10/42 s; this polls at 0.5 s."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        info = run("scontrol", "show", "job", job_id, "-o")
+        state = scontrol_field(info.stdout, "JobState")
+        if state in JOB_DONE_STATES:
+            return state, scontrol_field(info.stdout, "ExitCode")
+        time.sleep(0.5)
+    return None
