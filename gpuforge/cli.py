@@ -211,6 +211,17 @@ def _state_error(state) -> BaseException | None:
     return result if isinstance(result, BaseException) else RuntimeError(state.message or state.name)
 
 
+def report_of(state, finding: type[BaseException], what: str, error_code: int) -> dict:
+    """The report a checking flow returned, or carried by its `finding` exception (checks that found
+    something fail their run); any other failure means the check could not run: exit `error_code`."""
+    error = _state_error(state)
+    if isinstance(error, finding):
+        return error.report
+    if error is not None:
+        fail(f"{what} could not run: {error}", error_code)
+    return state.result()
+
+
 PHASE_CHOICE = click.Choice(["preflight", "kubespray", "monitoring", "gpu-operator", "slurm", "dashboard", "validate"])
 
 
@@ -269,13 +280,7 @@ def validate(config_path: Path, keep: bool, as_json: bool) -> None:
     from flows.validate import validate as validate_flow
 
     state = _run_flow(validate_flow, ValidateParams(config=str(config_path), keep=keep))
-    error = _state_error(state)
-    if isinstance(error, ValidationFailed):
-        report = error.report
-    elif error is not None:
-        fail(f"validate could not run: {error}", 2)
-    else:
-        report = state.result()
+    report = report_of(state, ValidationFailed, "validate", 2)
     if as_json:
         click.echo(json.dumps({k: report[k] for k in ("ok", "failures", "checks")}, indent=2))
     else:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from gpuforge.cli import _run_flow, _state_error, config_option, fail, json_option
+from gpuforge.cli import _run_flow, config_option, fail, json_option, report_of
 from gpuforge.config import ConfigError, load_config
 
 
@@ -46,13 +46,7 @@ def health(config_path: Path, release: str | None, as_json: bool) -> None:
     from flows.gpu_health import HealthCheckFailed, HealthParams, gpu_health
 
     state = _run_flow(gpu_health, HealthParams(config=str(config_path), release=release))
-    error = _state_error(state)
-    if isinstance(error, HealthCheckFailed):
-        report = error.report
-    elif error is not None:
-        fail(f"gpu-health could not run: {error}", 2)
-    else:
-        report = state.result()
+    report = report_of(state, HealthCheckFailed, "gpu-health", 2)
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
     elif report["mode"] == "release":
@@ -109,13 +103,7 @@ def drift(config_path: Path, as_json: bool) -> None:
     from flows.drift import drift as drift_flow
 
     state = _run_flow(drift_flow, ClusterParams(config=str(config_path)))
-    error = _state_error(state)
-    if isinstance(error, DriftFound):
-        report = error.report
-    elif error is not None:
-        fail(f"drift could not run: {error}", 1)
-    else:
-        report = state.result()
+    report = report_of(state, DriftFound, "drift", 1)
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
     else:
