@@ -270,19 +270,34 @@ def test_install_killed_mid_phase_resumes_without_duplicates(lab, lab_config, tm
             values={"lab": {"failReadiness": True}}
         ),
     )
-    cli = subprocess.Popen(
-        [str(Path(sys.executable).parent / "gpuforge"), "install", "--config", str(stuck), "--only", "gpu-operator"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    from prefect.settings import PREFECT_API_URL
+
+    log = tmp_path / "cli.log"
+    with log.open("w") as out:
+        cli = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "gpuforge"),
+                "install",
+                "--config",
+                str(stuck),
+                "--only",
+                "gpu-operator",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()},  # the test's Prefect server
+            start_new_session=True,
+        )
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and read_releases(kubeconfig)["gpu-operator"]["status"] != "pending-upgrade":
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and cli.poll() is None:
+            if read_releases(kubeconfig)["gpu-operator"]["status"] == "pending-upgrade":
+                break
             time.sleep(0.5)
-        assert read_releases(kubeconfig)["gpu-operator"]["status"] == "pending-upgrade"
+        assert read_releases(kubeconfig)["gpu-operator"]["status"] == "pending-upgrade", log.read_text()[-3000:]
     finally:
-        os.killpg(cli.pid, signal.SIGKILL)
+        if cli.poll() is None:
+            os.killpg(cli.pid, signal.SIGKILL)
         cli.wait()
     state = install(InstallParams(config=str(lab_config), only=["gpu-operator"]), return_state=True)
     assert state.is_completed(), state.message
