@@ -254,7 +254,7 @@ def test_wait_recovers_when_the_api_server_restarts(lab, lab_config):
     assert {r["node"]: r["allocatable"] for r in table("gpu-operator-status")}["tgpu-2"] == 4
 
 
-def test_install_killed_mid_phase_resumes_without_duplicates(lab, lab_config, tmp_path):
+def test_install_killed_mid_phase_resumes_without_duplicates(lab, lab_config, tmp_path, monkeypatch):
     """kill -9 the install (and its helm) while a Helm upgrade hangs; the next install recovers it."""
     import os
     import signal
@@ -299,6 +299,10 @@ def test_install_killed_mid_phase_resumes_without_duplicates(lab, lab_config, tm
         if cli.poll() is None:
             os.killpg(cli.pid, signal.SIGKILL)
         cli.wait()
+    import flows.common
+
+    # The killed run's lock lease (60 s) must expire before the re-run gets the cluster.
+    monkeypatch.setattr(flows.common, "LOCK_WAIT_S", 240)
     state = install(InstallParams(config=str(lab_config), only=["gpu-operator"]), return_state=True)
     assert state.is_completed(), state.message
     release = read_releases(kubeconfig)["gpu-operator"]
