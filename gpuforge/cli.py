@@ -196,6 +196,11 @@ def _prefect_defaults() -> None:
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pyhelm3")
+    # Each CLI run starts its own temporary server on the shared database. Leases kept in memory would die
+    # with a killed run while its cluster-lock slot stays taken forever; on disk, the next run expires them.
+    os.environ.setdefault(
+        "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", "prefect.server.concurrency.lease_storage.filesystem"
+    )
 
 
 def _run_flow(flow, params):
