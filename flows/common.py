@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -74,14 +75,25 @@ LOCK_WAIT_S = 75
 
 @contextmanager
 def cluster_lock(cluster: str, what: str) -> Iterator[None]:
-    """One install (or other changing run) per cluster at a time, across processes, via a Prefect limit."""
+    """One install (or other changing run) per cluster at a time, across processes, via a Prefect limit.
+
+    A Prefect server expires the lease of a run that died; a CLI run's temporary server does not run that
+    service. So the holder also records its host and pid, and a slot whose holder process is gone from this
+    host is given back before waiting.
+    """
     from prefect import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
     from prefect.concurrency._asyncio import AcquireConcurrencySlotTimeoutError
     from prefect.concurrency.sync import concurrency
+    from prefect.variables import Variable
 
     name = f"cluster-{cluster}"
+    holder_var = f"{name}-holder"
     with get_client(sync_client=True) as prefect_client:
         prefect_client.upsert_global_concurrency_limit_by_name(name, 1)
+        holder = Variable.get(holder_var, default=None)
+        if _holder_dead(holder) and prefect_client.read_global_concurrency_limit_by_name(name).active_slots:
+            prefect_client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active_slots=0))
     with ExitStack() as stack:
         try:
             stack.enter_context(
@@ -92,4 +104,21 @@ def cluster_lock(cluster: str, what: str) -> Iterator[None]:
                 f"another {what} of cluster {cluster} is running (Prefect concurrency limit {name!r}); "
                 "wait for it to finish or cancel it in the Prefect UI"
             ) from None
-        yield
+        Variable.set(holder_var, {"host": socket.gethostname(), "pid": os.getpid()}, overwrite=True)
+        try:
+            yield
+        finally:
+            Variable.unset(holder_var)
+
+
+def _holder_dead(holder) -> bool:
+    """The recorded lock holder ran on this host and its process is gone."""
+    if not isinstance(holder, dict) or holder.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, KeyError, TypeError, ValueError):
+        return False
+    return False

@@ -7,6 +7,7 @@ Order matters inside this module: the first test installs, later ones re-run, va
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -316,3 +317,30 @@ def test_install_killed_mid_phase_resumes_without_duplicates(lab, lab_config, tm
         check=True,
     )
     assert [r["name"] for r in json.loads(listed.stdout)].count("gpu-operator") == 1  # nothing duplicated
+
+
+def test_lock_of_a_killed_cli_run_is_given_back(prefect_server, monkeypatch):
+    """A CLI run's temporary Prefect server never expires leases; a dead holder's slot is freed instead."""
+    import socket
+    import subprocess
+
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+    from prefect.variables import Variable
+
+    import flows.common
+
+    monkeypatch.setattr(flows.common, "LOCK_WAIT_S", 2)
+    name = "cluster-gpuforge-killed"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(name, 1)
+        client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active_slots=1))  # leaked slot
+    Variable.set(f"{name}-holder", {"host": socket.gethostname(), "pid": os.getpid()}, overwrite=True)
+    with pytest.raises(PreconditionFailed):  # the holder (this process) is alive: refused
+        with cluster_lock("gpuforge-killed", "install"):
+            pass
+    Variable.set(f"{name}-holder", {"host": socket.gethostname(), "pid": dead.pid}, overwrite=True)
+    with cluster_lock("gpuforge-killed", "install"):  # the holder is gone: its slot is given back
+        assert Variable.get(f"{name}-holder")["pid"] == os.getpid()
+    assert Variable.get(f"{name}-holder", default=None) is None
