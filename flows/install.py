@@ -83,7 +83,7 @@ def install(params: InstallParams) -> list[dict]:
                 continue
             started = time.monotonic()
             state = _run_phase(phase, params)
-            detail = state.result(raise_on_failure=False)
+            detail = _one_line(state.result(raise_on_failure=False))
             failed = state.is_failed() or state.is_crashed()
             result = "failed" if failed else ("skipped" if str(detail).startswith("skipped") else "ran")
             rows.append(
@@ -102,3 +102,13 @@ def install(params: InstallParams) -> list[dict]:
         failed_row = next(r for r in rows if r["result"] == "failed")
         return Failed(message=f"phase {failed_row['phase']} failed: {failed_row['detail']}", data=rows)
     return rows
+
+
+def _one_line(result) -> str:
+    """A phase's result as one summary line (validate returns its whole report)."""
+    if isinstance(result, dict) and "checks" in result:
+        counts: dict[str, int] = {}
+        for check in result["checks"]:
+            counts[check["result"]] = counts.get(check["result"], 0) + 1
+        return ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items())) + " checks"
+    return str(result)
