@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from gpuforge.config import Config
 
 GPU_PRESENT = "nvidia.com/gpu.present"
-NFD_NVIDIA = "feature.node.kubernetes.io/pci-10de.present"
 INSTALLED_GPU_COUNT = "gpuforge.io/installed-gpu-count"
 
 
-@dataclass(frozen=True)
-class NodeView:
-    """What the checks need of a node (tasks.kube.NodeState has these fields)."""
+class NodeView(Protocol):
+    """What the checks need of a node (tasks.kube.NodeState provides it)."""
 
     name: str
     ready: bool

@@ -619,13 +619,12 @@ def semantic_problems(config: Config) -> list[tuple[tuple[Any, ...], str]]:
             )
     for key, svc_cfg in config.deepops_services.by_key().items():
         known = {r[0] for r in pins.CHARTS[key]}
-        alias = "gpu-operator" if key == "gpu-operator" else ("k8s-dashboard" if key == "k8s-dashboard" else key)
         for release in svc_cfg.releases:
             if release not in known:
                 guess = difflib.get_close_matches(release, sorted(known), n=1)
                 hint = f"did you mean {guess[0]!r}?" if guess else f"known: {', '.join(sorted(known))}"
                 problems.append(
-                    (("deepops_services", alias, "releases", release), f"unknown release {release!r}; {hint}")
+                    (("deepops_services", key, "releases", release), f"unknown release {release!r}; {hint}")
                 )
     if config.ansible_ssh_private_key_file and config.ansible_ssh_private_key_secret:
         problems.append(

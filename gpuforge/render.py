@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gpuforge import pins
-from gpuforge.config import Config, NamedNode, Role
+from gpuforge.config import Config, NamedNode, Role, _to_plain, parse_yaml
 from gpuforge.health import DEFAULT_THRESHOLDS
 
 # Node labels gpuforge owns (drift compares only these keys plus the user's own `labels`).
@@ -267,8 +267,6 @@ def render_releases(config: Config, learned: dict[str, int] | None = None) -> li
 
 
 def _load_values_file(config: Config, path: str) -> dict[str, Any]:
-    from gpuforge.config import _to_plain, parse_yaml  # local: only needed for values files
-
     p = config.path(path)
     data = _to_plain(parse_yaml(p.read_text(), str(p)))
     return data or {}
