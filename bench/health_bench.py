@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prometheus_api_client import PrometheusConnect  # noqa: E402
 
-from flows.gpu_health import evaluate_fleet, fleet_queries, thresholds_table  # noqa: E402
+from flows.gpu_health import evaluate_fleet, thresholds_table  # noqa: E402
 from gpuforge import health  # noqa: E402
 from gpuforge.config import parse_config  # noqa: E402
 from gpuforge.health import Verdict  # noqa: E402
@@ -99,7 +99,7 @@ def main() -> int:
                 'k8s_cluster_nodes: [{ip: "10.0.0.1", role: [control-plane, etcd]}]\n'
             )  # only for thresholds (the defaults)
             table = thresholds_table(config)
-            queries = fleet_queries(table)
+            queries = health.fleet_queries(table)
             pc = PrometheusConnect(url=prom.url, timeout=120)
             expected = {n: args.gpus for n in nodes}
 

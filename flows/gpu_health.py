@@ -75,70 +75,13 @@ def thresholds_table(config: Config) -> dict[str, Thresholds]:
     return health.merge_threshold_config(raw)
 
 
-# Labels gpuforge.health reads a series' GPU by (any case; exported_* after relabelling): everything else
-# (pci_bus_id, device, driver version, instance, job, pod ...) is dropped server-side from the big answer.
-_KEEP_LABELS = (
-    "__name__", "gpu", "UUID", "gpu_uuid", "modelName", "model_name", "Hostname", "hostname",
-    "exported_Hostname", "exported_hostname", "node", "exported_node", "kubernetes_node", "nodename",
-)  # fmt: skip
-# Reported nowhere and judged by no rule: not fetched.
-_UNUSED_VALUES = ("fb_used", "fb_free", "pcie_link_gen", "pcie_link_gen_max")
-_PCIE_WIDTH = ("pcie_link_width", "pcie_link_width_max")
-# Error counters and flags that are 0 on a healthy GPU, where every rule reads 0 and "absent" alike: fetched
-# only when not 0, which makes the answer for a healthy fleet a few series per GPU instead of fifteen.
-_ZERO_IS_ABSENT = (
-    "ecc_sbe_vol", "ecc_dbe_vol", "remap_correctable", "remap_uncorrectable", "remap_pending", "remap_failure",
-    "clock_event_reasons",
-)  # fmt: skip
-
-
-def fleet_queries(table: dict[str, Thresholds]) -> dict[str, str]:
-    """gpuforge.health's fleet queries (len(health_queries()), whatever the GPU count) for this config.
-
-    One window serves the fleet: the longest `xid_window` of any family; the subquery step scales with it (1m
-    for windows of 10 minutes and more, a tenth of the window below that). The `values` query, by far the
-    largest answer (one series per GPU and metric), asks only for the metrics a rule judges or the table
-    shows, the error counters only where they are not 0, and keeps only the labels that identify the GPU
-    (`max by` those: still one series per GPU and metric, so no value is merged). The table then shows an
-    error counter only where it is not 0. The windowed increases are kept only for GPUs that export now."""
-    longest = max(table.values(), key=lambda t: t.window_s)
-    step = "1m" if longest.window_s >= 600 else f"{max(1, longest.window_s // 10)}s"
-    queries = health.health_queries(longest.xid_window, step)
-    skip = set(_UNUSED_VALUES) | (set() if any(t.pcie_width_degraded for t in table.values()) else set(_PCIE_WIDTH))
-    every = {*health.DCGM_METRICS.values(), *health.DCGM_ALIASES} - {
-        health.DCGM_METRICS[k] for k in (*skip, *_ZERO_IS_ABSENT, "xid_last")
-    }
-    nonzero = {health.DCGM_METRICS[k] for k in _ZERO_IS_ABSENT} | {
-        alias for alias, key in health.DCGM_ALIASES.items() if key in _ZERO_IS_ABSENT
-    }
-    nonzero |= set(health.NVLINK_ERROR_METRICS)
-    labels = ", ".join(_KEEP_LABELS)
-    # `or` matches series without their metric name unless told otherwise: on(__name__, ...) keeps both halves.
-    queries["values"] = (
-        f'max by ({labels}) ({{__name__=~"{"|".join(sorted(every - nonzero))}"}})'
-        f' or on({labels}) max by ({labels}) ({{__name__=~"{"|".join(sorted(nonzero))}"}} != 0)'
-    )
-    # Windowed increases only for counters exported now: a GPU that vanished (fallen off the bus, removed) keeps
-    # its increase series for the whole window, which would make it look present with stale metrics ("unknown")
-    # instead of missing ("unhealthy") for hours. Its XIDs still count (the XID queries are left as they are).
-    current = {
-        "ecc_sbe_increase": health.DCGM_METRICS["ecc_sbe_vol"],
-        "remap_correctable_increase": health.DCGM_METRICS["remap_correctable"],
-        "nvlink_error_increase": 'sum without(__name__) ({__name__=~"' + "|".join(health.NVLINK_ERROR_METRICS) + '"})',
-    }
-    for name, now in current.items():
-        if name in queries:
-            queries[name] = f"({queries[name]}) and {now}"
-    return queries
-
-
 def evaluate_fleet(
     pc: Any, expected: dict[str, int | None], table: dict[str, Thresholds], queries: dict[str, str] | None = None
 ) -> tuple[list[GpuVerdict], int]:
     """Every GPU's verdict from the fixed fleet queries (sent concurrently); returns (verdicts, queries sent).
 
     Raises tasks.prometheus.PrometheusUnreachable when any query cannot be answered."""
-    queries = queries or fleet_queries(table)
+    queries = queries or health.fleet_queries(table)
     with ThreadPoolExecutor(max_workers=len(queries)) as pool:
         futures = {name: pool.submit(prometheus.query, pc, q) for name, q in queries.items()}
         results = {name: f.result() for name, f in futures.items()}
@@ -193,7 +136,7 @@ def _check(config: Config) -> dict:
     nodes, kube_error = _gpu_state(config)
     expected = _expected(config, nodes)
     table = thresholds_table(config)
-    queries = fleet_queries(table)
+    queries = health.fleet_queries(table)
     prom_error = None
     try:
         verdicts, sent = evaluate_fleet(prometheus.prometheus(config), expected, table, queries)

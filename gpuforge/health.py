@@ -416,7 +416,7 @@ def judge(reading: GpuReading, thresholds: Thresholds) -> GpuVerdict:
     warn: list[str] = []
 
     def verdict(kind: Verdict, reasons: list[str]) -> GpuVerdict:
-        return GpuVerdict(
+        return GpuVerdict.model_construct(  # built from a reading: nothing to validate
             node=reading.node,
             gpu=reading.gpu,
             uuid=reading.uuid,
@@ -508,7 +508,13 @@ def judge(reading: GpuReading, thresholds: Thresholds) -> GpuVerdict:
 
 def judge_all(readings: Iterable[GpuReading], overrides: Mapping[str, Thresholds] | None = None) -> list[GpuVerdict]:
     """Judge each reading with the thresholds of its model family."""
-    return [judge(r, thresholds_for(r.model, overrides)) for r in readings]
+    by_model: dict[str | None, Thresholds] = {}
+    verdicts = []
+    for r in readings:
+        if r.model not in by_model:
+            by_model[r.model] = thresholds_for(r.model, overrides)
+        verdicts.append(judge(r, by_model[r.model]))
+    return verdicts
 
 
 # --------------------------------------------------------------------------------------------------
@@ -557,6 +563,63 @@ def health_queries(window: str = "2h", step: str = "1m") -> dict[str, str]:
 #: another window calls :func:`health_queries` with it; one window serves the whole fleet.
 HEALTH_QUERIES: dict[str, str] = health_queries(_BASE.xid_window)
 
+# Labels gpuforge.health reads a series' GPU by (any case; exported_* after relabelling): everything else
+# (pci_bus_id, device, driver version, instance, job, pod ...) is dropped server-side from the big answer.
+_KEEP_LABELS = (
+    "__name__", "gpu", "UUID", "gpu_uuid", "modelName", "model_name", "Hostname", "hostname",
+    "exported_Hostname", "exported_hostname", "node", "exported_node", "kubernetes_node", "nodename",
+)  # fmt: skip
+_IDENTITY_LABELS = ("UUID", "gpu_uuid", "modelName", "model_name")
+# Judged by no rule (the table shows them where a probe reports them): not fetched for the fleet.
+_UNUSED_VALUES = ("gpu_util", "fb_used", "fb_free", "pcie_link_gen", "pcie_link_gen_max")
+_PCIE_WIDTH = ("pcie_link_width", "pcie_link_width_max")
+# Error counters and flags that are 0 on a healthy GPU, where every rule reads 0 and "absent" alike: fetched
+# only when not 0, so a healthy fleet answers with no series at all for them.
+_ZERO_IS_ABSENT = ("ecc_dbe_vol", "remap_uncorrectable", "remap_pending", "remap_failure", "clock_event_reasons")
+# Totals judged only through their windowed increase (an old total is history, not a fault): not fetched.
+_TOTALS = ("ecc_sbe_vol", "remap_correctable")
+
+
+def fleet_queries(table: dict[str, Thresholds]) -> dict[str, str]:
+    """The fleet queries for a thresholds table: a fixed number, whatever the GPU count.
+
+    One window serves the fleet: the longest `xid_window` of any family; the subquery step scales with it (1m
+    for windows of 10 minutes and more, a tenth of the window below that). What Prometheus reads and sends is
+    what the time goes to (about 10 µs a series here), so each query asks for as little as the rules need:
+    * `values`: only the gauges a rule compares with a threshold, one series per GPU and metric, with only the
+      labels that identify the GPU (`max by` those merges no two GPUs);
+    * `faults`: the error counters and flags, only where they are not 0 (nothing at all on a healthy fleet);
+    * the windowed increases only where they are above 0 (every burst threshold is >= 0); an increase of a GPU
+      that exports nothing else now is dropped by `readings_from_query_results`."""
+    longest = max(table.values(), key=lambda t: t.window_s)
+    step = "1m" if longest.window_s >= 600 else f"{max(1, longest.window_s // 10)}s"
+    window = longest.xid_window
+    queries = health_queries(window, step)
+    skip = {*_UNUSED_VALUES, *_TOTALS, "xid_last"}
+    if not any(t.pcie_width_degraded for t in table.values()):
+        skip |= set(_PCIE_WIDTH)
+
+    def names(keys) -> str:
+        metrics = {DCGM_METRICS[k] for k in keys} | {a for a, k in DCGM_ALIASES.items() if k in keys}
+        return '{__name__=~"' + "|".join(sorted(metrics)) + '"}'
+
+    labels = ", ".join(_KEEP_LABELS)
+    # The GPU's UUID and model come with `fresh` (and `faults`): the biggest answer carries only node and index.
+    where = ", ".join(label for label in _KEEP_LABELS if label not in _IDENTITY_LABELS)
+    queries["values"] = f"max by ({where}) ({names(set(DCGM_METRICS) - skip - set(_ZERO_IS_ABSENT))})"
+    queries["faults"] = f"max by ({labels}) ({names(_ZERO_IS_ABSENT)} != 0)"
+    queries["fresh"] = f"max by ({labels}) ({queries['fresh']})"
+    for name, key in (("ecc_sbe_increase", "ecc_sbe_vol"), ("remap_correctable_increase", "remap_correctable")):
+        queries[name] = f"increase({DCGM_METRICS[key]}[{window}]) > 0"
+    # increase() drops the metric name, so the four NVLink totals of a GPU would collide: each non-zero increase
+    # keeps its counter's name in a label until they are summed (filtered first, the joins are tiny).
+    per_counter = " or ".join(
+        f'label_replace(increase({m}[{window}]) > 0, "counter", "{m}", "", "")' for m in NVLINK_ERROR_METRICS
+    )
+    queries["nvlink_error_increase"] = f"sum without(counter) ({per_counter})"
+    return queries
+
+
 _NAME_TO_KEY: dict[str, str] = {**{m: k for k, m in DCGM_METRICS.items()}, **DCGM_ALIASES}
 _HOST_LABELS = ("hostname", "exported_hostname")
 _FALLBACK_NODE_LABELS = ("node", "exported_node", "kubernetes_node", "nodename")
@@ -572,20 +635,24 @@ def _fold(metric: Mapping[str, str]) -> _FoldedLabels:
     return _FoldedLabels((k.casefold(), v) for k, v in metric.items() if v not in (None, ""))
 
 
+def _first(labels: Mapping[str, str], names: Iterable[str]) -> str | None:
+    for name in names:
+        value = labels.get(name)
+        if value:
+            return value
+    return None
+
+
 def _label(metric: Mapping[str, str], *names: str) -> str | None:
     """First label whose name matches one of ``names`` case-insensitively, non-empty."""
-    lowered = _fold(metric)
-    for name in names:
-        if name in lowered:
-            return lowered[name]
-    return None
+    return _first(_fold(metric), names)
 
 
 def node_of(metric: Mapping[str, str]) -> str | None:
     """The node a series belongs to: ``Hostname``/``hostname`` (any case) or their ``exported_`` forms;
     failing those, a ``node``-style label added by relabelling."""
     folded = _fold(metric)
-    return _label(folded, *_HOST_LABELS) or _label(folded, *_FALLBACK_NODE_LABELS)
+    return _first(folded, _HOST_LABELS) or _first(folded, _FALLBACK_NODE_LABELS)
 
 
 def _sample_value(item: Mapping[str, Any]) -> float | None:
@@ -627,47 +694,51 @@ def readings_from_query_results(
 
     Nodes not in ``expected`` are reported with the GPUs seen. Series without a node label are ignored;
     series with no ``gpu`` label are attached by UUID (``UUID`` or NVLink's ``gpu_uuid``) when possible.
+    A windowed increase (:data:`WINDOW_KEYS`) only adds to a GPU another answer shows: a GPU that vanished
+    keeps its increase series for the whole window, which must not make it look present (with stale
+    metrics, "unknown") instead of missing ("unhealthy"). Its XIDs still count.
     """
     spelled = {n.casefold(): n for n in expected}
     gpus: dict[tuple[str, int], _Gpu] = {}
     by_uuid: dict[str, _Gpu] = {}
-    pending: list[tuple[str, Mapping[str, str], float | None]] = []
+    pending: list[tuple[str, _FoldedLabels, float | None]] = []
 
-    def gpu_for(metric: Mapping[str, str]) -> _Gpu | None:
-        node = node_of(metric)
+    def gpu_for(labels: _FoldedLabels, create: bool) -> _Gpu | None:
+        node = _first(labels, _HOST_LABELS) or _first(labels, _FALLBACK_NODE_LABELS)
         if node is None:
             return None
-        node = spelled.get(node.casefold(), node)
-        idx = _label(metric, "gpu")
-        uuid = _label(metric, "uuid", "gpu_uuid")
+        idx = labels.get("gpu")
+        uuid = _first(labels, ("uuid", "gpu_uuid"))
         if idx is None or not idx.isdigit():
             return by_uuid.get(uuid.casefold()) if uuid else None
         key = (node.casefold(), int(idx))
         g = gpus.get(key)
         if g is None:
-            g = gpus[key] = _Gpu(node, int(idx))
+            if not create:
+                return None
+            g = gpus[key] = _Gpu(spelled.get(key[0], node), key[1])
         if uuid and not g.uuid:
             g.uuid = uuid
             by_uuid[uuid.casefold()] = g
-        model = _label(metric, "modelname", "model_name")
-        if model and not g.model:
-            g.model = model
+        if not g.model:
+            g.model = _first(labels, ("modelname", "model_name"))
         return g
 
-    # First pass: every series with a gpu label; second: series known only by UUID.
-    for query, items in results.items():
-        for item in items or []:
-            metric = _fold(item.get("metric") or {})
-            if _label(metric, "gpu") is None:
-                pending.append((query, metric, _sample_value(item)))
+    # First pass: every series with a gpu label, windowed increases last; second: series known only by UUID.
+    for query, items in sorted(results.items(), key=lambda kv: kv[0] in WINDOW_KEYS):
+        create = query not in WINDOW_KEYS
+        for item in items or ():
+            labels = _fold(item.get("metric") or {})
+            if not labels.get("gpu"):
+                pending.append((query, labels, _sample_value(item)))
                 continue
-            g = gpu_for(metric)
+            g = gpu_for(labels, create)
             if g is not None:
-                _apply(g, query, metric, _sample_value(item))
-    for query, metric, value in pending:
-        g = gpu_for(metric)
+                _apply(g, query, labels, _sample_value(item))
+    for query, labels, value in pending:
+        g = gpu_for(labels, query not in WINDOW_KEYS)
         if g is not None:
-            _apply(g, query, metric, value)
+            _apply(g, query, labels, value)
 
     readings: list[GpuReading] = []
     seen_nodes = {node for node, _ in gpus}
@@ -676,14 +747,14 @@ def readings_from_query_results(
         key = node.casefold()
         if key not in seen_nodes:
             for i in range(count if count is not None else 1):
-                readings.append(GpuReading(node=node, gpu=i, present=True))
+                readings.append(GpuReading.model_construct(node=node, gpu=i, present=True))
             continue
         for i in range(count or 0):
             if (key, i) not in gpus:
-                readings.append(GpuReading(node=node, gpu=i, present=False))
+                readings.append(GpuReading.model_construct(node=node, gpu=i, present=False))
     for g in gpus.values():
         readings.append(
-            GpuReading(
+            GpuReading.model_construct(  # built from parsed answers: nothing to validate
                 node=g.node,
                 gpu=g.gpu,
                 uuid=g.uuid,
@@ -699,7 +770,7 @@ def readings_from_query_results(
 
 
 def _apply(g: _Gpu, query: str, metric: Mapping[str, str], value: float | None) -> None:
-    if query == "values":
+    if query in ("values", "faults"):
         name = metric.get("__name__", "")
         if name in NVLINK_ERROR_METRICS:
             if value is not None:

@@ -520,6 +520,23 @@ def test_missing_gpus_and_unexpected_extra_gpus() -> None:
     assert all(r.present for r in readings_from_query_results(results, {"gpu-node-0000": None}, NOW))
 
 
+def test_increase_of_a_vanished_gpu_does_not_make_it_present() -> None:
+    """A GPU gone from the exporter keeps its windowed increases for the whole window: still missing."""
+    results = synthetic_fleet(1, 2, faults={("gpu-node-0000", 1): {"drop": True}})
+    gone = gpu_labels("gpu-node-0000", 1)
+    results["ecc_sbe_increase"].append(_series(None, gone, 50000))
+    results["nvlink_error_increase"] = [_series(None, {**gone, "gpu": ""}, 3)]  # known only by UUID
+    results["xid_recent"] = [_series(None, {**gone, "xid": "79"}, 1)]
+    kept, lost = readings_from_query_results(
+        {k: v for k, v in results.items() if k != "xid_recent"}, {"gpu-node-0000": 2}, NOW
+    )
+    assert (kept.present, lost.present, lost.values) == (True, False, {})
+    assert judge(lost, T).verdict == Verdict.UNHEALTHY
+    # its XIDs still count: an XID series does make the GPU appear (with the fatal XID as the reason)
+    _, lost = readings_from_query_results(results, {"gpu-node-0000": 2}, NOW)
+    assert lost.xids == [79] and "XID 79" in judge(lost, T).reasons[0]
+
+
 def test_xid_sources_and_zero_values() -> None:
     labels = gpu_labels("n", 0)
     results = {
@@ -612,3 +629,15 @@ def test_health_module_values_are_finite_defaults() -> None:
     for t in DEFAULT_THRESHOLDS.values():
         assert all(math.isfinite(x) for x in (t.max_gpu_temp_c, t.max_memory_temp_c, t.stale_after_s))
     assert health.VALUE_KEYS.count("gpu_temp") == 1
+
+
+def test_fleet_queries_ask_only_for_what_the_rules_judge() -> None:
+    fleet = health.fleet_queries(health.merge_threshold_config(None))
+    assert len(fleet) == len(HEALTH_QUERIES) + 1  # + "faults"
+    assert "DCGM_FI_DEV_GPU_TEMP" in fleet["values"] and "FB_USED" not in fleet["values"]
+    assert "PCIE" not in fleet["values"] and "UUID" not in fleet["values"]  # identity comes with `fresh`
+    assert "ECC_DBE_VOL_TOTAL" in fleet["faults"] and fleet["faults"].endswith("!= 0)")
+    assert "ECC_SBE_VOL_TOTAL" not in fleet["values"] + fleet["faults"]  # judged by its increase only
+    assert all(fleet[k].endswith("> 0") for k in ("ecc_sbe_increase", "remap_correctable_increase"))
+    with_pcie = health.fleet_queries(health.merge_threshold_config({"H100": {"pcie_width_degraded": True}}))
+    assert "DCGM_FI_DEV_PCIE_LINK_WIDTH" in with_pcie["values"] and len(with_pcie) == len(fleet)
