@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import gzip
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -11,9 +14,11 @@ from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+import yaml
 from pyhelm3 import Client, errors
 
 from gpuforge.render import Release
+from tasks import kube
 from tasks.retry import is_transient
 
 HELM_BIN_ENV = "GPUFORGE_HELM"
@@ -136,12 +141,86 @@ def read_releases(kubeconfig: Path) -> dict[str, dict[str, Any]]:
         raise HelmError(f"helm list: {str(exc).strip()}") from None
 
 
+@dataclass(frozen=True)
+class ReleaseRecord:
+    """The latest revision of a release as Helm stored it (its `sh.helm.release.v1.*` Secret)."""
+
+    name: str
+    namespace: str
+    revision: int
+    status: str
+    chart: str
+    chart_version: str
+    values: dict[str, Any]
+
+
+def release_records(kubeconfig: Path) -> dict[tuple[str, str], ReleaseRecord]:
+    """Every release's latest revision, read from Helm's own storage in one API call, keyed (namespace, name).
+
+    Helm 3 keeps each revision in a Secret labelled owner=helm whose `release` field is base64 + gzip + JSON;
+    superseded revisions are never the latest, so they are not fetched."""
+    core = kube.client.CoreV1Api(kube.api_client(kubeconfig))
+    secrets = core.list_secret_for_all_namespaces(label_selector="owner=helm,status!=superseded").items
+    latest: dict[tuple[str, str], ReleaseRecord] = {}
+    for secret in secrets:
+        labels = secret.metadata.labels or {}
+        key = (secret.metadata.namespace, labels.get("name", ""))
+        revision = int(labels.get("version", "0"))
+        if key in latest and latest[key].revision >= revision:
+            continue
+        raw = json.loads(gzip.decompress(base64.b64decode(base64.b64decode(secret.data["release"]))))
+        meta = (raw.get("chart") or {}).get("metadata") or {}
+        latest[key] = ReleaseRecord(
+            name=key[1],
+            namespace=key[0],
+            revision=revision,
+            status=(raw.get("info") or {}).get("status", labels.get("status", "")),
+            chart=meta.get("name", ""),
+            chart_version=meta.get("version", ""),
+            values=raw.get("config") or {},
+        )
+    return latest
+
+
+def chart_name(release: Release) -> str:
+    """The chart's own name as Helm records it (a local chart's Chart.yaml says it)."""
+    local = Path(release.chart)
+    if release.repo is None and (local / "Chart.yaml").is_file():
+        return yaml.safe_load((local / "Chart.yaml").read_text())["name"]
+    return release.chart.rsplit("/", 1)[-1]
+
+
+def unchanged(release: Release, record: ReleaseRecord | None) -> bool:
+    """pyhelm3's should_install_or_upgrade_release, answered from the record: deployed, same chart and version,
+    same user-supplied values (compared as JSON, as Helm stores them)."""
+    return (
+        record is not None
+        and record.status == "deployed"
+        and (record.chart, record.chart_version) == (chart_name(release), release.version)
+        and record.values == json.loads(json.dumps(release.values))
+    )
+
+
 def converge_service(config, service: str, kubeconfig: Path, timeout_s: int, learned=None) -> list[ReleaseOutcome]:
-    """Converge every release of one service, in order (CRDs before what uses them)."""
+    """Converge every release of one service, in order (CRDs before what uses them).
+
+    A release whose stored record already matches is reported unchanged without running helm (one API call for
+    the whole service instead of several helm processes per release); any other goes through pyhelm3."""
     from gpuforge.render import render_releases
 
     releases = [r for r in render_releases(config, learned) if r.service == service]
-    return [converge_release(r, kubeconfig, timeout_s) for r in releases]
+    records = release_records(kubeconfig)
+    outcomes = []
+    for r in releases:
+        record = records.get((r.namespace, r.name))
+        if unchanged(r, record):
+            get_run_logger().info(
+                "helm %s/%s: unchanged (revision %s, chart %s)", r.namespace, r.name, record.revision, r.version
+            )
+            outcomes.append(ReleaseOutcome(r.name, r.namespace, "unchanged", record.revision, r.version))
+        else:
+            outcomes.append(converge_release(r, kubeconfig, timeout_s))
+    return outcomes
 
 
 def outcome_rows(outcomes: list[ReleaseOutcome]) -> list[dict[str, Any]]:

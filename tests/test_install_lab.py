@@ -93,6 +93,29 @@ def test_converged_rerun_skips_and_adds_no_helm_revision(lab, lab_config):
     assert {n: r["revision"] for n, r in read_releases(kubeconfig).items()} == before
 
 
+def test_value_changed_with_helm_is_put_back_by_the_next_install(lab, lab_config):
+    """The converged check reads Helm's release records; a record that differs goes through pyhelm3 again."""
+    import subprocess
+
+    from gpuforge.render import render_releases
+    from tasks.helm import helm_executable, release_records
+
+    config = load_config(lab_config)
+    kubeconfig = config.kubeconfig_path()
+    release = next(r for r in render_releases(config) if r.name == "gpu-operator")
+    subprocess.run(
+        [helm_executable(), "upgrade", "gpu-operator", release.chart, "-n", "gpu-operator", "--reuse-values",
+         "--set", "dcgmExporter.serviceMonitor.honorLabels=false", "--kubeconfig", str(kubeconfig)],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    changed = release_records(kubeconfig)[("gpu-operator", "gpu-operator")]
+    assert changed.values["dcgmExporter"]["serviceMonitor"]["honorLabels"] is False
+    rows = install(InstallParams(config=str(lab_config), only=["gpu-operator"]), return_state=True).result()
+    assert rows[0]["result"] == "ran" and f"gpu-operator upgraded (revision {changed.revision + 1})" in rows[0]["detail"]
+    restored = release_records(kubeconfig)[("gpu-operator", "gpu-operator")]
+    assert (restored.revision, restored.values) == (changed.revision + 1, release.values)
+
+
 def test_validate_passes_on_the_lab(lab, lab_config):
     report = report_of(validate(ValidateParams(config=str(lab_config)), return_state=True))
     assert report["ok"] and report["exit_code"] == 0, report["failures"]
