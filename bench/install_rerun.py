@@ -55,6 +55,7 @@ def main() -> None:
                 f"-> {100 * t_second / t_first:.0f}% of the first (goal <= 10%); "
                 f"new Helm revisions: {new_revisions}; phases skipped on re-run: {', '.join(skipped)}"
             )
+            print("re-run per phase: " + ", ".join(f"{r['phase']} {r['seconds']}s" for r in second.result()))
         finally:
             lab.down(purge=True)
 

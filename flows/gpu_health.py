@@ -337,7 +337,7 @@ def _release(config: Config, node: str) -> dict:
 
 
 def _smoke_revalidate(config: Config, kubeconfig: Path, node: str) -> tuple[bool, str]:
-    """flows.validate.cuda_smoke's pod, plus a toleration of the cordon (the node is still cordoned)."""
+    """tasks.kube.cuda_smoke's pod, plus a toleration of the cordon (the node is still cordoned)."""
     namespace = f"gpuforge-release-{uuid.uuid4().hex[:6]}"
     kube.ensure_namespace(kubeconfig, namespace, {"app.kubernetes.io/managed-by": "gpuforge"})
     name = f"cuda-smoke-{node}"

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-import yaml
 from pyhelm3 import Client, errors
 
 from gpuforge.render import Release

@@ -7,6 +7,7 @@ until its own deadline.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -16,9 +17,14 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 from kubernetes.dynamic import DynamicClient
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 from urllib3.exceptions import HTTPError
 
+from gpuforge import checks, validation
+from gpuforge.config import Config
 from gpuforge.remediation import CORDON_ANNOTATION
+from gpuforge.validation import FAIL, PASS, SKIP, CheckResult
 from tasks.retry import is_transient_error, retry_transient
 
 FIELD_MANAGER = "gpuforge"
@@ -267,6 +273,110 @@ def _unschedulable_for(pod: client.V1Pod) -> float:
             since = pod.metadata.creation_timestamp or c.last_transition_time
             return (datetime.now(UTC) - since).total_seconds() if since else 0.0
     return 0.0
+
+
+def cluster_checks(config: Config, kubeconfig: Path, nodes: dict[str, NodeState]) -> list[CheckResult]:
+    """Every node Ready; the GPU Operator's ClusterPolicy ready, allocatable GPUs as configured, its pods up."""
+    results = []
+    for node in config.nodes:
+        state = nodes.get(node.name)
+        ok = bool(state and state.ready)
+        results.append(
+            CheckResult(
+                "node-ready",
+                node.name,
+                PASS if ok else FAIL,
+                "Ready" if ok else ("not registered" if state is None else "not Ready"),
+            )
+        )
+    if config.enabled("gpu-operator"):
+        policy = get_custom(kubeconfig, "nvidia.com", "v1", "clusterpolicies", "cluster-policy")
+        rows, missing = checks.gpu_node_rows(config, nodes, policy)
+        state = ((policy or {}).get("status") or {}).get("state")
+        results.append(
+            CheckResult(
+                "cluster-policy", "cluster-policy", PASS if state == "ready" else FAIL, f"state {state or 'missing'}"
+            )
+        )
+        for row in rows:
+            results.append(
+                CheckResult(
+                    "gpu-allocatable",
+                    row["node"],
+                    PASS if row["result"] == "ok" else FAIL,
+                    f"{row['allocatable']} allocatable, expected {row['expected']}"
+                    if row["result"] == "ok"
+                    else row["result"],
+                )
+            )
+        bad = [
+            f"{p.metadata.name} {p.status.phase}"
+            for p in list_pods(kubeconfig, "gpu-operator")
+            if p.status.phase not in ("Running", "Succeeded")
+        ]
+        results.append(
+            CheckResult(
+                "gpu-operator-pods", "gpu-operator", FAIL if bad else PASS, ", ".join(bad) or "all Running/Succeeded"
+            )
+        )
+    return results
+
+
+@task(name="cuda-smoke", cache_policy=NO_CACHE)
+def cuda_smoke(
+    config: Config, kubeconfig: Path, nodes: dict[str, NodeState], expected: dict[str, int], keep: bool
+) -> list[CheckResult]:
+    """A CUDA pod on every GPU node with a free GPU, all at once, and an oversized pod that must stay Pending.
+
+    GPUs a Slurm NodeSet (or anything else) holds cannot take a smoke pod: such a node is skipped, naming who
+    holds them. Passed pods are removed, failed ones kept with their events; the namespace goes unless `keep`."""
+    held = gpus_held(kubeconfig)
+    results, free = [], []
+    for node in expected:
+        if node not in nodes:
+            continue
+        if nodes[node].allocatable_gpus - sum(held.get(node, {}).values()) >= 1:
+            free.append(node)
+        else:
+            holders = ", ".join(held.get(node, {})) or "nobody (0 allocatable)"
+            results.append(CheckResult("cuda-smoke", node, SKIP, f"no free GPU: held by {holders}"))
+    if not free:
+        return results
+    image = config.validation.cuda_image
+    namespace = f"gpuforge-validate-{uuid.uuid4().hex[:6]}"
+    ensure_namespace(kubeconfig, namespace, {"app.kubernetes.io/managed-by": "gpuforge"})
+    # More GPUs than any node has, so the scheduler must refuse it everywhere; judged while the others run.
+    too_many = max(expected.values()) + 1
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        refusal = pool.submit(
+            wait_unschedulable, kubeconfig, namespace, smoke_pod("cuda-oversized", "", image, too_many), 60
+        )
+        pods = [smoke_pod(f"cuda-smoke-{node}", node, image) for node in free]
+        final = run_pods_to_completion(kubeconfig, namespace, pods, config.timeouts.validate_)
+        logs = pod_logs(kubeconfig, namespace, [f"cuda-smoke-{node}" for node in free])
+        refused, why = refusal.result()
+    passed = []
+    for node in free:
+        name = f"cuda-smoke-{node}"
+        pod = final[name]
+        events = [] if pod.status.phase == "Succeeded" else pod_events(kubeconfig, namespace, name)
+        result = validation.smoke_result(node, pod.status.phase, logs[name], events)
+        results.append(result)
+        if result.result == PASS:
+            passed.append(name)
+    results.append(
+        CheckResult(
+            "gpu-scheduling",
+            f"{too_many} GPUs",
+            PASS if refused else FAIL,
+            f"stays Pending: {why}" if refused else f"should be unschedulable but {why}",
+        )
+    )
+    if not keep:
+        delete_pods(kubeconfig, namespace, passed)
+        if len(passed) == len(free):
+            delete_namespace(kubeconfig, namespace)
+    return results
 
 
 def gpus_held(kubeconfig: Path) -> dict[str, dict[str, int]]:

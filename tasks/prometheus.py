@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import re
+import time
 
 import requests
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 from prometheus_api_client import PrometheusApiClientException, PrometheusConnect
 from urllib3.util.retry import Retry
 
+from gpuforge import validation
 from gpuforge.config import Config
 from gpuforge.render import PROMETHEUS_SERVICE
+from gpuforge.validation import ERROR, CheckResult
 
 
 class PrometheusUnreachable(RuntimeError):
@@ -69,3 +74,15 @@ def _seconds(duration: str) -> float | None:
 
 def _safe(url: str) -> str:
     return re.sub(r"//[^@/]*@", "//***@", url)
+
+
+@task(name="dcgm-metrics", cache_policy=NO_CACHE)
+def dcgm_coverage(config: Config, expected: dict[str, int]) -> list[CheckResult]:
+    """Every required DCGM series of every expected GPU present and younger than two scrape intervals."""
+    try:
+        pc = prometheus(config)
+        interval = scrape_interval_s(pc)
+        answer = query(pc, validation.dcgm_coverage_query())
+    except PrometheusUnreachable as exc:
+        return [CheckResult("dcgm-metrics", "prometheus", ERROR, str(exc))]
+    return validation.dcgm_coverage(answer, expected, time.time(), max_age_s=2 * interval)

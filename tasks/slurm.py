@@ -10,10 +10,13 @@ from pathlib import Path
 
 from kubernetes import client
 from kubernetes.stream import stream
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 
-from gpuforge import remediation
+from gpuforge import remediation, validation
 from gpuforge.config import Config
 from gpuforge.remediation import SlurmNode
+from gpuforge.validation import FAIL, PASS, CheckResult
 from tasks.kube import api_client
 
 CONTROLLER_POD = "slurm-controller-0"
@@ -128,3 +131,50 @@ def wait_job(run, job_id: str, timeout_s: float) -> tuple[str, str] | None:
             return state, scontrol_field(info.stdout, "ExitCode")
         time.sleep(0.5)
     return None
+
+
+@task(name="slurm-checks", cache_policy=NO_CACHE)
+def validate_slurm(config: Config, kubeconfig: Path, expected: dict[str, int]) -> list[CheckResult]:
+    """Controller answers, every GPU NodeSet node usable with its gres, a 1-GPU job sees CUDA_VISIBLE_DEVICES
+    and exits 0, and a job asking more GPUs than a node has is refused."""
+    slurm = Slurm(config, kubeconfig)
+    ping = slurm.run("scontrol", "ping")
+    if not (ping.ok and "UP" in ping.stdout):
+        return [
+            CheckResult("slurm-controller", "slurmctld", FAIL, (ping.stdout + ping.stderr).strip() or f"rc {ping.rc}")
+        ]
+    results = [CheckResult("slurm-controller", "slurmctld", PASS, ping.stdout.strip())]
+    sinfo = slurm.run("sinfo", "-h", "-N", "-o", "%N %T %G")
+    results += validation.slurm_node_results(validation.sinfo_nodes(sinfo.stdout), expected)
+    job = slurm.run(
+        "sbatch", "--parsable", "--gres=gpu:1", "--output=/dev/null", "--wrap", 'test -n "$CUDA_VISIBLE_DEVICES"'
+    )
+    results.append(_job_result(slurm.run, job))
+    too_many = max(expected.values()) + 1
+    over = slurm.run("sbatch", "--parsable", f"--gres=gpu:{too_many}", "--wrap", "true")
+    results.append(
+        CheckResult(
+            "slurm-gpu-limit",
+            f"gpu:{too_many}",
+            FAIL if over.ok else PASS,
+            f"accepted as job {over.stdout.strip()}" if over.ok else over.stderr.strip(),
+        )
+    )
+    return results
+
+
+def _job_result(run, job) -> CheckResult:
+    if not job.ok:
+        return CheckResult("slurm-gpu-job", "gpu:1", FAIL, f"sbatch refused: {job.stderr.strip()}")
+    job_id = job.stdout.strip().split(";")[0]
+    ended = wait_job(run, job_id, 60)
+    if ended is None:
+        return CheckResult("slurm-gpu-job", f"job {job_id}", FAIL, "did not finish within 60s")
+    state, code = ended
+    ok = state == "COMPLETED" and code == "0:0"
+    return CheckResult(
+        "slurm-gpu-job",
+        f"job {job_id}",
+        PASS if ok else FAIL,
+        f"{state}, exit {code}" + ("" if ok else " (CUDA_VISIBLE_DEVICES unset or job failed)"),
+    )

@@ -111,7 +111,9 @@ def test_value_changed_with_helm_is_put_back_by_the_next_install(lab, lab_config
     changed = release_records(kubeconfig)[("gpu-operator", "gpu-operator")]
     assert changed.values["dcgmExporter"]["serviceMonitor"]["honorLabels"] is False
     rows = install(InstallParams(config=str(lab_config), only=["gpu-operator"]), return_state=True).result()
-    assert rows[0]["result"] == "ran" and f"gpu-operator upgraded (revision {changed.revision + 1})" in rows[0]["detail"]
+    assert (
+        rows[0]["result"] == "ran" and f"gpu-operator upgraded (revision {changed.revision + 1})" in rows[0]["detail"]
+    )
     restored = release_records(kubeconfig)[("gpu-operator", "gpu-operator")]
     assert (restored.revision, restored.values) == (changed.revision + 1, release.values)
 
