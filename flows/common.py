@@ -6,6 +6,7 @@ import os
 import socket
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,24 @@ class PreconditionFailed(RuntimeError):
     """The run could not start: bad config, missing key, lock held. Exit code 2 on the CLI for checks."""
 
 
+@lru_cache(maxsize=16)
+def _parsed(path: str, cwd: str, stamp: tuple[int, int]) -> Config:
+    return load_config(path)
+
+
+def _load_config(path: str) -> Config:
+    """load_config, parsed once per file version: every phase of a run (and its run name) reads the same file,
+    and parsing it with line numbers is the slowest part of starting a converged phase. A copy, never shared."""
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return load_config(path)  # let load_config say what is wrong with the path
+    return _parsed(path, os.getcwd(), (stat.st_mtime_ns, stat.st_size)).model_copy(deep=True)
+
+
 def load(params: ClusterParams, *, connects: bool = False) -> Config:
     try:
-        config = load_config(params.config)
+        config = _load_config(params.config)
     except ConfigError as exc:
         raise PreconditionFailed(str(exc)) from None
     if connects and (problems := node_access_problems(config)):
@@ -43,7 +59,7 @@ def run_name(prefix: str) -> Any:
         params = flow_run.parameters.get("params") or {}
         path = params.get("config") if isinstance(params, dict) else getattr(params, "config", None)
         try:
-            cluster = load_config(path or ClusterParams().config).cluster_name
+            cluster = _load_config(path or ClusterParams().config).cluster_name
         except ConfigError:
             cluster = "bad-config"
         return f"{prefix}-{cluster}"

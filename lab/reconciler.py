@@ -51,6 +51,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -878,6 +879,7 @@ class Reconciler:
         if not self.crds.established("logs.kwok.x-k8s.io"):
             return
         pods = {object_key(p): p for p in self.pods.items()}
+        to_create = []
         for key, pod in pods.items():
             if _deleting(pod) or not (pod.get("spec") or {}).get("nodeName"):
                 continue
@@ -885,7 +887,7 @@ class Reconciler:
             existing = self.logs.get(key)
             if existing is None:
                 if f"{key}@{pod['metadata']['uid']}" not in self._foreign_logs:
-                    self._create_logs(pod, want)
+                    to_create.append((pod, want))
             elif not _owned_by(existing, pod):  # left over from an earlier pod of the same name
                 self._delete_logs(existing, "pod replaced")
             elif _logs_essence(existing.get("spec")) != _logs_essence(want):
@@ -893,6 +895,9 @@ class Reconciler:
                     ns, name = key.split("/", 1)
                     self.kube.merge_patch(f"{_LOGS_API}/namespaces/{ns}/logs/{name}", {"spec": want})
                     log.info("logs %s: updated", key)
+        # A burst of pods (a smoke run on every GPU node) gets its Logs objects side by side, not one by one.
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            list(pool.map(lambda args: self._create_logs(*args), to_create))
         for logs in self.logs.items():
             if object_key(logs) not in pods:
                 self._delete_logs(logs, "pod gone")

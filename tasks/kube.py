@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,9 +38,10 @@ class WaitTimeout(TimeoutError):
 def api_client(kubeconfig: Path) -> client.ApiClient:
     if not Path(kubeconfig).exists():
         raise FileNotFoundError(f"kubeconfig {kubeconfig} does not exist; run the kubespray phase or set kubeconfig")
-    api = config.new_client_from_config(config_file=str(kubeconfig))
-    api.configuration.retries = 0  # gpuforge decides what to retry
-    return api
+    settings = client.Configuration()
+    settings.connection_pool_maxsize = 16  # the widest fan-out below (pods created / logs read side by side)
+    settings.retries = 0  # gpuforge decides what to retry
+    return config.new_client_from_config(config_file=str(kubeconfig), client_configuration=settings)
 
 
 @dataclass(frozen=True)
@@ -226,12 +227,18 @@ def smoke_pod(name: str, node: str, image: str, gpus: int = 1) -> dict[str, Any]
 
 
 def run_pods_to_completion(
-    kubeconfig: Path, namespace: str, pods: list[dict[str, Any]], timeout_s: float, unschedulable_grace_s: float = 30
+    kubeconfig: Path,
+    namespace: str,
+    pods: list[dict[str, Any]],
+    timeout_s: float,
+    unschedulable_grace_s: float = 30,
+    on_done: Callable[[client.V1Pod], None] | None = None,
 ) -> dict[str, client.V1Pod]:
     """Create all pods at once and watch the namespace (one watch, not a poll per pod) until each is terminal.
 
     A pod the scheduler keeps refusing for `unschedulable_grace_s` counts as done too (a verdict, not a reason
-    to wait out the timeout); a refusal that clears sooner (a node still settling) is waited for.
+    to wait out the timeout); a refusal that clears sooner (a node still settling) is waited for. `on_done` is
+    called with each pod as it is settled (e.g. to read its log while the others still run).
     """
     from kubernetes import watch
 
@@ -241,6 +248,12 @@ def run_pods_to_completion(
             list(pool.map(lambda pod: core.create_namespaced_pod(namespace, pod), pods))
         names = {p["metadata"]["name"] for p in pods}
         final: dict[str, client.V1Pod] = {}
+
+        def settle(pod: client.V1Pod) -> None:
+            final[pod.metadata.name] = pod
+            if on_done:
+                on_done(pod)
+
         deadline = time.monotonic() + timeout_s
         while names - final.keys() and time.monotonic() < deadline:
             w = watch.Watch()
@@ -248,8 +261,8 @@ def run_pods_to_completion(
             try:
                 for event in w.stream(core.list_namespaced_pod, namespace, timeout_seconds=window):
                     pod = event["object"]
-                    if pod.metadata.name in names and pod.status.phase in ("Succeeded", "Failed"):
-                        final[pod.metadata.name] = pod
+                    if pod.metadata.name in names - final.keys() and pod.status.phase in ("Succeeded", "Failed"):
+                        settle(pod)
                     if not names - final.keys():
                         w.stop()
             except (ApiException, HTTPError, OSError) as exc:
@@ -258,9 +271,9 @@ def run_pods_to_completion(
                 time.sleep(1)
             for pod in core.list_namespaced_pod(namespace).items if names - final.keys() else []:
                 if pod.metadata.name in names - final.keys() and _unschedulable_for(pod) >= unschedulable_grace_s:
-                    final[pod.metadata.name] = pod
+                    settle(pod)
         for name in names - final.keys():
-            final[name] = core.read_namespaced_pod(name, namespace)
+            settle(core.read_namespaced_pod(name, namespace))
         return final
 
 
@@ -347,13 +360,18 @@ def cuda_smoke(
     ensure_namespace(kubeconfig, namespace, {"app.kubernetes.io/managed-by": "gpuforge"})
     # More GPUs than any node has, so the scheduler must refuse it everywhere; judged while the others run.
     too_many = max(expected.values()) + 1
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        refusal = pool.submit(
-            wait_unschedulable, kubeconfig, namespace, smoke_pod("cuda-oversized", "", image, too_many), 60
-        )
+    with ThreadPoolExecutor(max_workers=16) as pool, api_client(kubeconfig) as api:
+        oversized = smoke_pod("cuda-oversized", "", image, too_many)
+        refusal = pool.submit(wait_unschedulable, kubeconfig, namespace, oversized, 60)
+        reading: dict[str, Future[str]] = {}
+        core = client.CoreV1Api(api)
+
+        def read_log(pod: client.V1Pod) -> None:  # as soon as it ends, while the other pods still run
+            reading[pod.metadata.name] = pool.submit(read_pod_log, core, namespace, pod.metadata.name)
+
         pods = [smoke_pod(f"cuda-smoke-{node}", node, image) for node in free]
-        final = run_pods_to_completion(kubeconfig, namespace, pods, config.timeouts.validate_)
-        logs = pod_logs(kubeconfig, namespace, [f"cuda-smoke-{node}" for node in free])
+        final = run_pods_to_completion(kubeconfig, namespace, pods, config.timeouts.validate_, on_done=read_log)
+        logs = {name: future.result() for name, future in reading.items()}
         refused, why = refusal.result()
     passed = []
     for node in free:
@@ -373,9 +391,10 @@ def cuda_smoke(
         )
     )
     if not keep:
-        delete_pods(kubeconfig, namespace, passed)
         if len(passed) == len(free):
-            delete_namespace(kubeconfig, namespace)
+            delete_namespace(kubeconfig, namespace)  # its pods go with it
+        else:
+            delete_pods(kubeconfig, namespace, passed)  # the failed ones stay for a look
     return results
 
 
@@ -392,24 +411,24 @@ def gpus_held(kubeconfig: Path) -> dict[str, dict[str, int]]:
     return held
 
 
-def pod_log(kubeconfig: Path, namespace: str, name: str, attempts: int = 24, pause_s: float = 0.25) -> str:
-    """The pod's last 200 log lines. A container that just finished may not serve its log for a moment
-    (the kubelet answers 400/404), so it is asked again every `pause_s` for up to attempts x pause_s."""
+def pod_log(kubeconfig: Path, namespace: str, name: str) -> str:
+    """The pod's last 200 log lines (see read_pod_log)."""
     with api_client(kubeconfig) as api:
-        for attempt in range(attempts):
-            try:
-                return client.CoreV1Api(api).read_namespaced_pod_log(name, namespace, tail_lines=200) or ""
-            except ApiException as exc:
-                if attempt == attempts - 1 or exc.status not in (400, 404, 500, 502, 503):
-                    return f"(no log: {exc.reason}: {(exc.body or '')[:200]})"
-                time.sleep(pause_s)
+        return read_pod_log(client.CoreV1Api(api), namespace, name)
+
+
+def read_pod_log(core: client.CoreV1Api, namespace: str, name: str, attempts: int = 24, pause_s: float = 0.25) -> str:
+    """The pod's last 200 log lines through an open client (a new client costs a TLS handshake, ~0.1 s here).
+    A container that just finished may not serve its log for a moment (the kubelet answers 400/404), so it is
+    asked again every `pause_s` for up to attempts x pause_s."""
+    for attempt in range(attempts):
+        try:
+            return core.read_namespaced_pod_log(name, namespace, tail_lines=200) or ""
+        except ApiException as exc:
+            if attempt == attempts - 1 or exc.status not in (400, 404, 500, 502, 503):
+                return f"(no log: {exc.reason}: {(exc.body or '')[:200]})"
+            time.sleep(pause_s)
     return "(no log)"
-
-
-def pod_logs(kubeconfig: Path, namespace: str, names: list[str]) -> dict[str, str]:
-    """Logs of many pods, read in parallel."""
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        return dict(zip(names, pool.map(lambda n: pod_log(kubeconfig, namespace, n), names), strict=True))
 
 
 def pod_events(kubeconfig: Path, namespace: str, name: str) -> list[str]:
