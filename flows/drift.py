@@ -91,9 +91,8 @@ def read_live(config: Config, *, nodes_reader=_node_dicts) -> tuple[core.LiveSta
     if any(config.enabled(s) for s in ("monitoring_stack", "gpu-operator", "slurm", "k8s-dashboard")):
         from tasks.helm import read_releases
 
-        live.releases, _ = attempt("helm", "helm list", lambda: read_releases(kubeconfig))
-        # read_releases asks Helm for each release's status, chart metadata and values after the list.
-        calls["helm_reads_per_release"] = 3
+        # One list of Helm's release records (the Secrets Helm stores them in) answers every release.
+        live.releases, _ = attempt("helm", "helm releases", lambda: read_releases(kubeconfig))
     if config.enabled("gpu-operator"):
         live.cluster_policy, live.cluster_policy_read = attempt(
             "kubernetes",

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +27,10 @@ from prefect import flow, get_run_logger
 
 from flows.common import ClusterParams, PreconditionFailed, load, publish_markdown, publish_table, run_name
 from flows.notify import notify_failure
-from gpuforge import checks, health, remediation, validation
+from gpuforge import checks, health, remediation
 from gpuforge.config import Config
 from gpuforge.drift import expected_gpu_counts
-from gpuforge.health import GpuVerdict, Thresholds, Verdict
+from gpuforge.health import Thresholds, Verdict
 from gpuforge.health_report import (
     EXIT_HEALTHY,
     EXIT_UNHEALTHY,
@@ -49,8 +47,6 @@ from gpuforge.health_report import (
 from gpuforge.remediation import Action, SlurmNode
 from tasks import kube, prometheus
 from tasks import slurm as slurm_tasks
-
-UNSCHEDULABLE_TAINT = "node.kubernetes.io/unschedulable"
 
 
 class HealthParams(ClusterParams):
@@ -73,20 +69,6 @@ def thresholds_table(config: Config) -> dict[str, Thresholds]:
     """The config's partial threshold sections laid over the built-in families (only the fields it sets)."""
     raw = {name: t.model_dump(exclude_unset=True) for name, t in config.health.thresholds.items()}
     return health.merge_threshold_config(raw)
-
-
-def evaluate_fleet(
-    pc: Any, expected: dict[str, int | None], table: dict[str, Thresholds], queries: dict[str, str] | None = None
-) -> tuple[list[GpuVerdict], int]:
-    """Every GPU's verdict from the fixed fleet queries (sent concurrently); returns (verdicts, queries sent).
-
-    Raises tasks.prometheus.PrometheusUnreachable when any query cannot be answered."""
-    queries = queries or health.fleet_queries(table)
-    with ThreadPoolExecutor(max_workers=len(queries)) as pool:
-        futures = {name: pool.submit(prometheus.query, pc, q) for name, q in queries.items()}
-        results = {name: f.result() for name, f in futures.items()}
-    readings = health.readings_from_query_results(results, expected, time.time())
-    return health.judge_all(readings, table), len(queries)
 
 
 # ------------------------------------------------------------------------------------------- the flow
@@ -139,7 +121,7 @@ def _check(config: Config) -> dict:
     queries = health.fleet_queries(table)
     prom_error = None
     try:
-        verdicts, sent = evaluate_fleet(prometheus.prometheus(config), expected, table, queries)
+        verdicts, sent = prometheus.evaluate_fleet(prometheus.prometheus(config), expected, table, queries)
     except prometheus.PrometheusUnreachable as exc:
         prom_error, sent = str(exc), 0
         verdicts = unknown_verdicts(expected, f"could not judge: {exc}")
@@ -242,7 +224,7 @@ def _release(config: Config, node: str) -> dict:
     expected = {node: checks.expected_gpus(config, nodes[node], node)}
     prom_error = None
     try:
-        verdicts, _ = evaluate_fleet(prometheus.prometheus(config), expected, table)
+        verdicts, _ = prometheus.evaluate_fleet(prometheus.prometheus(config), expected, table)
     except prometheus.PrometheusUnreachable as exc:
         prom_error = str(exc)
         verdicts = unknown_verdicts(expected, f"could not judge: {exc}")
@@ -258,10 +240,10 @@ def _release(config: Config, node: str) -> dict:
             f"Slurm job on {sname} (sbatch -w {sname} --gres=gpu:1): the node's GPUs are held by its slurmd pod, "
             "so a CUDA smoke pod could not get one"
         )
-        ok, detail = _slurm_revalidate(config, kubeconfig, sname, snode, actions, logger.info)
+        ok, detail = slurm_tasks.revalidate_with_job(config, kubeconfig, sname, snode, actions, logger.info)
     else:
         how = f"CUDA smoke pod pinned to {node} (tolerating the cordon)"
-        ok, detail = _smoke_revalidate(config, kubeconfig, node)
+        ok, detail = kube.revalidate_with_smoke_pod(config, kubeconfig, node)
 
     # 3. Decide, then act: Slurm side first (already resumed by the job path), then the cordon.
     if in_slurm and snode is not None:
@@ -334,75 +316,3 @@ def _release(config: Config, node: str) -> dict:
     if not decision.ok:
         raise HealthCheckFailed(report, f"{node} kept out of service:\n" + "\n".join(decision.reasons[:5]))
     return report
-
-
-def _smoke_revalidate(config: Config, kubeconfig: Path, node: str) -> tuple[bool, str]:
-    """tasks.kube.cuda_smoke's pod, plus a toleration of the cordon (the node is still cordoned)."""
-    namespace = f"gpuforge-release-{uuid.uuid4().hex[:6]}"
-    kube.ensure_namespace(kubeconfig, namespace, {"app.kubernetes.io/managed-by": "gpuforge"})
-    name = f"cuda-smoke-{node}"
-    pod = kube.smoke_pod(name, node, config.validation.cuda_image)
-    pod["spec"]["tolerations"].append({"key": UNSCHEDULABLE_TAINT, "operator": "Exists", "effect": "NoSchedule"})
-    try:
-        final = kube.run_pods_to_completion(kubeconfig, namespace, [pod], config.timeouts.validate_)[name]
-        log = kube.pod_log(kubeconfig, namespace, name)
-        events = [] if final.status.phase == "Succeeded" else kube.pod_events(kubeconfig, namespace, name)
-        result = validation.smoke_result(node, final.status.phase, log, events)
-    finally:
-        kube.delete_namespace(kubeconfig, namespace)
-    return result.result == validation.PASS, result.detail
-
-
-def _slurm_revalidate(
-    config: Config,
-    kubeconfig: Path,
-    sname: str | None,
-    snode: SlurmNode | None,
-    actions: list[Action],
-    log: Callable[[str], None],
-) -> tuple[bool, str]:
-    """A 1-GPU job pinned to the node. A drained node runs no job, so it is resumed inside a maintenance
-    reservation that only this job may use; the reservation goes when the job is done, and a failed job
-    drains the node again (done by the caller)."""
-    if sname is None or snode is None:
-        return False, "no Slurm node found for this node"
-    slurm = slurm_tasks.Slurm(config, kubeconfig)
-    resv = f"gpuforge-release-{sname}"
-    if snode.out_of_service:
-        slurm.run("scontrol", "delete", f"reservationname={resv}")
-        res = slurm.run(
-            "scontrol", "create", "reservation", f"reservationname={resv}", f"nodes={sname}", "starttime=now",
-            "duration=30", "users=root", "flags=maint,ignore_jobs",
-        )  # fmt: skip
-        if not res.ok:
-            return False, f"could not reserve {sname}: {(res.stderr or res.stdout).strip()}"
-        slurm.update(sname, "resume")
-        actions.append(Action(sname, remediation.RESUME_SLURM, f"resumed inside reservation {resv} for the job",
-                              sname, status="done"))  # fmt: skip
-        log(f"Slurm node {sname} resumed inside reservation {resv}")
-    try:
-        argv = [
-            "sbatch",
-            "--parsable",
-            "-w",
-            sname,
-            "--gres=gpu:1",
-            "--output=/dev/null",
-            "--job-name=gpuforge-release",
-        ]
-        if snode.out_of_service:
-            argv.append(f"--reservation={resv}")
-        job = slurm.run(*argv, "--wrap", 'test -n "$CUDA_VISIBLE_DEVICES"')
-        if not job.ok:
-            return False, f"sbatch refused: {job.stderr.strip()}"
-        job_id = job.stdout.strip().split(";")[0]
-        ended = slurm_tasks.wait_job(slurm.run, job_id, config.timeouts.validate_)
-        if ended is not None:
-            state, code = ended
-            ok = state == "COMPLETED" and code == "0:0"
-            return ok, f"Slurm job {job_id} on {sname}: {state}, exit {code}"
-        slurm.run("scancel", job_id)
-        return False, f"Slurm job {job_id} on {sname} did not finish within {config.timeouts.validate_}s"
-    finally:
-        if snode.out_of_service:
-            slurm.run("scontrol", "delete", f"reservationname={resv}")

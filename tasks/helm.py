@@ -116,31 +116,6 @@ def converge_release(release: Release, kubeconfig: Path, timeout_s: int) -> Rele
     return outcome
 
 
-async def _read_releases(kubeconfig: Path) -> dict[str, dict[str, Any]]:
-    client = helm_client(kubeconfig)
-    out: dict[str, dict[str, Any]] = {}
-    for rel in await client.list_releases(all_namespaces=True, all=True):
-        rev = await rel.current_revision()
-        meta = await rev.chart_metadata()
-        out[rel.name] = {
-            "namespace": rel.namespace,
-            "revision": rev.revision,
-            "status": rev.status.value,
-            "chart": meta.name,
-            "version": meta.version,
-            "values": await rev.values(),
-        }
-    return out
-
-
-def read_releases(kubeconfig: Path) -> dict[str, dict[str, Any]]:
-    """Every release in the cluster: status, chart, version and user-supplied values."""
-    try:
-        return asyncio.run(_read_releases(kubeconfig))
-    except errors.Error as exc:
-        raise HelmError(f"helm list: {str(exc).strip()}") from None
-
-
 @dataclass(frozen=True)
 class ReleaseRecord:
     """The latest revision of a release as Helm stored it (its `sh.helm.release.v1.*` Secret)."""
@@ -180,6 +155,22 @@ def release_records(kubeconfig: Path) -> dict[tuple[str, str], ReleaseRecord]:
             values=raw.get("config") or {},
         )
     return latest
+
+
+def read_releases(kubeconfig: Path) -> dict[str, dict[str, Any]]:
+    """Every release in the cluster by name: namespace, revision, status, chart, version and user-supplied values
+    (from release_records: one API call, however many releases)."""
+    return {
+        r.name: {
+            "namespace": r.namespace,
+            "revision": r.revision,
+            "status": r.status,
+            "chart": r.chart,
+            "version": r.chart_version,
+            "values": r.values,
+        }
+        for r in release_records(kubeconfig).values()
+    }
 
 
 def chart_name(release: Release) -> str:

@@ -29,6 +29,7 @@ from tasks.retry import is_transient_error, retry_transient
 
 FIELD_MANAGER = "gpuforge"
 GPU = "nvidia.com/gpu"
+UNSCHEDULABLE_TAINT = "node.kubernetes.io/unschedulable"
 
 
 class WaitTimeout(TimeoutError):
@@ -396,6 +397,23 @@ def cuda_smoke(
         else:
             delete_pods(kubeconfig, namespace, passed)  # the failed ones stay for a look
     return results
+
+
+def revalidate_with_smoke_pod(config: Config, kubeconfig: Path, node: str) -> tuple[bool, str]:
+    """cuda_smoke's pod on one node, tolerating the cordon (a node being returned to service is still cordoned)."""
+    namespace = f"gpuforge-release-{uuid.uuid4().hex[:6]}"
+    ensure_namespace(kubeconfig, namespace, {"app.kubernetes.io/managed-by": "gpuforge"})
+    name = f"cuda-smoke-{node}"
+    pod = smoke_pod(name, node, config.validation.cuda_image)
+    pod["spec"]["tolerations"].append({"key": UNSCHEDULABLE_TAINT, "operator": "Exists", "effect": "NoSchedule"})
+    try:
+        final = run_pods_to_completion(kubeconfig, namespace, [pod], config.timeouts.validate_)[name]
+        log = pod_log(kubeconfig, namespace, name)
+        events = [] if final.status.phase == "Succeeded" else pod_events(kubeconfig, namespace, name)
+        result = validation.smoke_result(node, final.status.phase, log, events)
+    finally:
+        delete_namespace(kubeconfig, namespace)
+    return result.result == PASS, result.detail
 
 
 def gpus_held(kubeconfig: Path) -> dict[str, dict[str, int]]:

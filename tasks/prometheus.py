@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import requests
 from prefect import task
@@ -11,8 +12,9 @@ from prefect.cache_policies import NO_CACHE
 from prometheus_api_client import PrometheusApiClientException, PrometheusConnect
 from urllib3.util.retry import Retry
 
-from gpuforge import validation
+from gpuforge import health, validation
 from gpuforge.config import Config
+from gpuforge.health import GpuVerdict, Thresholds
 from gpuforge.render import PROMETHEUS_SERVICE
 from gpuforge.validation import ERROR, CheckResult
 
@@ -86,3 +88,20 @@ def dcgm_coverage(config: Config, expected: dict[str, int]) -> list[CheckResult]
     except PrometheusUnreachable as exc:
         return [CheckResult("dcgm-metrics", "prometheus", ERROR, str(exc))]
     return validation.dcgm_coverage(answer, expected, time.time(), max_age_s=2 * interval)
+
+
+def evaluate_fleet(
+    pc: PrometheusConnect,
+    expected: dict[str, int | None],
+    table: dict[str, Thresholds],
+    queries: dict[str, str] | None = None,
+) -> tuple[list[GpuVerdict], int]:
+    """Every GPU's verdict from the fixed fleet queries (sent concurrently); returns (verdicts, queries sent).
+
+    Raises PrometheusUnreachable when any query cannot be answered."""
+    queries = queries or health.fleet_queries(table)
+    with ThreadPoolExecutor(max_workers=len(queries)) as pool:
+        futures = {name: pool.submit(query, pc, q) for name, q in queries.items()}
+        results = {name: f.result() for name, f in futures.items()}
+    readings = health.readings_from_query_results(results, expected, time.time())
+    return health.judge_all(readings, table), len(queries)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 
 from gpuforge import remediation, validation
 from gpuforge.config import Config
-from gpuforge.remediation import SlurmNode
+from gpuforge.remediation import Action, SlurmNode
 from gpuforge.validation import FAIL, PASS, CheckResult
 from tasks.kube import api_client
 
@@ -178,3 +179,58 @@ def _job_result(run, job) -> CheckResult:
         PASS if ok else FAIL,
         f"{state}, exit {code}" + ("" if ok else " (CUDA_VISIBLE_DEVICES unset or job failed)"),
     )
+
+
+def revalidate_with_job(
+    config: Config,
+    kubeconfig: Path,
+    sname: str | None,
+    snode: SlurmNode | None,
+    actions: list[Action],
+    log: Callable[[str], None],
+) -> tuple[bool, str]:
+    """A 1-GPU job pinned to the node. A drained node runs no job, so it is resumed inside a maintenance
+    reservation that only this job may use; the reservation goes when the job is done, and a failed job
+    drains the node again (done by the caller)."""
+    if sname is None or snode is None:
+        return False, "no Slurm node found for this node"
+    slurm = Slurm(config, kubeconfig)
+    resv = f"gpuforge-release-{sname}"
+    if snode.out_of_service:
+        slurm.run("scontrol", "delete", f"reservationname={resv}")
+        res = slurm.run(
+            "scontrol", "create", "reservation", f"reservationname={resv}", f"nodes={sname}", "starttime=now",
+            "duration=30", "users=root", "flags=maint,ignore_jobs",
+        )  # fmt: skip
+        if not res.ok:
+            return False, f"could not reserve {sname}: {(res.stderr or res.stdout).strip()}"
+        slurm.update(sname, "resume")
+        actions.append(Action(sname, remediation.RESUME_SLURM, f"resumed inside reservation {resv} for the job",
+                              sname, status="done"))  # fmt: skip
+        log(f"Slurm node {sname} resumed inside reservation {resv}")
+    try:
+        argv = [
+            "sbatch",
+            "--parsable",
+            "-w",
+            sname,
+            "--gres=gpu:1",
+            "--output=/dev/null",
+            "--job-name=gpuforge-release",
+        ]
+        if snode.out_of_service:
+            argv.append(f"--reservation={resv}")
+        job = slurm.run(*argv, "--wrap", 'test -n "$CUDA_VISIBLE_DEVICES"')
+        if not job.ok:
+            return False, f"sbatch refused: {job.stderr.strip()}"
+        job_id = job.stdout.strip().split(";")[0]
+        ended = wait_job(slurm.run, job_id, config.timeouts.validate_)
+        if ended is not None:
+            state, code = ended
+            ok = state == "COMPLETED" and code == "0:0"
+            return ok, f"Slurm job {job_id} on {sname}: {state}, exit {code}"
+        slurm.run("scancel", job_id)
+        return False, f"Slurm job {job_id} on {sname} did not finish within {config.timeouts.validate_}s"
+    finally:
+        if snode.out_of_service:
+            slurm.run("scontrol", "delete", f"reservationname={resv}")

@@ -74,11 +74,11 @@ def names(cfg):
 
 
 def verdicts_now(cfg):
-    from flows.gpu_health import _expected, evaluate_fleet, thresholds_table
+    from flows.gpu_health import _expected, thresholds_table
     from tasks import kube, prometheus
 
     nodes = kube.list_nodes(cfg.kubeconfig_path())
-    verdicts, _ = evaluate_fleet(prometheus.prometheus(cfg), _expected(cfg, nodes), thresholds_table(cfg))
+    verdicts, _ = prometheus.evaluate_fleet(prometheus.prometheus(cfg), _expected(cfg, nodes), thresholds_table(cfg))
     return verdicts
 
 
