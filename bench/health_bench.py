@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prometheus_api_client import PrometheusConnect  # noqa: E402
 
-from flows.gpu_health import thresholds_table  # noqa: E402
 from gpuforge import health  # noqa: E402
 from gpuforge.config import parse_config  # noqa: E402
 from gpuforge.health import Verdict  # noqa: E402
+from gpuforge.health_report import thresholds_table  # noqa: E402
 from lab.dcgm_sim import DcgmSim  # noqa: E402
 from lab.prometheus import PrometheusLab  # noqa: E402
 from tasks import prometheus as prom_tasks  # noqa: E402

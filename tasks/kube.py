@@ -143,7 +143,11 @@ def nodes_converged(kubeconfig: Path, names: list[str], version: str) -> bool:
 
 
 def get_custom(kubeconfig: Path, group: str, version: str, plural: str, name: str) -> dict[str, Any] | None:
-    """A cluster-scoped custom resource, or None when it (or its CRD) does not exist."""
+    """A cluster-scoped custom resource, or None when it (or its CRD) does not exist (transient errors retried)."""
+    return retry_transient(lambda: _get_custom_once(kubeconfig, group, version, plural, name))
+
+
+def _get_custom_once(kubeconfig: Path, group: str, version: str, plural: str, name: str) -> dict[str, Any] | None:
     with api_client(kubeconfig) as api:
         try:
             return client.CustomObjectsApi(api).get_cluster_custom_object(group, version, plural, name)
@@ -154,6 +158,11 @@ def get_custom(kubeconfig: Path, group: str, version: str, plural: str, name: st
 
 
 def list_custom(kubeconfig: Path, group: str, version: str, plural: str, namespace: str | None = None) -> list[dict]:
+    """Custom resources of one kind ([] when the CRD does not exist); transient errors retried."""
+    return retry_transient(lambda: _list_custom_once(kubeconfig, group, version, plural, namespace))
+
+
+def _list_custom_once(kubeconfig: Path, group: str, version: str, plural: str, namespace: str | None) -> list[dict]:
     with api_client(kubeconfig) as api:
         custom = client.CustomObjectsApi(api)
         try:

@@ -19,7 +19,8 @@ _TRANSIENT = re.compile(
 
 def is_transient_error(exc: BaseException) -> bool:
     status = getattr(exc, "status", None)
-    if isinstance(status, int) and status >= 500:
+    # 429: the API server's own "retry after" (e.g. "storage is (re)initializing" just after a restart).
+    if isinstance(status, int) and (status == 429 or status >= 500):
         return True
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return True

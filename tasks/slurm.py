@@ -18,7 +18,7 @@ from gpuforge import remediation, validation
 from gpuforge.config import Config
 from gpuforge.remediation import Action, SlurmNode
 from gpuforge.validation import FAIL, PASS, CheckResult
-from tasks.kube import api_client
+from tasks.kube import api_client, slurm_pods
 
 CONTROLLER_POD = "slurm-controller-0"
 CONTROLLER_CONTAINER = "slurmctld"
@@ -132,6 +132,19 @@ def wait_job(run, job_id: str, timeout_s: float) -> tuple[str, str] | None:
             return state, scontrol_field(info.stdout, "ExitCode")
         time.sleep(0.5)
     return None
+
+
+def slurm_state(config: Config, kubeconfig: Path) -> tuple[dict[str, SlurmNode] | None, dict[str, str], str | None]:
+    """Slurm nodes (one sinfo), their Kubernetes names (one slurmd pod list), or why they could not be read."""
+    if not config.enabled("slurm"):
+        return None, {}, None
+    try:
+        nodes = Slurm(config, kubeconfig).nodes()
+        pods = slurm_pods(kubeconfig, config.validation.slurm_namespace)
+    except Exception as exc:  # noqa: BLE001 - reported; no Slurm action (and no cordon of Slurm nodes) follows
+        return None, {}, f"Slurm could not be read: {str(exc).splitlines()[0][:300]}"
+    names = remediation.slurm_name_map([n.name for n in config.gpu_nodes], nodes, pods)
+    return nodes, names, None
 
 
 @task(name="slurm-checks", cache_policy=NO_CACHE)

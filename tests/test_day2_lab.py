@@ -74,11 +74,14 @@ def names(cfg):
 
 
 def verdicts_now(cfg):
-    from flows.gpu_health import _expected, thresholds_table
+    from gpuforge.drift import expected_gpu_counts
+    from gpuforge.health_report import thresholds_table
     from tasks import kube, prometheus
 
     nodes = kube.list_nodes(cfg.kubeconfig_path())
-    verdicts, _ = prometheus.evaluate_fleet(prometheus.prometheus(cfg), _expected(cfg, nodes), thresholds_table(cfg))
+    verdicts, _ = prometheus.evaluate_fleet(
+        prometheus.prometheus(cfg), expected_gpu_counts(cfg, nodes), thresholds_table(cfg)
+    )
     return verdicts
 
 
