@@ -53,12 +53,13 @@ class ReleaseOutcome:
     chart_version: str
 
 
-async def _converge(release: Release, kubeconfig: Path, timeout_s: int) -> ReleaseOutcome:
+async def _converge(release: Release, kubeconfig: Path, timeout_s: int, exists: bool) -> ReleaseOutcome:
     client = helm_client(kubeconfig)
     chart = await client.get_chart(release.chart_ref, repo=_repo_arg(release), version=release.version)
     # A release left pending-install/-upgrade by a killed run is rolled back or removed first; the cluster
-    # lock guarantees no live run owns it.
-    current = await client.get_proceedable_revision(release.name, namespace=release.namespace)
+    # lock guarantees no live run owns it. One with no record at all is new: asking Helm for its status would
+    # only fail (and pyhelm3 would log that as a warning).
+    current = await client.get_proceedable_revision(release.name, namespace=release.namespace) if exists else None
     if not await client.should_install_or_upgrade_release(current, chart, release.values):
         return ReleaseOutcome(release.name, release.namespace, "unchanged", current.revision, chart.metadata.version)
     revision = await client.install_or_upgrade_release(
@@ -98,11 +99,11 @@ def _helm_error(release: Release, exc: errors.Error) -> HelmError:
     retry_condition_fn=lambda task, run, state: is_transient(state),
     cache_policy=NO_CACHE,
 )
-def converge_release(release: Release, kubeconfig: Path, timeout_s: int) -> ReleaseOutcome:
+def converge_release(release: Release, kubeconfig: Path, timeout_s: int, exists: bool = True) -> ReleaseOutcome:
     """Install or upgrade one release atomically; nothing happens when chart version and values match."""
     logger = get_run_logger()
     try:
-        outcome = asyncio.run(_converge(release, kubeconfig, timeout_s))
+        outcome = asyncio.run(_converge(release, kubeconfig, timeout_s, exists))
     except errors.Error as exc:
         raise _helm_error(release, exc) from None
     logger.info(
@@ -210,7 +211,7 @@ def converge_service(config, service: str, kubeconfig: Path, timeout_s: int, lea
             )
             outcomes.append(ReleaseOutcome(r.name, r.namespace, "unchanged", record.revision, r.version))
         else:
-            outcomes.append(converge_release(r, kubeconfig, timeout_s))
+            outcomes.append(converge_release(r, kubeconfig, timeout_s, exists=record is not None))
     return outcomes
 
 
