@@ -78,10 +78,10 @@ def release_node(config: Config, node: str) -> dict:
         ok, detail = kube.revalidate_with_smoke_pod(config, kubeconfig, node)
 
     # 3. Decide, then act: Slurm side first (already resumed by the job path), then the cordon.
-    if in_slurm and snode is not None:
-        snode = slurm_tasks.Slurm(config, kubeconfig).nodes().get(sname, snode)
-    decision = remediation.release_decision(node, ok, detail, verdicts, nodes[node], snode, sname, in_slurm)
     slurm = slurm_tasks.Slurm(config, kubeconfig)
+    if in_slurm and snode is not None:
+        snode = slurm.nodes().get(sname, snode)
+    decision = remediation.release_decision(node, ok, detail, verdicts, nodes[node], snode, sname, in_slurm)
     when = remediation.stamp(dt.datetime.now(dt.UTC), config.timezone)
     if decision.ok:
         done: list[Action] = []

@@ -704,7 +704,7 @@ def readings_from_query_results(
     pending: list[tuple[str, _FoldedLabels, float | None]] = []
 
     def gpu_for(labels: _FoldedLabels, create: bool) -> _Gpu | None:
-        node = _first(labels, _HOST_LABELS) or _first(labels, _FALLBACK_NODE_LABELS)
+        node = node_of(labels)
         if node is None:
             return None
         idx = labels.get("gpu")

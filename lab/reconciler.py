@@ -896,8 +896,9 @@ class Reconciler:
                     self.kube.merge_patch(f"{_LOGS_API}/namespaces/{ns}/logs/{name}", {"spec": want})
                     log.info("logs %s: updated", key)
         # A burst of pods (a smoke run on every GPU node) gets its Logs objects side by side, not one by one.
-        with ThreadPoolExecutor(max_workers=16) as pool:
-            list(pool.map(lambda args: self._create_logs(*args), to_create))
+        if to_create:
+            with ThreadPoolExecutor(max_workers=16) as pool:
+                list(pool.map(lambda args: self._create_logs(*args), to_create))
         for logs in self.logs.items():
             if object_key(logs) not in pods:
                 self._delete_logs(logs, "pod gone")

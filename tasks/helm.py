@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from kubernetes import client
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pyhelm3 import Client, errors
@@ -135,10 +136,10 @@ def release_records(kubeconfig: Path) -> dict[tuple[str, str], ReleaseRecord]:
 
     Helm 3 keeps each revision in a Secret labelled owner=helm whose `release` field is base64 + gzip + JSON;
     superseded revisions are never the latest, so they are not fetched."""
-    core = kube.client.CoreV1Api(kube.api_client(kubeconfig))
-    secrets = core.list_secret_for_all_namespaces(label_selector="owner=helm,status!=superseded").items
+    with kube.api_client(kubeconfig) as api:
+        secrets = client.CoreV1Api(api).list_secret_for_all_namespaces(label_selector="owner=helm,status!=superseded")
     latest: dict[tuple[str, str], ReleaseRecord] = {}
-    for secret in secrets:
+    for secret in secrets.items:
         labels = secret.metadata.labels or {}
         key = (secret.metadata.namespace, labels.get("name", ""))
         revision = int(labels.get("version", "0"))

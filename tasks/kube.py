@@ -314,7 +314,7 @@ def cluster_checks(config: Config, kubeconfig: Path, nodes: dict[str, NodeState]
         )
     if config.enabled("gpu-operator"):
         policy = get_custom(kubeconfig, "nvidia.com", "v1", "clusterpolicies", "cluster-policy")
-        rows, missing = checks.gpu_node_rows(config, nodes, policy)
+        rows, _ = checks.gpu_node_rows(config, nodes, policy)
         state = ((policy or {}).get("status") or {}).get("state")
         results.append(
             CheckResult(
@@ -386,9 +386,7 @@ def cuda_smoke(
     passed = []
     for node in free:
         name = f"cuda-smoke-{node}"
-        pod = final[name]
-        events = [] if pod.status.phase == "Succeeded" else pod_events(kubeconfig, namespace, name)
-        result = validation.smoke_result(node, pod.status.phase, logs[name], events)
+        result = _smoke_verdict(kubeconfig, namespace, node, final[name], logs[name])
         results.append(result)
         if result.result == PASS:
             passed.append(name)
@@ -417,12 +415,16 @@ def revalidate_with_smoke_pod(config: Config, kubeconfig: Path, node: str) -> tu
     pod["spec"]["tolerations"].append({"key": UNSCHEDULABLE_TAINT, "operator": "Exists", "effect": "NoSchedule"})
     try:
         final = run_pods_to_completion(kubeconfig, namespace, [pod], config.timeouts.validate_)[name]
-        log = pod_log(kubeconfig, namespace, name)
-        events = [] if final.status.phase == "Succeeded" else pod_events(kubeconfig, namespace, name)
-        result = validation.smoke_result(node, final.status.phase, log, events)
+        result = _smoke_verdict(kubeconfig, namespace, node, final, pod_log(kubeconfig, namespace, name))
     finally:
         delete_namespace(kubeconfig, namespace)
     return result.result == PASS, result.detail
+
+
+def _smoke_verdict(kubeconfig: Path, namespace: str, node: str, pod: client.V1Pod, log: str) -> CheckResult:
+    """A finished smoke pod judged by its phase and log; a failed one carries its events."""
+    events = [] if pod.status.phase == "Succeeded" else pod_events(kubeconfig, namespace, pod.metadata.name)
+    return validation.smoke_result(node, pod.status.phase, log, events)
 
 
 def gpus_held(kubeconfig: Path) -> dict[str, dict[str, int]]:
@@ -445,7 +447,8 @@ def pod_log(kubeconfig: Path, namespace: str, name: str) -> str:
 
 
 def read_pod_log(core: client.CoreV1Api, namespace: str, name: str, attempts: int = 24, pause_s: float = 0.25) -> str:
-    """The pod's last 200 log lines through an open client (a new client costs a TLS handshake, ~0.1 s here).
+    """The pod's last 200 log lines through an open client (a new client costs a kubeconfig parse and a TLS
+    handshake, ~20 ms here).
     A container that just finished may not serve its log for a moment (the kubelet answers 400/404), so it is
     asked again every `pause_s` for up to attempts x pause_s."""
     for attempt in range(attempts):

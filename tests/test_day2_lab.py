@@ -235,12 +235,18 @@ def test_prometheus_down_every_gpu_unknown_and_the_run_fails(installed, lab_conf
 # ------------------------------------------------------------------------------------------- remediation
 
 
-def test_remediation_off_changes_nothing(installed, configs, cfg, names):
-    node = names["slurm"]
+def health_with_dbe_on_gpu_2(installed, cfg, config, node):
+    """An ECC DBE on GPU 2 of `node`, seen by Prometheus, then one gpu-health run (exit 1) with `config`."""
     installed.dcgm.set_value(node, 2, "ECC_DBE_VOL_TOTAL", 1)
     wait_for_verdicts(cfg, {(node, 2): "unhealthy"})
-    report, _ = run_health(configs["off"])
+    report, _ = run_health(config)
     assert report["exit_code"] == 1
+    return report
+
+
+def test_remediation_off_changes_nothing(installed, configs, cfg, names):
+    node = names["slurm"]
+    report = health_with_dbe_on_gpu_2(installed, cfg, configs["off"], node)
     state = node_state(cfg, node)
     assert not state.unschedulable and "gpuforge.io/cordoned-reason" not in state.annotations
     assert sinfo(installed)[node].state == "idle"
@@ -250,10 +256,7 @@ def test_remediation_off_changes_nothing(installed, configs, cfg, names):
 
 def test_remediation_cordons_and_drains_then_release_closes_the_loop(installed, configs, cfg, names):
     node = names["slurm"]
-    installed.dcgm.set_value(node, 2, "ECC_DBE_VOL_TOTAL", 1)
-    wait_for_verdicts(cfg, {(node, 2): "unhealthy"})
-    report, _ = run_health(configs["on"])
-    assert report["exit_code"] == 1
+    report = health_with_dbe_on_gpu_2(installed, cfg, configs["on"], node)
     assert [(a["kind"], a["status"]) for a in report["actions"]] == [("cordon", "done"), ("drain-slurm", "done")]
     state = node_state(cfg, node)
     note = state.annotations["gpuforge.io/cordoned-reason"]
