@@ -8,13 +8,21 @@ time (median of --runs), and the ratio against a naive evaluation that sends one
 the same run on a random sample of GPUs and extrapolated to the fleet (said so in the output). The naive path
 is a complete evaluation: the same queries narrowed to one GPU and joined into one query, parsed and judged by
 the same code, so both paths must agree on every sampled GPU (checked; exit 1 otherwise). One injected fault
-(XID 79 on one GPU, always in the sample) checks that both find exactly that GPU. Prints ratios; asserts no
-wall time.
+(XID 79 on one GPU, always in the sample) checks that both find exactly that GPU.
+
+It also accounts for the CPU, to show what bounds the ratio on this machine: the CPU seconds one evaluation
+costs Prometheus (its own `process_cpu_seconds_total`) and this process (`time.process_time`, threads
+included), the CPUs already busy while nobody queries (Prometheus scraping 1,024 targets, the simulator
+serving them), and Prometheus's floor: the CPU of one `count()` over every series the fleet queries read
+(each DCGM metric they name), i.e. what it must spend just to look at each series once, however the queries
+are shaped, with nothing sent back. CPU seconds over the CPUs left free is the least wall time an evaluation
+can take here. Prints ratios; asserts no wall time.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import re
 import statistics
@@ -25,6 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import requests  # noqa: E402
 from prometheus_api_client import PrometheusConnect  # noqa: E402
 
 from gpuforge import health  # noqa: E402
@@ -50,6 +59,32 @@ def per_gpu_query(fleet: dict[str, str], node: str, gpu: int) -> str:
         q = re.sub(r'(?<![|"\w])(DCGM_[A-Z_]+)(?![|"\w{])', lambda m: f"{m.group(1)}{{{match}}}", q)
         parts.append(f'label_replace({q}, "{TAG}", "{name}", "", "")')
     return " or ".join(parts)
+
+
+def busy_cpus(seconds: float) -> float:
+    """How many CPUs the machine keeps busy (all processes) over `seconds` while this process idles."""
+
+    def sample() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        return sum(fields) - idle, sum(fields)
+
+    busy0, total0 = sample()
+    time.sleep(seconds)
+    busy1, total1 = sample()
+    return (busy1 - busy0) / max(1, total1 - total0) * (os.cpu_count() or 1)
+
+
+def prometheus_cpu_s(url: str) -> float:
+    """Prometheus's own CPU seconds so far (process_cpu_seconds_total of its /metrics)."""
+    text = requests.get(f"{url}/metrics", timeout=10).text
+    return float(re.search(r"^process_cpu_seconds_total (\S+)$", text, re.M).group(1))
+
+
+def floor_query(fleet: dict[str, str]) -> str:
+    """One query reading every series the fleet queries read, once, and answering with a single number."""
+    names = sorted({name for q in fleet.values() for name in re.findall(r"DCGM_[A-Z_]+", q)})
+    return 'count({__name__=~"' + "|".join(names) + '"})'
 
 
 def naive_one_gpu(pc: PrometheusConnect, fleet: dict[str, str], node: str, gpu: int, table):
@@ -104,12 +139,19 @@ def main() -> int:
             pc = PrometheusConnect(url=prom.url, timeout=120)
             expected = {n: args.gpus for n in nodes}
 
-            times = []
+            cpus = os.cpu_count() or 1
+            prom0 = prometheus_cpu_s(prom.url)
+            idle_start = time.monotonic()
+            background = busy_cpus(5)
+            prom_idle_rate = (prometheus_cpu_s(prom.url) - prom0) / (time.monotonic() - idle_start)  # scraping
+            times, client_cpu, prom_cpu = [], [], []
             verdicts = []
             for _ in range(args.runs):
-                start = time.monotonic()
+                prom0, cpu0, start = prometheus_cpu_s(prom.url), time.process_time(), time.monotonic()
                 verdicts, sent = evaluate_fleet(pc, expected, table, queries)
                 times.append(time.monotonic() - start)
+                client_cpu.append(time.process_time() - cpu0)
+                prom_cpu.append(prometheus_cpu_s(prom.url) - prom0 - prom_idle_rate * times[-1])
             fleet_s = statistics.median(times)
             counts = health.summarize(verdicts)
             bad = [(v.node, v.gpu, v.verdict.value) for v in verdicts if v.verdict != Verdict.HEALTHY]
@@ -118,6 +160,12 @@ def main() -> int:
                   f"({', '.join(f'{t:.2f}' for t in times)}), "
                   f"{len(verdicts)} verdicts: {dict((k.value, n) for k, n in counts.items())}")  # fmt: skip
             print(f"  injected XID 79 on {sick[0]} GPU {sick[1]}; not healthy: {bad}")
+
+            floor_cpu = []
+            for _ in range(args.runs):
+                prom0, start = prometheus_cpu_s(prom.url), time.monotonic()
+                prom_tasks.query(pc, floor_query(queries))
+                floor_cpu.append(prometheus_cpu_s(prom.url) - prom0 - prom_idle_rate * (time.monotonic() - start))
 
             rng = random.Random(7)
             sample = rng.sample([(n, g) for n in nodes for g in range(args.gpus)], min(args.sample - 1, total))
@@ -143,6 +191,20 @@ def main() -> int:
             print(f"ratio naive/fleet: {naive_total / fleet_s:.1f}x with the median, {naive_total / min(times):.1f}x "
                   "with the best fleet time (goal >= 100x); "
                   f"queries {total} vs {sent} ({total // sent}x fewer)")  # fmt: skip
+            free = cpus - background
+            prom_eval, client_eval = statistics.median(prom_cpu), statistics.median(client_cpu)
+            eval_cpu = prom_eval + client_eval
+            floor_s = statistics.median(floor_cpu)
+            metrics = floor_query(queries).count("|") + 1
+            print(f"CPU: {cpus} CPUs, {background:.2f} busy while idle (Prometheus scraping, the simulator serving), "
+                  f"{free:.2f} free. One fleet evaluation costs {eval_cpu:.2f} CPU s (median: Prometheus "
+                  f"beyond its scraping {prom_eval:.2f}, this process {client_eval:.2f}): on "
+                  f"{free:.2f} free CPUs it cannot take less than {eval_cpu / free:.2f} s, "
+                  f"i.e. at most {naive_total / (eval_cpu / free):.0f}x")  # fmt: skip
+            print(f"Prometheus floor: one count() over every series the {len(queries)} queries read ({metrics} "
+                  f"metrics) costs Prometheus {floor_s:.2f} CPU s (median; best {min(floor_cpu):.2f}); with no "
+                  f"other work at all, no fleet evaluation here can take less than {floor_s / free:.2f} s, "
+                  f"i.e. beat {naive_total / (floor_s / free):.0f}x")  # fmt: skip
             return 1 if differ else 0
         finally:
             prom.down()

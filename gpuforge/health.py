@@ -5,15 +5,17 @@ no kubernetes, no pynvml): the probe (:mod:`gpuforge.probe`, NVML on the node) a
 (Prometheus over dcgm-exporter) both turn what they read into :class:`GpuReading` objects and hand them
 to :func:`judge`.
 
-Fleet use (a flow that owns a ``prometheus_api_client.PrometheusConnect``)::
+Fleet use (``tasks.prometheus.evaluate_fleet`` owns the ``prometheus_api_client.PrometheusConnect``)::
 
-    results = {name: prom.custom_query(query) for name, query in HEALTH_QUERIES.items()}
+    queries = fleet_queries(table)  # table: thresholds per model, from the config
+    results = {name: prom.custom_query(query) for name, query in queries.items()}
     readings = readings_from_query_results(results, expected={"node-a": 8, "node-b": None}, now=time.time())
-    verdicts = [judge(r, thresholds_for(r.model, overrides)) for r in readings]
+    verdicts = judge_all(readings, table)
     summarize(verdicts), table_rows(verdicts)
 
-The number of queries is fixed (``len(HEALTH_QUERIES)``, seven) whatever the number of GPUs: every query
-is an aggregation over the whole fleet and :func:`readings_from_query_results` splits the answers per GPU.
+The number of queries is fixed (``len(fleet_queries(table))``, eight) whatever the number of GPUs: every
+query is an aggregation over the whole fleet and :func:`readings_from_query_results` splits the answers per
+GPU.
 
 Value keys
 ----------
@@ -36,12 +38,14 @@ Rules (see :func:`judge`)
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -364,22 +368,26 @@ SEVERITY: dict[Verdict, int] = {
 }
 
 
-class GpuReading(BaseModel):
+@dataclass(slots=True, kw_only=True)
+class GpuReading:
     """What is known about one GPU at one moment, whatever the source.
 
     ``present`` is False only when the GPU is known to be absent (its node reports other GPUs, or the
     probe saw it earlier, but not this one now). ``age_s`` is the age of the newest sample (None: no
     freshness information, which makes the verdict unknown). ``xids`` are the XIDs seen within the
-    window."""
+    window. ``node_silent``: the GPU's node exports no DCGM series at all, which points at the exporter or
+    its scrape rather than at the GPU. A plain dataclass: readings are built by this package's own parsers
+    (8,192 per fleet run) and only handed to :func:`judge`; the verdicts are the validated, serialised model."""
 
     node: str
     gpu: int
     uuid: str | None = None
     model: str | None = None
-    values: dict[str, float | None] = Field(default_factory=dict)
+    values: dict[str, float | None] = field(default_factory=dict)
     age_s: float | None = None
     present: bool = True
-    xids: list[int] = Field(default_factory=list)
+    xids: list[int] = field(default_factory=list)
+    node_silent: bool = False
 
 
 class GpuVerdict(BaseModel):
@@ -403,6 +411,11 @@ def _get(values: Mapping[str, float | None], key: str) -> float | None:
     return float(v)
 
 
+def _known(values: Mapping[str, float | None]) -> dict[str, float]:
+    """The values that are numbers (None and NaN dropped), as floats."""
+    return {k: float(x) for k, x in values.items() if x is not None and x == x}  # NaN != NaN
+
+
 def _xid_text(xid: int) -> str:
     name = XID_NAMES.get(xid)
     return f"XID {xid} ({name})" if name else f"XID {xid}"
@@ -410,46 +423,48 @@ def _xid_text(xid: int) -> str:
 
 def judge(reading: GpuReading, thresholds: Thresholds) -> GpuVerdict:
     """Judge one GPU. Unhealthy beats unknown beats degraded beats healthy; healthy needs fresh metrics."""
-    v = reading.values
+    v = _known(reading.values)
     t = thresholds
     bad: list[str] = []
     warn: list[str] = []
 
     def verdict(kind: Verdict, reasons: list[str]) -> GpuVerdict:
-        return GpuVerdict.model_construct(  # built from a reading: nothing to validate
+        return GpuVerdict(  # validated: pydantic's Rust validator is faster than its Python model_construct
             node=reading.node,
             gpu=reading.gpu,
             uuid=reading.uuid,
             model=reading.model,
             verdict=kind,
             reasons=reasons,
-            values=dict(v),
+            values=dict(reading.values),
         )
 
     if not reading.present:
         return verdict(Verdict.UNHEALTHY, [f"GPU {reading.gpu} missing (expected on {reading.node})"])
 
     # --- unhealthy: evidence of a fatal fault counts even when other metrics are stale -------------
-    if _get(v, "gpu_lost"):
+    if v.get("gpu_lost"):
         bad.append("GPU lost (NVML: GPU is lost, fallen off the bus)")
     fatal = set(t.fatal_xids)
     for xid in sorted(set(reading.xids)):
         if xid in fatal:
             bad.append(f"{_xid_text(xid)} within {t.xid_window}")
-    dbe = _get(v, "ecc_dbe_vol")
+    dbe = v.get("ecc_dbe_vol")
     if dbe is not None and dbe > 0:
         bad.append(f"ECC DBE volatile {_fmt(dbe)} > 0")
-    failure = _get(v, "remap_failure")
+    failure = v.get("remap_failure")
     if failure is not None and failure > 0:
         bad.append("row remap failure")
-    unc = _get(v, "remap_uncorrectable")
+    unc = v.get("remap_uncorrectable")
     if unc is not None and unc > t.max_uncorrectable_remapped_rows:
         bad.append(f"uncorrectable remapped rows {_fmt(unc)} > {t.max_uncorrectable_remapped_rows}")
     if bad:
         return verdict(Verdict.UNHEALTHY, bad)
 
     # --- unknown: absent or stale -------------------------------------------------------------------
-    if not any(_get(v, k) is not None for k in _CORE_KEYS):
+    if _CORE_KEYS.isdisjoint(v):
+        if reading.node_silent:
+            return verdict(Verdict.UNKNOWN, ["no GPU metrics from the node at all (dcgm-exporter down or not scraped)"])
         return verdict(Verdict.UNKNOWN, ["no GPU metrics"])
     if reading.age_s is None:
         return verdict(Verdict.UNKNOWN, ["no freshness timestamp for GPU metrics"])
@@ -459,25 +474,25 @@ def judge(reading: GpuReading, thresholds: Thresholds) -> GpuVerdict:
         )
 
     # --- degraded -----------------------------------------------------------------------------------
-    if _get(v, "remap_pending"):
+    if v.get("remap_pending"):
         warn.append("row remap pending (GPU reset needed)")
-    inc = _get(v, "remap_correctable_increase")
+    inc = v.get("remap_correctable_increase")
     if inc is not None and inc > t.correctable_remap_burst:
         warn.append(f"correctable remapped rows +{_fmt(inc)} in {t.xid_window} > {t.correctable_remap_burst}")
-    sbe_inc = _get(v, "ecc_sbe_increase")
-    sbe_tot = _get(v, "ecc_sbe_vol")
+    sbe_inc = v.get("ecc_sbe_increase")
+    sbe_tot = v.get("ecc_sbe_vol")
     if sbe_inc is not None:
         if sbe_inc > t.sbe_burst:
             warn.append(f"ECC SBE +{_fmt(sbe_inc)} in {t.xid_window} > {t.sbe_burst}")
     elif sbe_tot is not None and sbe_tot > t.sbe_burst:
         warn.append(f"ECC SBE volatile {_fmt(sbe_tot)} > {t.sbe_burst}")
-    temp = _get(v, "gpu_temp")
+    temp = v.get("gpu_temp")
     if temp is not None and temp > t.max_gpu_temp_c:
         warn.append(f"GPU temp {_fmt(temp)} °C > {_fmt(t.max_gpu_temp_c)} °C")
-    mtemp = _get(v, "memory_temp")
+    mtemp = v.get("memory_temp")
     if mtemp is not None and mtemp > t.max_memory_temp_c:
         warn.append(f"memory temp {_fmt(mtemp)} °C > {_fmt(t.max_memory_temp_c)} °C")
-    power, limit = _get(v, "power_usage"), _get(v, "power_limit")
+    power, limit = v.get("power_usage"), v.get("power_limit")
     if power is not None:
         if limit is not None and limit > 0:
             cap = limit * t.max_power_fraction
@@ -485,20 +500,20 @@ def judge(reading: GpuReading, thresholds: Thresholds) -> GpuVerdict:
                 warn.append(f"power {_fmt(power)} W > limit {_fmt(cap)} W")
         elif t.max_power_w is not None and power > t.max_power_w:
             warn.append(f"power {_fmt(power)} W > {_fmt(t.max_power_w)} W")
-    reasons_bits = _get(v, "clock_event_reasons")
+    reasons_bits = v.get("clock_event_reasons")
     if reasons_bits is not None:
         active = int(reasons_bits) & t.throttle_mask
         if active:
             names = [name for bit, name in CLOCK_EVENT_REASONS.items() if active & bit]
             warn.append(f"clock events 0x{int(reasons_bits):x}: {', '.join(names) or 'unnamed bits'}")
-    nv_inc, nv_tot = _get(v, "nvlink_error_increase"), _get(v, "nvlink_errors")
+    nv_inc, nv_tot = v.get("nvlink_error_increase"), v.get("nvlink_errors")
     if nv_inc is not None:
         if nv_inc > t.nvlink_error_burst:
             warn.append(f"NVLink errors +{_fmt(nv_inc)} in {t.xid_window} > {t.nvlink_error_burst}")
     elif nv_tot is not None and nv_tot > t.nvlink_error_burst:
         warn.append(f"NVLink errors {_fmt(nv_tot)} > {t.nvlink_error_burst}")
     if t.pcie_width_degraded:
-        width, wmax = _get(v, "pcie_link_width"), _get(v, "pcie_link_width_max")
+        width, wmax = v.get("pcie_link_width"), v.get("pcie_link_width_max")
         if width is not None and wmax is not None and width < wmax:
             warn.append(f"PCIe link width x{_fmt(width)} < x{_fmt(wmax)}")
     if warn:
@@ -621,38 +636,53 @@ def fleet_queries(table: dict[str, Thresholds]) -> dict[str, str]:
 
 
 _NAME_TO_KEY: dict[str, str] = {**{m: k for k, m in DCGM_METRICS.items()}, **DCGM_ALIASES}
-_HOST_LABELS = ("hostname", "exported_hostname")
-_FALLBACK_NODE_LABELS = ("node", "exported_node", "kubernetes_node", "nodename")
+# The labels a series' GPU is read by, each role's names in order of preference; matched case-insensitively
+# (``Hostname`` and ``hostname`` both occur), ``exported_*`` after relabelling.
+_LABEL_ROLES: dict[str, tuple[str, ...]] = {
+    "node": ("hostname", "exported_hostname", "node", "exported_node", "kubernetes_node", "nodename"),
+    "gpu": ("gpu",),
+    "uuid": ("uuid", "gpu_uuid"),
+    "model": ("modelname", "model_name"),
+    "xid": ("xid",),
+}
 
 
-class _FoldedLabels(dict):
-    """A series' labels with case-folded names and no empty values, folded once per series."""
+class _Roles(NamedTuple):
+    """For one set of label names: the names that fill each role of :data:`_LABEL_ROLES`, best first."""
+
+    node: tuple[str, ...]
+    gpu: tuple[str, ...]
+    uuid: tuple[str, ...]
+    model: tuple[str, ...]
+    xid: tuple[str, ...]
 
 
-def _fold(metric: Mapping[str, str]) -> _FoldedLabels:
-    if isinstance(metric, _FoldedLabels):
-        return metric
-    return _FoldedLabels((k.casefold(), v) for k, v in metric.items() if v not in (None, ""))
-
-
-def _first(labels: Mapping[str, str], names: Iterable[str]) -> str | None:
+@functools.lru_cache(maxsize=1024)
+def _roles(names: tuple[str, ...]) -> _Roles:
+    """The roles of a series' label names. The series of one answer share a handful of label-name sets, so
+    this runs a few times a query, not once a series (case-folding every label of 8,192 series was a third of
+    the fleet evaluation's Python time)."""
+    by_folded: dict[str, list[str]] = {}
     for name in names:
-        value = labels.get(name)
+        by_folded.setdefault(name.casefold(), []).append(name)
+    return _Roles(
+        *(tuple(name for wanted in folded for name in by_folded.get(wanted, ())) for folded in _LABEL_ROLES.values())
+    )
+
+
+def _pick(metric: Mapping[str, str], names: tuple[str, ...]) -> str | None:
+    """The first non-empty label among ``names``."""
+    for name in names:
+        value = metric[name]
         if value:
             return value
     return None
 
 
-def _label(metric: Mapping[str, str], *names: str) -> str | None:
-    """First label whose name matches one of ``names`` case-insensitively, non-empty."""
-    return _first(_fold(metric), names)
-
-
 def node_of(metric: Mapping[str, str]) -> str | None:
     """The node a series belongs to: ``Hostname``/``hostname`` (any case) or their ``exported_`` forms;
     failing those, a ``node``-style label added by relabelling."""
-    folded = _fold(metric)
-    return _first(folded, _HOST_LABELS) or _first(folded, _FALLBACK_NODE_LABELS)
+    return _pick(metric, _roles(tuple(metric)).node)
 
 
 def _sample_value(item: Mapping[str, Any]) -> float | None:
@@ -688,8 +718,8 @@ def readings_from_query_results(
     node -> expected GPU count (None: unknown, at least one). Nodes are matched case-insensitively and
     reported with the spelling of ``expected``. For an expected node:
 
-    * with no series at all: one reading per expected GPU (one if the count is unknown) with no values,
-      which :func:`judge` calls unknown;
+    * with no series at all: one reading per expected GPU (one if the count is unknown) with no values and
+      ``node_silent``, which :func:`judge` calls unknown, naming the exporter;
     * with series: the GPUs seen, plus ``present=False`` readings for indices ``0..count-1`` not seen.
 
     Nodes not in ``expected`` are reported with the GPUs seen. Series without a node label are ignored;
@@ -701,14 +731,14 @@ def readings_from_query_results(
     spelled = {n.casefold(): n for n in expected}
     gpus: dict[tuple[str, int], _Gpu] = {}
     by_uuid: dict[str, _Gpu] = {}
-    pending: list[tuple[str, _FoldedLabels, float | None]] = []
+    pending: list[tuple[str, Mapping[str, str], _Roles, float | None]] = []
 
-    def gpu_for(labels: _FoldedLabels, create: bool) -> _Gpu | None:
-        node = node_of(labels)
+    def gpu_for(labels: Mapping[str, str], roles: _Roles, create: bool) -> _Gpu | None:
+        node = _pick(labels, roles.node)
         if node is None:
             return None
-        idx = labels.get("gpu")
-        uuid = _first(labels, ("uuid", "gpu_uuid"))
+        idx = _pick(labels, roles.gpu)
+        uuid = _pick(labels, roles.uuid)
         if idx is None or not idx.isdigit():
             return by_uuid.get(uuid.casefold()) if uuid else None
         key = (node.casefold(), int(idx))
@@ -721,24 +751,25 @@ def readings_from_query_results(
             g.uuid = uuid
             by_uuid[uuid.casefold()] = g
         if not g.model:
-            g.model = _first(labels, ("modelname", "model_name"))
+            g.model = _pick(labels, roles.model)
         return g
 
     # First pass: every series with a gpu label, windowed increases last; second: series known only by UUID.
     for query, items in sorted(results.items(), key=lambda kv: kv[0] in WINDOW_KEYS):
         create = query not in WINDOW_KEYS
         for item in items or ():
-            labels = _fold(item.get("metric") or {})
-            if not labels.get("gpu"):
-                pending.append((query, labels, _sample_value(item)))
+            labels = item.get("metric") or {}
+            roles = _roles(tuple(labels))
+            if not _pick(labels, roles.gpu):
+                pending.append((query, labels, roles, _sample_value(item)))
                 continue
-            g = gpu_for(labels, create)
+            g = gpu_for(labels, roles, create)
             if g is not None:
-                _apply(g, query, labels, _sample_value(item))
-    for query, labels, value in pending:
-        g = gpu_for(labels, query not in WINDOW_KEYS)
+                _apply(g, query, labels, roles, _sample_value(item))
+    for query, labels, roles, value in pending:
+        g = gpu_for(labels, roles, query not in WINDOW_KEYS)
         if g is not None:
-            _apply(g, query, labels, value)
+            _apply(g, query, labels, roles, value)
 
     readings: list[GpuReading] = []
     seen_nodes = {node for node, _ in gpus}
@@ -747,14 +778,14 @@ def readings_from_query_results(
         key = node.casefold()
         if key not in seen_nodes:
             for i in range(count if count is not None else 1):
-                readings.append(GpuReading.model_construct(node=node, gpu=i, present=True))
+                readings.append(GpuReading(node=node, gpu=i, node_silent=True))
             continue
         for i in range(count or 0):
             if (key, i) not in gpus:
-                readings.append(GpuReading.model_construct(node=node, gpu=i, present=False))
+                readings.append(GpuReading(node=node, gpu=i, present=False))
     for g in gpus.values():
         readings.append(
-            GpuReading.model_construct(  # built from parsed answers: nothing to validate
+            GpuReading(
                 node=g.node,
                 gpu=g.gpu,
                 uuid=g.uuid,
@@ -769,7 +800,7 @@ def readings_from_query_results(
     return readings
 
 
-def _apply(g: _Gpu, query: str, metric: Mapping[str, str], value: float | None) -> None:
+def _apply(g: _Gpu, query: str, metric: Mapping[str, str], roles: _Roles, value: float | None) -> None:
     if query in ("values", "faults"):
         name = metric.get("__name__", "")
         if name in NVLINK_ERROR_METRICS:
@@ -783,7 +814,7 @@ def _apply(g: _Gpu, query: str, metric: Mapping[str, str], value: float | None) 
         if value is not None:
             g.ts = value if g.ts is None else max(g.ts, value)
     elif query in ("xid_recent", "xid_count"):
-        xid = _label(metric, "xid")
+        xid = _pick(metric, roles.xid)
         if xid and xid.isdigit() and int(xid) > 0 and (value is None or value > 0):
             g.xids.add(int(xid))
     elif query == "nvlink_error_increase":

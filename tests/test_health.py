@@ -501,7 +501,7 @@ def test_expected_nodes_without_series_are_unknown() -> None:
     assert [(r.node, r.gpu) for r in readings] == [("silent-8", i) for i in range(8)] + [("silent-unknown", 0)]
     verdicts = judge_all(readings)
     assert {v.verdict for v in verdicts} == {Verdict.UNKNOWN}
-    assert verdicts[0].reasons == ["no GPU metrics"]
+    assert verdicts[0].reasons == ["no GPU metrics from the node at all (dcgm-exporter down or not scraped)"]
 
 
 def test_all_stale_node_is_unknown_for_every_gpu() -> None:
