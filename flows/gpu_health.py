@@ -1,7 +1,7 @@
 """gpu-health (nightly): judge every GPU from DCGM metrics in Prometheus, list nodes out of service on the
 Kubernetes and the Slurm side, and (opt-in) take nodes with unhealthy GPUs out on both sides.
 
-    nodes (1 list) -> fleet PromQL (len(health_queries()) queries, whatever the GPU count) -> verdicts
+    nodes (1 list) -> fleet PromQL (fleet_queries, + 1 for nodes with an XID, whatever the GPU count) -> verdicts
     -> Slurm (1 sinfo, 1 slurmd pod list) -> remediation.decide -> cordon + scontrol drain -> artifacts
 
 `release=NODE` instead returns one node to service: see flows/gpu_release.py.

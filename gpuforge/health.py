@@ -9,13 +9,16 @@ Fleet use (``tasks.prometheus.evaluate_fleet`` owns the ``prometheus_api_client.
 
     queries = fleet_queries(table)  # table: thresholds per model, from the config
     results = {name: prom.custom_query(query) for name, query in queries.items()}
+    exact = xid_recent_query(table, results.pop(XID_SEEN))  # None: no GPU showed an XID
+    if exact:
+        results["xid_recent"] = prom.custom_query(exact)
     readings = readings_from_query_results(results, expected={"node-a": 8, "node-b": None}, now=time.time())
     verdicts = judge_all(readings, table)
     summarize(verdicts), table_rows(verdicts)
 
-The number of queries is fixed (``len(fleet_queries(table))``, eight) whatever the number of GPUs: every
-query is an aggregation over the whole fleet and :func:`readings_from_query_results` splits the answers per
-GPU.
+The number of queries is fixed (``len(fleet_queries(table))``, eight, and a ninth where any GPU showed an
+XID) whatever the number of GPUs: every query is an aggregation over the whole fleet (or the nodes with an
+XID) and :func:`readings_from_query_results` splits the answers per GPU.
 
 Value keys
 ----------
@@ -98,6 +101,10 @@ XID_COUNT_METRIC = "DCGM_EXP_XID_ERRORS_COUNT"
 
 #: Windowed increases computed by Prometheus (or by the serving probe from its own history).
 WINDOW_KEYS: tuple[str, ...] = ("ecc_sbe_increase", "remap_correctable_increase", "nvlink_error_increase")
+
+#: The fleet query that finds the GPUs whose last-XID gauge showed anything within the window; its answer
+#: only narrows :func:`xid_recent_query` and is no reading of its own.
+XID_SEEN = "xid_seen"
 
 #: Every key a reading's ``values`` may hold. ``gpu_lost`` (1.0) is set by the probe when NVML reports
 #: NVML_ERROR_GPU_IS_LOST.
@@ -562,16 +569,20 @@ def health_queries(window: str = "2h", step: str = "1m") -> dict[str, str]:
     return {
         "values": selector,
         "fresh": f"timestamp({DCGM_METRICS['gpu_temp']})",
-        "xid_recent": (
-            f'(max_over_time((count_values without() ("xid", {xid} > 0))[{window}:{step}])'
-            f' or count_values without() ("xid", {xid} > 0))'
-            f' unless count_values without() ("xid", {xid} offset {window} > 0)'
-        ),
+        "xid_recent": _xid_recent(xid, window, step),
         "xid_count": f"max_over_time({XID_COUNT_METRIC}[{window}]) > 0",
         "ecc_sbe_increase": f"increase({DCGM_METRICS['ecc_sbe_vol']}[{window}])",
         "remap_correctable_increase": f"increase({DCGM_METRICS['remap_correctable']}[{window}])",
         "nvlink_error_increase": f"increase((sum without(__name__) ({nvlink}))[{window}:{step}])",
     }
+
+
+def _xid_recent(selector: str, window: str, step: str) -> str:
+    return (
+        f'(max_over_time((count_values without() ("xid", {selector} > 0))[{window}:{step}])'
+        f' or count_values without() ("xid", {selector} > 0))'
+        f' unless count_values without() ("xid", {selector} offset {window} > 0)'
+    )
 
 
 #: The queries with the default window (``DEFAULT_THRESHOLDS["default"].xid_window``). A fleet with
@@ -595,6 +606,12 @@ _ZERO_IS_ABSENT = ("ecc_dbe_vol", "remap_uncorrectable", "remap_pending", "remap
 _TOTALS = ("ecc_sbe_vol", "remap_correctable")
 
 
+def _fleet_window(table: dict[str, Thresholds]) -> tuple[Thresholds, str]:
+    """The thresholds with the longest window (one window serves the fleet) and the subquery step for it."""
+    longest = max(table.values(), key=lambda t: t.window_s)
+    return longest, "1m" if longest.window_s >= 600 else f"{max(1, longest.window_s // 10)}s"
+
+
 def fleet_queries(table: dict[str, Thresholds]) -> dict[str, str]:
     """The fleet queries for a thresholds table: a fixed number, whatever the GPU count.
 
@@ -605,9 +622,10 @@ def fleet_queries(table: dict[str, Thresholds]) -> dict[str, str]:
       labels that identify the GPU (`max by` those merges no two GPUs);
     * `faults`: the error counters and flags, only where they are not 0 (nothing at all on a healthy fleet);
     * the windowed increases only where they are above 0 (every burst threshold is >= 0); an increase of a GPU
-      that exports nothing else now is dropped by `readings_from_query_results`."""
-    longest = max(table.values(), key=lambda t: t.window_s)
-    step = "1m" if longest.window_s >= 600 else f"{max(1, longest.window_s // 10)}s"
+      that exports nothing else now is dropped by `readings_from_query_results`;
+    * `xid_seen`: the nodes whose GPUs showed any XID in the window; the exact XIDs are asked for those nodes
+      alone by `xid_recent_query` (its answer replaces `xid_seen` in the results)."""
+    longest, step = _fleet_window(table)
     window = longest.xid_window
     queries = health_queries(window, step)
     skip = {*_UNUSED_VALUES, *_TOTALS, "xid_last"}
@@ -621,6 +639,13 @@ def fleet_queries(table: dict[str, Thresholds]) -> dict[str, str]:
     labels = ", ".join(_KEEP_LABELS)
     # The GPU's UUID and model come with `fresh` (and `faults`): the biggest answer carries only node and index.
     where = ", ".join(label for label in _KEEP_LABELS if label not in _IDENTITY_LABELS)
+    # The exact XID expression samples the gauge at every step of the window (120 evaluations over a 2 h
+    # window: 0.8 CPU s for 8,192 GPUs with a full window, measured); the fleet asks only which GPUs showed
+    # any XID at all, and `xid_recent_query` asks the exact question about those GPUs' nodes alone. The
+    # filter reaches one lookback (5 min) before the window, as far back as the first step can see.
+    del queries["xid_recent"]
+    hosts = ", ".join(label for label in _KEEP_LABELS if label not in ("__name__", "gpu", *_IDENTITY_LABELS))
+    queries[XID_SEEN] = f"max by ({hosts}) (max_over_time({DCGM_METRICS['xid_last']}[{longest.window_s + 300}s]) > 0)"
     queries["values"] = f"max by ({where}) ({names(set(DCGM_METRICS) - skip - set(_ZERO_IS_ABSENT))})"
     queries["faults"] = f"max by ({labels}) ({names(_ZERO_IS_ABSENT)} != 0)"
     queries["fresh"] = f"max by ({labels}) ({queries['fresh']})"
@@ -633,6 +658,26 @@ def fleet_queries(table: dict[str, Thresholds]) -> dict[str, str]:
     )
     queries["nvlink_error_increase"] = f"sum without(counter) ({per_counter})"
     return queries
+
+
+def xid_recent_query(table: dict[str, Thresholds], seen: list[dict]) -> str | None:
+    """The exact ``xid_recent`` query (see :func:`health_queries`) for the nodes of the GPUs in the answer to
+    the fleet's ``xid_seen`` query; None when no GPU showed an XID (a healthy fleet needs no second query)."""
+    nodes: dict[str, set[str]] = {}  # node label name -> node names, as the series spell them
+    for item in seen:
+        metric = item.get("metric") or {}
+        label = next((name for name in _roles(tuple(metric)).node if metric[name]), None)
+        if label is not None:
+            nodes.setdefault(label, set()).add(metric[label])
+    if not nodes:
+        return None
+    longest, step = _fleet_window(table)
+    xid = DCGM_METRICS["xid_last"]
+    parts = []
+    for label, names in sorted(nodes.items()):
+        alternatives = "|".join(re.escape(n) for n in sorted(names))
+        parts.append(_xid_recent(f"{xid}{{{label}=~{json.dumps(alternatives)}}}", longest.xid_window, step))
+    return " or ".join(f"({p})" for p in parts)
 
 
 _NAME_TO_KEY: dict[str, str] = {**{m: k for k, m in DCGM_METRICS.items()}, **DCGM_ALIASES}

@@ -96,12 +96,18 @@ def evaluate_fleet(
     table: dict[str, Thresholds],
     queries: dict[str, str] | None = None,
 ) -> tuple[list[GpuVerdict], int]:
-    """Every GPU's verdict from the fixed fleet queries (sent concurrently); returns (verdicts, queries sent).
+    """Every GPU's verdict from the fixed fleet queries (sent concurrently), then, where any GPU showed an XID,
+    one more query for the exact XIDs of those GPUs' nodes; returns (verdicts, queries sent).
 
     Raises PrometheusUnreachable when any query cannot be answered."""
     queries = queries or health.fleet_queries(table)
     with ThreadPoolExecutor(max_workers=len(queries)) as pool:
         futures = {name: pool.submit(query, pc, q) for name, q in queries.items()}
         results = {name: f.result() for name, f in futures.items()}
+    sent = len(queries)
+    xid_recent = health.xid_recent_query(table, results.pop(health.XID_SEEN, None) or [])
+    if xid_recent is not None:
+        results["xid_recent"] = query(pc, xid_recent)
+        sent += 1
     readings = health.readings_from_query_results(results, expected, time.time())
-    return health.judge_all(readings, table), len(queries)
+    return health.judge_all(readings, table), sent

@@ -641,3 +641,24 @@ def test_fleet_queries_ask_only_for_what_the_rules_judge() -> None:
     assert all(fleet[k].endswith("> 0") for k in ("ecc_sbe_increase", "remap_correctable_increase"))
     with_pcie = health.fleet_queries(health.merge_threshold_config({"H100": {"pcie_width_degraded": True}}))
     assert "DCGM_FI_DEV_PCIE_LINK_WIDTH" in with_pcie["values"] and len(with_pcie) == len(fleet)
+
+
+def test_fleet_reads_the_xid_gauge_once_and_asks_the_exact_question_only_about_nodes_that_showed_one() -> None:
+    table = health.merge_threshold_config(None)
+    fleet = health.fleet_queries(table)
+    assert "xid_recent" not in fleet and "count_values" not in fleet[health.XID_SEEN]
+    assert "max_over_time(DCGM_FI_DEV_XID_ERRORS[7500s]) > 0" in fleet[health.XID_SEEN]  # 2 h + one lookback
+    assert health.xid_recent_query(table, []) is None  # nothing seen: no second query
+    seen = [
+        _series(None, {"Hostname": "node-0007"}, 79),
+        _series(None, {"Hostname": "node-0100"}, 13),
+        _series(None, {"exported_hostname": "gpu.rack1"}, 31),
+    ]
+    exact = health.xid_recent_query(table, seen)
+    assert exact is not None
+    assert 'DCGM_FI_DEV_XID_ERRORS{Hostname=~"node\\\\-0007|node\\\\-0100"}' in exact
+    assert 'DCGM_FI_DEV_XID_ERRORS{exported_hostname=~"gpu\\\\.rack1"}' in exact  # "." matches only a dot
+    # The same expression as the unnarrowed one (window, step, offset), once per node label.
+    assert exact.count("[2h:1m]") == 2 and exact.count("offset 2h") == 2
+    narrowed = HEALTH_QUERIES["xid_recent"].replace("DCGM_FI_DEV_XID_ERRORS", 'DCGM_FI_DEV_XID_ERRORS{Hostname=~"x"}')
+    assert health.xid_recent_query(table, [_series(None, {"Hostname": "x"}, 1)]) == f"({narrowed})"
