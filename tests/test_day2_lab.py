@@ -168,7 +168,7 @@ FAULTS = [
     ("pending-remap", "slurm", 5, ("set_value", "ROW_REMAP_PENDING", 1), {5: ("degraded", "row remap pending")}),
     ("overheating", "k8s", 0, ("set_value", "GPU_TEMP", 96), {0: ("degraded", "GPU temp 96 °C > 85 °C")}),
     ("missing-gpu", "slurm", 7, ("remove_gpu",), {7: ("unhealthy", "GPU 7 missing")}),
-    ("stopped-node", "k8s", None, ("stop_node",), {i: ("unknown", "GPU metrics") for i in range(4)}),
+    ("stopped-node", "k8s", None, ("stop_node",), {i: ("unknown", "dcgm-exporter down") for i in range(4)}),
     # Last: its XID stays in the window for XID_WINDOW after the reset.
     ("fatal-xid-79", "slurm", 3, ("set_value", "XID_ERRORS", 79), {3: ("unhealthy", "XID 79 (GPU has fallen off")}),
 ]
