@@ -438,12 +438,15 @@ def test_restart_apiserver_keeps_data(cp, core, lab_nodes):
     wait_for(lambda: read_pod(core, "after-restart")["status"].get("phase") == "Running", 90, "after-restart Running")
 
 
-def _pids_with(needle: bytes) -> list[int]:
+def _pids_running(argv: bytes) -> list[int]:
+    """Processes whose command line starts with `argv` (NUL-separated): the program itself, not a client such
+    as `kubectl exec ... -- sleep 4321` whose arguments merely contain it (it exits on its own when its
+    stream breaks, which can take longer than the check below on a loaded machine)."""
     found = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
-                if needle in (proc / "cmdline").read_bytes():
+                if (proc / "cmdline").read_bytes().startswith(argv):
                     found.append(int(proc.name))
             except OSError:
                 continue
@@ -478,10 +481,10 @@ def test_down_leaves_no_process_and_no_port(cp, core, lab_nodes):
         stderr=subprocess.DEVNULL,
     )
     try:
-        wait_for(lambda: _pids_with(b"sleep\x004321"), 30, "the exec'ed sleep")
+        wait_for(lambda: _pids_running(b"sleep\x004321\x00"), 30, "the exec'ed sleep")
         cp.down()
         time.sleep(0.5)
-        assert _pids_with(b"sleep\x004321") == []
+        assert _pids_running(b"sleep\x004321\x00") == []
     finally:
         exec_proc.kill()
         exec_proc.wait()
