@@ -411,13 +411,6 @@ def _fmt(v: float) -> str:
     return str(int(v)) if float(v).is_integer() else f"{v:.1f}"
 
 
-def _get(values: Mapping[str, float | None], key: str) -> float | None:
-    v = values.get(key)
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return None
-    return float(v)
-
-
 def _known(values: Mapping[str, float | None]) -> dict[str, float]:
     """The values that are numbers (None and NaN dropped), as floats."""
     return {k: float(x) for k, x in values.items() if x is not None and x == x}  # NaN != NaN
@@ -917,8 +910,9 @@ def table_rows(verdicts: Iterable[GpuVerdict]) -> list[dict[str, str]]:
     rows = []
     for v in verdicts:
         shown = []
+        known = _known(v.values)
         for key in _TABLE_VALUE_KEYS:
-            x = _get(v.values, key)
+            x = known.get(key)
             if x is not None:
                 shown.append(f"{_SHORT[key]}={hex(int(x)) if key == 'clock_event_reasons' else _fmt(x)}")
         rows.append(

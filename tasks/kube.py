@@ -366,8 +366,7 @@ def cuda_smoke(
     if not free:
         return results
     image = config.validation.cuda_image
-    namespace = f"gpuforge-validate-{uuid.uuid4().hex[:6]}"
-    ensure_namespace(kubeconfig, namespace, {"app.kubernetes.io/managed-by": "gpuforge"})
+    namespace = _scratch_namespace(kubeconfig, "validate")
     # More GPUs than any node has, so the scheduler must refuse it everywhere; judged while the others run.
     too_many = max(expected.values()) + 1
     with ThreadPoolExecutor(max_workers=16) as pool, api_client(kubeconfig) as api:
@@ -408,8 +407,7 @@ def cuda_smoke(
 
 def revalidate_with_smoke_pod(config: Config, kubeconfig: Path, node: str) -> tuple[bool, str]:
     """cuda_smoke's pod on one node, tolerating the cordon (a node being returned to service is still cordoned)."""
-    namespace = f"gpuforge-release-{uuid.uuid4().hex[:6]}"
-    ensure_namespace(kubeconfig, namespace, {"app.kubernetes.io/managed-by": "gpuforge"})
+    namespace = _scratch_namespace(kubeconfig, "release")
     name = f"cuda-smoke-{node}"
     pod = smoke_pod(name, node, config.validation.cuda_image)
     pod["spec"]["tolerations"].append({"key": UNSCHEDULABLE_TAINT, "operator": "Exists", "effect": "NoSchedule"})
@@ -419,6 +417,13 @@ def revalidate_with_smoke_pod(config: Config, kubeconfig: Path, node: str) -> tu
     finally:
         delete_namespace(kubeconfig, namespace)
     return result.result == PASS, result.detail
+
+
+def _scratch_namespace(kubeconfig: Path, purpose: str) -> str:
+    """A fresh namespace of gpuforge's for one run's pods (a random suffix: runs never share one)."""
+    namespace = f"gpuforge-{purpose}-{uuid.uuid4().hex[:6]}"
+    ensure_namespace(kubeconfig, namespace, {"app.kubernetes.io/managed-by": "gpuforge"})
+    return namespace
 
 
 def _smoke_verdict(kubeconfig: Path, namespace: str, node: str, pod: client.V1Pod, log: str) -> CheckResult:

@@ -177,20 +177,33 @@ def validate_slurm(config: Config, kubeconfig: Path, expected: dict[str, int]) -
     return results
 
 
+def _job_id(job: ExecResult) -> str:
+    """The id `sbatch --parsable` printed ("id" or "id;cluster")."""
+    return job.stdout.strip().split(";")[0]
+
+
+def _job_ended(run, job_id: str, timeout_s: float) -> tuple[bool, str] | None:
+    """Wait for a job: (it COMPLETED with exit 0:0, "STATE, exit CODE"), or None when it did not end in time."""
+    ended = wait_job(run, job_id, timeout_s)
+    if ended is None:
+        return None
+    state, code = ended
+    return state == "COMPLETED" and code == "0:0", f"{state}, exit {code}"
+
+
 def _job_result(run, job) -> CheckResult:
     if not job.ok:
         return CheckResult("slurm-gpu-job", "gpu:1", FAIL, f"sbatch refused: {job.stderr.strip()}")
-    job_id = job.stdout.strip().split(";")[0]
-    ended = wait_job(run, job_id, 60)
+    job_id = _job_id(job)
+    ended = _job_ended(run, job_id, 60)
     if ended is None:
         return CheckResult("slurm-gpu-job", f"job {job_id}", FAIL, "did not finish within 60s")
-    state, code = ended
-    ok = state == "COMPLETED" and code == "0:0"
+    ok, how = ended
     return CheckResult(
         "slurm-gpu-job",
         f"job {job_id}",
         PASS if ok else FAIL,
-        f"{state}, exit {code}" + ("" if ok else " (CUDA_VISIBLE_DEVICES unset or job failed)"),
+        how + ("" if ok else " (CUDA_VISIBLE_DEVICES unset or job failed)"),
     )
 
 
@@ -236,12 +249,11 @@ def revalidate_with_job(
         job = slurm.run(*argv, "--wrap", 'test -n "$CUDA_VISIBLE_DEVICES"')
         if not job.ok:
             return False, f"sbatch refused: {job.stderr.strip()}"
-        job_id = job.stdout.strip().split(";")[0]
-        ended = wait_job(slurm.run, job_id, config.timeouts.validate_)
+        job_id = _job_id(job)
+        ended = _job_ended(slurm.run, job_id, config.timeouts.validate_)
         if ended is not None:
-            state, code = ended
-            ok = state == "COMPLETED" and code == "0:0"
-            return ok, f"Slurm job {job_id} on {sname}: {state}, exit {code}"
+            ok, how = ended
+            return ok, f"Slurm job {job_id} on {sname}: {how}"
         slurm.run("scancel", job_id)
         return False, f"Slurm job {job_id} on {sname} did not finish within {config.timeouts.validate_}s"
     finally:
