@@ -1,5 +1,5 @@
 """The lab's Kubernetes control plane: real etcd, kube-apiserver, kube-controller-manager, kube-scheduler and
-a kwok controller that plays the kubelets, all on 127.0.0.1 of this machine.
+a kwok controller that plays the kubelets, all inside one network namespace of the lab.
 
     cp = ControlPlane(workdir, Path.home() / ".cache/gpuforge/bin")
     cp.up(exec_rules=[{"namespaces": ["slurm"], "env": {"SLURM_CONF": "/lab/slurm/slurm.conf"}}])
@@ -12,15 +12,25 @@ missing, etcd from PATH, e.g. Debian's 3.4.23, with the API server's WatchList f
 Every process is a `lab.procs` daemon of `workdir` (pid in workdir/run, log in workdir/log); all other files
 live in `workdir/k8s/` (pki/, etcd data, kubeconfigs, kwok.yaml, state.json with the chosen ports).
 
-Listen addresses (ports are picked free on the first `up` and kept in state.json; nothing binds 0.0.0.0):
-    etcd                     http://127.0.0.1:<etcd_client>, peers http://127.0.0.1:<etcd_peer>
-    kube-apiserver           https://127.0.0.1:<apiserver>  (kubeconfig server)
-    kube-controller-manager  https://127.0.0.1:<controller_manager>  (/healthz)
-    kube-scheduler           https://127.0.0.1:<scheduler>  (/healthz)
-    kwok                     127.0.0.1:<kwok>  (HTTPS and HTTP on one port: kubelet API for logs/exec, /healthz)
+Where it runs. A real API server dials pod and service addresses (admission and conversion webhooks, its
+service proxy, `kubectl logs` through a kubelet). In the lab those are 10.233.x.x addresses where nothing of
+ours listens, and traffic to private ranges must never leave this machine. So every component runs in the
+network namespace `gf-k8s-<hash of workdir>` (`namespace`), which has loopback and one address on the lab
+bridge (`address`, the first free one from 198.51.100.240 up, kept in state.json) and no default route: any
+dial outside the lab subnet fails at once with "Network is unreachable". Clients in the root namespace reach
+the API server through the bridge. Admission webhooks are never called either: the API server runs with
+MutatingAdmissionWebhook and ValidatingAdmissionWebhook disabled (cert-manager's, for one, cannot be switched
+off through its chart, and no kwok pod can answer it).
+
+Listen addresses (well-known ports: the namespace is the lab's own; nothing binds 0.0.0.0):
+    etcd                     http://<address>:2379, peers http://<address>:2380
+    kube-apiserver           https://<address>:6443  (kubeconfig server)
+    kube-controller-manager  https://<address>:10257  (/healthz)
+    kube-scheduler           https://<address>:10259  (/healthz)
+    kwok                     <address>:10250  (HTTPS and HTTP on one port: kubelet API for logs/exec, /healthz)
 
 Simulation (kwok Stages written to workdir/k8s/kwok.yaml; they replace kwok's defaults):
-    node-initialize       nodes annotated kwok.x-k8s.io/node=fake become Ready; InternalIP 127.0.0.1, Hostname
+    node-initialize       nodes annotated kwok.x-k8s.io/node=fake become Ready; InternalIP <address>, Hostname
                           = node name; nodeInfo.kubeletVersion = annotation lab.gpuforge.io/kubelet-version
                           (v-prefixed), else the existing nodeInfo, else the control plane's version.
     node-kubelet-version  when that annotation changes later, nodeInfo.kubeletVersion follows it.
@@ -87,6 +97,15 @@ from typing import Any
 import yaml
 
 from lab import procs
+from lab.sshhosts import (
+    ensure_bridge,
+    free_lab_ips,
+    make_namespace,
+    netns_exists,
+    netns_name,
+    remove_bridge_if_unused,
+    remove_namespace,
+)
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +131,17 @@ _PORT_KEYS = {
     SCHEDULER: ("scheduler",),
     KWOK: ("kwok",),
 }
+# Kubernetes' own defaults; the namespace belongs to this control plane alone, so they are always free.
+PORTS = {
+    "etcd_client": 2379,
+    "etcd_peer": 2380,
+    "apiserver": 6443,
+    "controller_manager": 10257,
+    "scheduler": 10259,
+    "kwok": 10250,
+}
+# Control planes take lab addresses from here up; config nodes and test labs use lower ones.
+FIRST_ADDRESS = 240
 _ALWAYS_ALLOW = "/healthz,/readyz,/livez,/metrics"
 _SA_ISSUER = "https://kubernetes.default.svc.cluster.local"
 
@@ -138,6 +168,8 @@ class ControlPlane:
         self._etcd_version: tuple[int, ...] | None = None
         self.dir = self.workdir / "k8s"
         self.pki = self.dir / "pki"
+        # The namespace's host name, as lab.sshhosts names lab namespaces (gf-<name>, at most 15 characters).
+        self._ns_host = "k8s-" + hashlib.sha1(str(self.workdir).encode()).hexdigest()[:8]
 
     # ------------------------------------------------------------------ public
 
@@ -152,11 +184,21 @@ class ControlPlane:
 
     @property
     def ports(self) -> dict[str, int]:
-        return dict(self._load_state().get("ports", {}))
+        return dict(PORTS)
+
+    @property
+    def namespace(self) -> str:
+        """The network namespace every component runs in (`ip netns exec <this>`)."""
+        return netns_name(self._ns_host)
+
+    @property
+    def address(self) -> str:
+        """The control plane's lab address (chosen on the first `up`); every component listens there."""
+        return self._load_state()["address"]
 
     @property
     def server(self) -> str:
-        return f"https://127.0.0.1:{self.ports['apiserver']}"
+        return f"https://{self.address}:{PORTS['apiserver']}"
 
     @property
     def ca_cert(self) -> Path:
@@ -185,23 +227,7 @@ class ControlPlane:
         binaries = self._binaries()
         self.dir.mkdir(parents=True, exist_ok=True)
         with self._lock():
-            for attempt in (1, 2):
-                logs = {n: procs.log_file(self.workdir, n) for n in COMPONENTS}
-                offsets = {n: p.stat().st_size if p.exists() else 0 for n, p in logs.items()}
-                try:
-                    self._up_once(service_cidr, pod_cidr, exec_rules, binaries, started, timeout)
-                    break
-                except RuntimeError:
-                    # Ports are picked free, but another lab on this machine may take one before our daemon
-                    # binds it: then stop, pick again (busy ports only) and retry once.
-                    clash = any(
-                        b"address already in use" in _read_from(logs[n], offsets[n]).lower() for n in COMPONENTS
-                    )
-                    if attempt == 2 or not clash:
-                        raise
-                    self._say("a lab port was taken meanwhile; picking new ports and retrying")
-                    for name in reversed(COMPONENTS):
-                        self._stop(name, timeout=3.0)
+            self._up_once(service_cidr, pod_cidr, exec_rules, binaries, started, timeout)
         self._say(f"lab control plane {self.version} up in {time.monotonic() - started:.1f}s")
 
     def _up_once(
@@ -224,10 +250,11 @@ class ControlPlane:
                 f"call down(purge=True) before using {service_cidr}"
             )
         state.update(service_cidr=service_cidr, pod_cidr=pod_cidr, version=self.version)
-        state["ports"] = self._choose_ports(state.get("ports", {}))
+        state.pop("ports", None)  # from labs that picked free ports on 127.0.0.1
+        self._ensure_namespace(state)
         self._save_state(state)
-        self._ensure_pki(service_cidr)
-        self._write_kubeconfigs(state["ports"]["apiserver"])
+        self._ensure_pki(service_cidr, state["address"])
+        self._write_kubeconfigs(state["address"])
         self._write_kwok_config(cluster_execs)
         argvs = self._argvs(binaries, state)
         fingerprints = state.setdefault("fingerprints", {})
@@ -242,7 +269,7 @@ class ControlPlane:
             self._say(f"starting {name}")
             if name == KWOK:
                 self._release_kwok_leases()
-            procs.start_daemon(self.workdir, name, argvs[name], env=self._env(name), cwd=self.dir)
+            procs.start_daemon(self.workdir, name, argvs[name], env=self._env(name), cwd=self.dir, netns=self.namespace)
             fingerprints[name] = fp
             self._save_state(state)
             return True
@@ -263,24 +290,24 @@ class ControlPlane:
     def down(self, purge: bool = False) -> None:
         """Stop every daemon (kwok first, etcd last) and wait until their ports are closed.
 
-        `purge=True` also deletes workdir/k8s (etcd data, certificates, kubeconfigs); without it the next
-        `up` finds the cluster's objects again.
+        The network namespace goes too (with anything a `kubectl exec` left running in it). `purge=True` also
+        deletes workdir/k8s (etcd data, certificates, kubeconfigs); without it the next `up` finds the
+        cluster's objects again.
         """
-        ports = self.ports
         for name in reversed(COMPONENTS):
             if procs.is_running(self.workdir, name):
                 self._say(f"stopping {name}")
             self._stop(name)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(_port_listening(p) for p in ports.values()):
-            time.sleep(0.1)
+        remove_namespace(self.workdir, self._ns_host)
+        remove_bridge_if_unused()
         if purge:
             shutil.rmtree(self.dir, ignore_errors=True)
 
     def status(self) -> dict:
         """{"up": all running and healthy, "server", "kubeconfig", "version",
-        "components": {name: {"running", "healthy", "pid", "listen": ["127.0.0.1:port", ...], "log"}}}."""
-        ports = self.ports
+        "components": {name: {"running", "healthy", "pid", "listen": ["<address>:port", ...], "log"}}}."""
+        state = self._load_state()
+        ports = self.ports if "address" in state else {}
         checks = self._checks()
         components = {}
         for name in COMPONENTS:
@@ -295,7 +322,7 @@ class ControlPlane:
                 "running": running,
                 "healthy": healthy,
                 "pid": procs.read_pid(self.workdir, name) if running else None,
-                "listen": [f"127.0.0.1:{ports[k]}" for k in _PORT_KEYS[name] if k in ports],
+                "listen": [f"{state['address']}:{ports[k]}" for k in _PORT_KEYS[name] if k in ports],
                 "log": str(procs.log_file(self.workdir, name)),
             }
         return {
@@ -311,7 +338,7 @@ class ControlPlane:
         if name not in COMPONENTS:
             raise ValueError(f"unknown component {name!r}; one of {COMPONENTS}")
         state = self._load_state()
-        if not state.get("ports"):
+        if not state.get("address"):
             raise RuntimeError("the lab control plane was never started; call up() first")
         argv = self._argvs(self._binaries(), state)[name]
         self._say(f"restarting {name}")
@@ -322,7 +349,7 @@ class ControlPlane:
             time.sleep(downtime)
         if name == KWOK:
             self._release_kwok_leases()
-        procs.start_daemon(self.workdir, name, argv, env=self._env(name), cwd=self.dir)
+        procs.start_daemon(self.workdir, name, argv, env=self._env(name), cwd=self.dir, netns=self.namespace)
         state.setdefault("fingerprints", {})[name] = self._fingerprint(name, argv)
         self._save_state(state)
         self._wait(name, self._checks()[name], time.monotonic() + timeout)
@@ -385,22 +412,24 @@ class ControlPlane:
             )
         return bins
 
-    def _choose_ports(self, ports: dict[str, int]) -> dict[str, int]:
-        """Keep the recorded ports; pick new ones only for daemons that are down and whose port is taken."""
-        chosen = dict(ports)
-        for name, keys in _PORT_KEYS.items():
-            running = procs.is_running(self.workdir, name)
-            for key in keys:
-                if key in chosen and (running or not _port_listening(chosen[key])):
-                    continue
-                if running:
-                    raise RuntimeError(f"{name} runs but state.json has no port {key}; call down() first")
-                chosen[key] = _free_port(exclude=set(chosen.values()))
-        return chosen
+    def _ensure_namespace(self, state: dict) -> None:
+        """The control plane's namespace on the lab bridge, with the recorded address when it is still ours."""
+        ensure_bridge()
+        if netns_exists(self._ns_host) and state.get("address"):
+            return
+        address = state.get("address")
+        try:
+            if not address:
+                raise ValueError("no address yet")
+            make_namespace(self.workdir, self._ns_host, address)
+        except ValueError:
+            address = free_lab_ips(1, first=FIRST_ADDRESS)[0]
+            make_namespace(self.workdir, self._ns_host, address)
+        state["address"] = address
 
     def _fingerprint(self, name: str, argv: list[str]) -> str:
-        # Ports are part of every fingerprint: a moved API server port changes all kubeconfigs.
-        h = hashlib.sha256(json.dumps([argv, self.ports], sort_keys=True).encode())
+        # The address is in every argv: a moved control plane changes all of them.
+        h = hashlib.sha256(json.dumps(argv).encode())
         if name == KWOK:
             h.update((self.dir / "kwok.yaml").read_bytes())
         return h.hexdigest()
@@ -429,7 +458,7 @@ class ControlPlane:
 
     # ------------------------------------------------------------------ PKI and kubeconfigs
 
-    def _ensure_pki(self, service_cidr: str) -> None:
+    def _ensure_pki(self, service_cidr: str, address: str) -> None:
         self.pki.mkdir(parents=True, exist_ok=True)
         if not (self.pki / "ca.crt").exists():
             self._say("generating lab PKI")
@@ -458,28 +487,30 @@ class ControlPlane:
                         "kubernetes.default.svc.cluster.local",
                         "localhost",
                     ],
-                    "ip": ["127.0.0.1", "::1", first_service_ip],
+                    "ip": [address, "127.0.0.1", "::1", first_service_ip],
                 },
             ),
             "admin": ("kubernetes-admin", "system:masters", None),
             "controller-manager": ("system:kube-controller-manager", None, None),
             "scheduler": ("system:kube-scheduler", None, None),
             "kwok-client": ("kwok-controller", "system:masters", None),
-            "kwok": ("kwok", None, {"dns": ["localhost"], "ip": ["127.0.0.1"]}),
+            "kwok": ("kwok", None, {"dns": ["localhost"], "ip": [address, "127.0.0.1"]}),
         }
-        marker = self.pki / "service-ip"
+        # Server certificates name the addresses they serve: new ones when an address moves.
+        marker = self.pki / "server-ips"
+        served = f"{address} {first_service_ip}"
         for name, (cn, org, sans) in leaf.items():
             crt = self.pki / f"{name}.crt"
-            stale = name == "apiserver" and (not marker.exists() or marker.read_text() != first_service_ip)
+            stale = sans is not None and (not marker.exists() or marker.read_text() != served)
             if crt.exists() and not stale:
                 continue
             key = _ec_key()
             _write_key(self.pki / f"{name}.key", key)
             _write(crt, _pem(_cert(cn, org, key.public_key(), ca_key, ca, sans=sans)))
-        _write(marker, first_service_ip)
+        _write(marker, served)
 
-    def _write_kubeconfigs(self, apiserver_port: int) -> None:
-        server = f"https://127.0.0.1:{apiserver_port}"
+    def _write_kubeconfigs(self, address: str) -> None:
+        server = f"https://{address}:{PORTS['apiserver']}"
         ca = (self.pki / "ca.crt").read_bytes()
         for user, fname in (
             ("admin", "admin.conf"),
@@ -615,12 +646,12 @@ class ControlPlane:
     # ------------------------------------------------------------------ command lines
 
     def _argvs(self, bins: dict[str, Path], state: dict) -> dict[str, list[str]]:
-        p = state["ports"]
+        p, a = PORTS, state["address"]
         d, pki = self.dir, self.pki
         # With an etcd lacking RequestWatchProgress the API server must not turn legacy watches (kwok
         # restarts every watch at resourceVersion 0) into watch-lists, or those watches fail.
         old_etcd_gates = ["--feature-gates=WatchList=false"] if self._old_etcd() else []
-        etcd_client, etcd_peer = f"http://127.0.0.1:{p['etcd_client']}", f"http://127.0.0.1:{p['etcd_peer']}"
+        etcd_client, etcd_peer = f"http://{a}:{p['etcd_client']}", f"http://{a}:{p['etcd_peer']}"
         return {
             ETCD: [
                 str(bins[ETCD]),
@@ -640,11 +671,11 @@ class ControlPlane:
             APISERVER: [
                 str(bins[APISERVER]),
                 f"--etcd-servers={etcd_client}",
-                "--bind-address=127.0.0.1",
+                f"--bind-address={a}",
                 f"--secure-port={p['apiserver']}",
-                "--advertise-address=127.0.0.1",
-                # Endpoints may not hold loopback addresses; nothing in the lab uses the kubernetes Service.
-                "--endpoint-reconciler-type=none",
+                f"--advertise-address={a}",
+                # No pod can answer a webhook here (see the module docstring); the call would only time out.
+                "--disable-admission-plugins=MutatingAdmissionWebhook,ValidatingAdmissionWebhook",
                 f"--tls-cert-file={pki / 'apiserver.crt'}",
                 f"--tls-private-key-file={pki / 'apiserver.key'}",
                 f"--client-ca-file={pki / 'ca.crt'}",
@@ -654,7 +685,7 @@ class ControlPlane:
                 f"--service-cluster-ip-range={state['service_cidr']}",
                 "--authorization-mode=Node,RBAC",
                 "--allow-privileged=true",
-                # kwok's nodes carry InternalIP 127.0.0.1 and kwok's port: logs/exec reach kwok.
+                # kwok's nodes carry InternalIP <address> and kwok's port: logs/exec reach kwok.
                 "--kubelet-preferred-address-types=InternalIP",
                 "--profiling=false",
                 # One machine, no tenants: no request throttling between the lab's own clients.
@@ -666,7 +697,7 @@ class ControlPlane:
             CONTROLLER_MANAGER: [
                 str(bins[CONTROLLER_MANAGER]),
                 f"--kubeconfig={d / 'controller-manager.conf'}",
-                "--bind-address=127.0.0.1",
+                f"--bind-address={a}",
                 f"--secure-port={p['controller_manager']}",
                 "--leader-elect=false",
                 "--use-service-account-credentials=true",
@@ -684,7 +715,7 @@ class ControlPlane:
             SCHEDULER: [
                 str(bins[SCHEDULER]),
                 f"--kubeconfig={d / 'scheduler.conf'}",
-                "--bind-address=127.0.0.1",
+                f"--bind-address={a}",
                 f"--secure-port={p['scheduler']}",
                 "--leader-elect=false",
                 f"--authorization-always-allow-paths={_ALWAYS_ALLOW}",
@@ -696,10 +727,10 @@ class ControlPlane:
                 f"--kubeconfig={d / 'kwok.conf'}",
                 f"--config={d / 'kwok.yaml'}",
                 f"--manage-nodes-with-annotation-selector={FAKE_NODE_ANNOTATION}=fake",
-                "--node-ip=127.0.0.1",
+                f"--node-ip={a}",
                 "--node-name=localhost",
                 f"--node-port={p['kwok']}",
-                f"--server-address=127.0.0.1:{p['kwok']}",
+                f"--server-address={a}:{p['kwok']}",
                 f"--tls-cert-file={pki / 'kwok.crt'}",
                 f"--tls-private-key-file={pki / 'kwok.key'}",
                 f"--cidr={state['pod_cidr']}",
@@ -714,13 +745,13 @@ class ControlPlane:
         return {
             ETCD: self._etcd_healthy,
             APISERVER: self._apiserver_ready,
-            CONTROLLER_MANAGER: lambda: _get_ok(f"https://127.0.0.1:{self.ports['controller_manager']}/healthz"),
-            SCHEDULER: lambda: _get_ok(f"https://127.0.0.1:{self.ports['scheduler']}/healthz"),
-            KWOK: lambda: _get_ok(f"http://127.0.0.1:{self.ports['kwok']}/healthz"),
+            CONTROLLER_MANAGER: lambda: _get_ok(f"https://{self.address}:{PORTS['controller_manager']}/healthz"),
+            SCHEDULER: lambda: _get_ok(f"https://{self.address}:{PORTS['scheduler']}/healthz"),
+            KWOK: lambda: _get_ok(f"http://{self.address}:{PORTS['kwok']}/healthz"),
         }
 
     def _etcd_healthy(self) -> bool:
-        body = _get(f"http://127.0.0.1:{self.ports['etcd_client']}/health")
+        body = _get(f"http://{self.address}:{PORTS['etcd_client']}/health")
         return body is not None and json.loads(body).get("health") == "true"
 
     def _apiserver_ready(self) -> bool:
@@ -1109,25 +1140,10 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def _free_port(exclude: set[int]) -> int:
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in exclude:
-            return port
-
-
-def _port_listening(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
 def _get(url: str, ctx: ssl.SSLContext | None = None, timeout: float = 3.0) -> bytes | None:
     """Body of a 200 answer, else None."""
     if ctx is None and url.startswith("https:"):
-        ctx = ssl._create_unverified_context()  # noqa: S323 - self-signed health endpoints on 127.0.0.1
+        ctx = ssl._create_unverified_context()  # noqa: S323 - self-signed health endpoints of the lab
     try:
         with urllib.request.urlopen(url, context=ctx, timeout=timeout) as resp:  # noqa: S310
             return resp.read() if resp.status == 200 else None

@@ -225,6 +225,112 @@ def _port_open(ip: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
+def ensure_bridge() -> None:
+    """The lab bridge with the root namespace's lab address (the only way into the lab's namespaces)."""
+    if not _link_exists(BRIDGE):
+        _ip("link", "add", BRIDGE, "type", "bridge")
+    addrs = _ip("-o", "-4", "addr", "show", "dev", BRIDGE).stdout
+    if f"{BRIDGE_IP}/24" not in addrs:
+        _ip("addr", "add", f"{BRIDGE_IP}/24", "dev", BRIDGE)
+    _ip("link", "set", BRIDGE, "up")
+
+
+def remove_bridge_if_unused() -> None:
+    if not _link_exists(BRIDGE):
+        return
+    if _ip("-o", "link", "show", "master", BRIDGE, check=False).stdout.strip():
+        return  # another lab (other workdir) still has namespaces on it
+    _ip("link", "del", BRIDGE, check=False)
+
+
+def claim(workdir: Path, name: str, ip: str) -> None:
+    """Claim namespace `name` and address `ip` for the lab in `workdir` (ValueError if a live lab holds one)."""
+    record = {"workdir": str(workdir), "name": name, "ip": validate_ip(ip)}
+    made: list[Path] = []
+    try:
+        for path in (OWNERS / name, IP_OWNERS / record["ip"]):
+            if _claim(path, record):
+                made.append(path)
+    except ValueError:
+        for path in made:
+            path.unlink(missing_ok=True)
+        raise
+
+
+def _claim(path: Path, record: dict) -> bool:
+    """Claim `path` for `record`; True if newly made, False if already ours; ValueError if taken."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = json.dumps(record)
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            try:
+                owner = json.loads(path.read_text())
+            except (OSError, ValueError):
+                owner = {}
+            if owner.get("workdir") == record["workdir"] and owner.get("name") == record["name"]:
+                return False
+            if owner.get("name") and _claim_alive(owner):
+                raise ValueError(
+                    f"lab host {record['name']} ({record['ip']}) clashes with host {owner['name']} "
+                    f"({owner.get('ip')}) of the lab in {owner.get('workdir')}"
+                ) from None
+            path.unlink(missing_ok=True)  # stale claim: its lab is gone (see _claim_alive)
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(data)
+        return True
+    raise RuntimeError(f"could not claim {path}")
+
+
+def release(workdir: Path, name: str) -> None:
+    """Give up the claims of namespace `name` held by the lab in `workdir`."""
+    for path in [OWNERS / name, *IP_OWNERS.glob("*")] if IP_OWNERS.is_dir() else [OWNERS / name]:
+        try:
+            owner = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if owner.get("workdir") == str(workdir) and owner.get("name") == name:
+            path.unlink(missing_ok=True)
+
+
+def make_namespace(workdir: Path, name: str, ip: str) -> None:
+    """Network namespace `gf-<name>`: loopback plus `eth0` = `ip`/24 on the lab bridge, and no default route,
+    so whatever runs inside reaches only the lab subnet; a dial anywhere else fails at once ("Network is
+    unreachable"). Leftovers of a crashed run are removed first ("RTNETLINK answers: File exists")."""
+    remove_namespace(workdir, name)
+    claim(workdir, name, ip)
+    ns, veth = netns_name(name), _veth(name)
+    _ip("netns", "add", ns)
+    _ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
+    _ip("link", "set", veth, "master", BRIDGE, "up")
+    _ip("-n", ns, "addr", "add", f"{ip}/24", "dev", "eth0")
+    _ip("-n", ns, "link", "set", "eth0", "up")
+    _ip("-n", ns, "link", "set", "lo", "up")
+
+
+def remove_namespace(workdir: Path, name: str) -> None:
+    """Kill every process in namespace `gf-<name>`, delete it, its veth and this lab's claims on it."""
+    ns = netns_name(name)
+    if Path("/run/netns", ns).exists():
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            pids = netns_pids(ns)
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + 3
+            while pids and time.monotonic() < deadline:
+                time.sleep(0.05)
+                pids = netns_pids(ns)
+    _ip("netns", "del", ns, check=False)
+    if _link_exists(_veth(name)):
+        _ip("link", "del", _veth(name), check=False)
+    release(workdir, name)
+
+
 class SshHosts:
     """The lab's SSH hosts under `workdir` (state in `<workdir>/hosts.json`, files in `<workdir>/hosts/`)."""
 
@@ -273,7 +379,7 @@ class SshHosts:
                 raise ValueError(f"host {spec.name}: gpus must be >= 0")
         self._check_other_labs(hosts)
         self._ensure_key()
-        self._ensure_bridge()
+        ensure_bridge()
         for mp in (DISK_PATH, TIMESYNC_DIR, "/run/sshd"):
             Path(mp).mkdir(parents=True, exist_ok=True)
         for spec in hosts:
@@ -301,7 +407,7 @@ class SshHosts:
         for name in list(state):
             self._destroy(name)
         self._state_file.unlink(missing_ok=True)
-        self._maybe_remove_bridge()
+        remove_bridge_if_unused()
 
     def _close_control_masters(self) -> None:
         """Ask Ansible's ControlPersist ssh masters (root namespace) to exit."""
@@ -438,40 +544,9 @@ class SshHosts:
         auth.write_text(self.key_path.with_suffix(".pub").read_text())
         auth.chmod(0o600)
 
-    def _ensure_bridge(self) -> None:
-        if not _link_exists(BRIDGE):
-            _ip("link", "add", BRIDGE, "type", "bridge")
-        addrs = _ip("-o", "-4", "addr", "show", "dev", BRIDGE).stdout
-        if f"{BRIDGE_IP}/24" not in addrs:
-            _ip("addr", "add", f"{BRIDGE_IP}/24", "dev", BRIDGE)
-        _ip("link", "set", BRIDGE, "up")
-
-    def _maybe_remove_bridge(self) -> None:
-        if not _link_exists(BRIDGE):
-            return
-        if _ip("-o", "link", "show", "master", BRIDGE, check=False).stdout.strip():
-            return  # another lab (other workdir) still has hosts on it
-        _ip("link", "del", BRIDGE, check=False)
-
     def _destroy(self, name: str) -> None:
-        ns = netns_name(name)
-        if Path("/run/netns", ns).exists():
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                pids = netns_pids(ns)
-                for pid in pids:
-                    try:
-                        os.kill(pid, sig)
-                    except ProcessLookupError:
-                        pass
-                deadline = time.monotonic() + 3
-                while pids and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                    pids = netns_pids(ns)
         procs.stop_daemon(self.workdir, self._daemon(name), timeout=2)
-        _ip("netns", "del", ns, check=False)
-        if _link_exists(_veth(name)):
-            _ip("link", "del", _veth(name), check=False)
-        self._release(name)
+        remove_namespace(self.workdir, name)
 
     def _check_other_labs(self, hosts: list[HostSpec]) -> None:
         """Claim each host's name and IP for this lab; refuse those a live host of another lab holds.
@@ -483,68 +558,11 @@ class SshHosts:
         for spec in hosts:
             if netns_exists(spec.name) and not (OWNERS / spec.name).exists() and spec.name not in known:
                 raise ValueError(f"network namespace {netns_name(spec.name)} exists and belongs to no lab of ours")
-        made: list[Path] = []
-        try:
-            for spec in hosts:
-                ip = validate_ip(spec.ip)
-                record = {"workdir": str(self.workdir), "name": spec.name, "ip": ip}
-                for path in (OWNERS / spec.name, IP_OWNERS / ip):
-                    if self._claim(path, record):
-                        made.append(path)
-        except ValueError:
-            for path in made:
-                path.unlink(missing_ok=True)
-            raise
-
-    def _claim(self, path: Path, record: dict) -> bool:
-        """Claim `path` for `record`; True if newly made, False if already ours; ValueError if taken."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = json.dumps(record)
-        for _ in range(3):
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                try:
-                    owner = json.loads(path.read_text())
-                except (OSError, ValueError):
-                    owner = {}
-                if owner.get("workdir") == record["workdir"] and owner.get("name") == record["name"]:
-                    return False
-                if owner.get("name") and _claim_alive(owner):
-                    raise ValueError(
-                        f"lab host {record['name']} ({record['ip']}) clashes with host {owner['name']} "
-                        f"({owner.get('ip')}) of the lab in {owner.get('workdir')}"
-                    ) from None
-                path.unlink(missing_ok=True)  # stale claim: its lab is gone (see _claim_alive)
-                continue
-            with os.fdopen(fd, "w") as fh:
-                fh.write(data)
-            return True
-        raise RuntimeError(f"could not claim {path}")
-
-    def _release(self, name: str) -> None:
-        for path in [OWNERS / name, *IP_OWNERS.glob("*")] if IP_OWNERS.is_dir() else [OWNERS / name]:
-            try:
-                owner = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue
-            if owner.get("workdir") == str(self.workdir) and owner.get("name") == name:
-                path.unlink(missing_ok=True)
+        for spec in hosts:
+            claim(self.workdir, spec.name, spec.ip)
 
     def _build(self, host: dict) -> None:
-        name, ip = host["name"], host["ip"]
-        ns, veth = netns_name(name), _veth(name)
-        # Remove leftovers of a crashed run ("RTNETLINK answers: File exists").
-        self._destroy(name)
-        record = {"workdir": str(self.workdir), "name": name, "ip": ip}
-        self._claim(OWNERS / name, record)
-        self._claim(IP_OWNERS / ip, record)
-        _ip("netns", "add", ns)
-        _ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
-        _ip("link", "set", veth, "master", BRIDGE, "up")
-        _ip("-n", ns, "addr", "add", f"{ip}/24", "dev", "eth0")
-        _ip("-n", ns, "link", "set", "eth0", "up")
-        _ip("-n", ns, "link", "set", "lo", "up")
+        make_namespace(self.workdir, host["name"], host["ip"])
         self._prepare_files(host)
         self._start_sshd(host)
 

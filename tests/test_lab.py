@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from lab.controlplane import ControlPlane
 from tests.conftest import make_lab_config
 
 GPUFORGE = str(Path(sys.executable).parent / "gpuforge")
@@ -50,15 +51,14 @@ def test_lab_up_status_down_leaves_nothing_behind(tmp_path):
     assert processes_mentioning(str(tmp_path)) == []
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     assert "gf-dgpu" not in links
-    port = json.loads(up.stdout)["api server"].rsplit(":", 1)[1]
-    assert f":{port} " not in subprocess.run(["ss", "-Hltn"], capture_output=True, text=True).stdout
+    assert ControlPlane(tmp_path / "state", Path("/nonexistent")).namespace not in netns_list()
     assert run("lab", "status", "--config", str(config)).returncode == 3
 
 
 def check_running_lab(config: Path, endpoints: dict) -> None:
     tmp_path = config.parent
     assert endpoints["kubeconfig"] == str(tmp_path / "state" / "kubeconfig")
-    assert endpoints["api server"].startswith("https://127.0.0.1:")
+    assert endpoints["api server"].startswith("https://198.51.100.")  # the control plane's own lab namespace
     assert {"gf-dcp-1", "gf-dgpu-1", "gf-dgpu-2", "gf-dcpu-1"} <= netns_list()
 
     again = run("lab", "up", "--config", str(config), "--json")  # idempotent
@@ -69,11 +69,11 @@ def check_running_lab(config: Path, endpoints: dict) -> None:
     state = json.loads(status.stdout)["status"]
     assert state["control_plane"]["up"] and state["prometheus"] and state["reconciler"]
     assert state["slurm"]["nodes"] == {"dgpu-1": "idle"}  # dgpu-2 stays out of Slurm
-    api_port = endpoints["api server"].rsplit(":", 1)[1]
+    # The API server listens in its namespace only; nothing of it in the root namespace.
     local = [
         line.split()[3] for line in subprocess.run(["ss", "-Hltn"], capture_output=True, text=True).stdout.splitlines()
     ]
-    assert f"127.0.0.1:{api_port}" in local and f"0.0.0.0:{api_port}" not in local
+    assert not [addr for addr in local if addr.endswith(":6443")], local
 
 
 @pytest.mark.parametrize("bad", ["prometheus_url: http://10.0.0.5:9090"])

@@ -3,6 +3,7 @@ scheduler and kwok, started once for this module in a temporary workdir."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import socket
@@ -119,7 +120,8 @@ def test_server_version_is_pinned(cp):
     out = kubectl(cp, "version", "-o", "json")
     assert json.loads(out.stdout)["serverVersion"]["gitVersion"] == "v1.35.4"
     assert cp.kubeconfig.is_absolute()
-    assert cp.server.startswith("https://127.0.0.1:")
+    assert cp.server == f"https://{cp.address}:6443"
+    assert ipaddress.ip_address(cp.address) in ipaddress.ip_network("198.51.100.0/24")
 
 
 def test_status_reports_every_component_healthy(cp):
@@ -128,16 +130,20 @@ def test_status_reports_every_component_healthy(cp):
     assert set(status["components"]) == set(COMPONENTS)
     for name, comp in status["components"].items():
         assert comp["running"] and comp["healthy"], (name, comp)
-        assert all(addr.startswith("127.0.0.1:") for addr in comp["listen"]), (name, comp)
+        assert all(addr.startswith(f"{cp.address}:") for addr in comp["listen"]), (name, comp)
 
 
-def _listening_sockets() -> dict[int, tuple[str, int]]:
-    """inode -> (hex local address, port) of every LISTEN socket (tcp and tcp6)."""
+def _listening_sockets(netns: str | None = None) -> dict[int, tuple[str, int]]:
+    """inode -> (hex local address, port) of every LISTEN socket (tcp and tcp6), in the root namespace or in
+    network namespace `netns`."""
     result = {}
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except FileNotFoundError:
+        argv = ["ip", "netns", "exec", netns, "cat", table] if netns else ["cat", table]
+        out = subprocess.run(argv, capture_output=True, text=True)
+        if out.returncode != 0:
+            continue
+        lines = out.stdout.splitlines()[1:]
+        if not lines:
             continue
         for line in lines:
             fields = line.split()
@@ -160,18 +166,92 @@ def _socket_inodes(pid: int) -> set[int]:
     return inodes
 
 
-def test_daemons_listen_on_loopback_only(cp):
-    listening = _listening_sockets()
-    assert listening, "no LISTEN sockets visible in /proc/net/tcp"
+def _hex_ipv4(address: str) -> str:
+    """How /proc/net/tcp writes an IPv4 address (little-endian hex)."""
+    return socket.inet_aton(address)[::-1].hex().upper()
+
+
+def test_daemons_listen_on_the_lab_address_only_inside_their_namespace(cp):
+    listening = _listening_sockets(cp.namespace)
+    assert listening, "no LISTEN sockets visible in the control plane's /proc/net/tcp"
     seen_ports = set()
     for name in COMPONENTS:
         pid = procs.read_pid(cp.workdir, name)
         assert pid is not None, name
+        assert os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(f"/run/netns/{cp.namespace}").st_ino, name
         for inode in _socket_inodes(pid) & set(listening):
             addr, port = listening[inode]
-            assert addr == "0100007F", f"{name} listens on {addr}:{port}, not 127.0.0.1"
+            assert addr == _hex_ipv4(cp.address), f"{name} listens on {addr}:{port}, not {cp.address}"
             seen_ports.add(port)
     assert set(cp.ports.values()) <= seen_ports, (cp.ports, seen_ports)
+    # Nothing of the control plane listens in the root namespace.
+    root_inodes = set(_listening_sockets())
+    for name in COMPONENTS:
+        assert not (_socket_inodes(procs.read_pid(cp.workdir, name)) & root_inodes), name
+
+
+def test_pod_and_service_ranges_have_no_route_from_the_api_server(cp):
+    """The API server's namespace has no default route: pod and service addresses (10.233.x.x here) and the
+    rest of the world are unreachable, the lab subnet is not."""
+    for target in ("10.233.64.9", "10.233.0.10", "10.0.0.1", "192.168.1.1", "8.8.8.8"):
+        out = subprocess.run(
+            ["ip", "netns", "exec", cp.namespace, "ip", "route", "get", target], capture_output=True, text=True
+        )
+        assert out.returncode != 0 and "unreachable" in out.stderr.lower(), (target, out.stdout, out.stderr)
+    lab = subprocess.run(
+        ["ip", "netns", "exec", cp.namespace, "ip", "route", "get", "198.51.100.1"], capture_output=True, text=True
+    )
+    assert lab.returncode == 0 and "dev eth0" in lab.stdout, lab.stdout + lab.stderr
+    routes = subprocess.run(
+        ["ip", "netns", "exec", cp.namespace, "ip", "-4", "route", "show"], capture_output=True, text=True
+    ).stdout
+    assert "default" not in routes, routes
+
+
+def test_a_webhook_pointing_at_a_pod_is_never_called_and_a_dial_to_a_pod_fails_with_no_route(cp, core, lab_nodes):
+    """A fail-closed admission webhook at a pod address does not block writes (the admission-webhook plugins
+    are off), and when the API server does dial a pod address (its service proxy), the dial fails at once
+    inside its own namespace instead of leaving the machine."""
+    from kubernetes import client
+
+    admission = client.AdmissionregistrationV1Api(core.api_client)
+    webhook = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingWebhookConfiguration",
+        "metadata": {"name": "points-at-a-pod"},
+        "webhooks": [
+            {
+                "name": "deny.lab.gpuforge.io",
+                "clientConfig": {"url": "https://10.233.64.9:8443/validate"},
+                "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"],
+                           "resources": ["configmaps"]}],
+                "failurePolicy": "Fail",
+                "sideEffects": "None",
+                "admissionReviewVersions": ["v1"],
+                "timeoutSeconds": 5,
+            }
+        ],
+    }  # fmt: skip
+    admission.create_validating_webhook_configuration(webhook)
+    try:
+        core.create_namespaced_config_map("default", {"metadata": {"name": "written-past-the-webhook"}})
+        assert core.read_namespaced_config_map("written-past-the-webhook", "default")
+    finally:
+        admission.delete_validating_webhook_configuration("points-at-a-pod")
+        core.delete_namespaced_config_map("written-past-the-webhook", "default")
+
+    # The API server's pod proxy dials the pod's own address (from the pod range, as a webhook Service would be).
+    core.create_namespaced_pod("default", pod("proxied"))
+    ip = wait_for(lambda: read_pod(core, "proxied")["status"].get("podIP"), 60, "a pod address")
+    assert ipaddress.ip_address(ip) in ipaddress.ip_network("10.233.64.0/18")
+    try:
+        started = time.monotonic()
+        out = kubectl(cp, "get", "--raw", "/api/v1/namespaces/default/pods/proxied:8443/proxy/", check=False)
+        assert out.returncode != 0
+        assert "network is unreachable" in out.stderr.lower(), out.stderr
+        assert time.monotonic() - started < 10, "the dial should fail at once, not time out"
+    finally:
+        core.delete_namespaced_pod("proxied", "default", grace_period_seconds=0)
 
 
 def test_gpu_pods_land_only_on_gpu_nodes(cp, core, lab_nodes):
@@ -453,8 +533,7 @@ def _pids_running(argv: bytes) -> list[int]:
     return found
 
 
-def test_down_leaves_no_process_and_no_port(cp, core, lab_nodes):
-    ports = cp.ports
+def test_down_leaves_no_process_and_no_namespace(cp, core, lab_nodes):
     # A command exec'ed through kwok into a session of its own (out of kwok's process group) must go too.
     _ensure_ns(core, EXEC_NS)
     wait_for(
@@ -500,8 +579,7 @@ def test_down_leaves_no_process_and_no_port(cp, core, lab_nodes):
         if needle in cmdline:
             leftovers.append((proc.name, cmdline.replace(b"\0", b" ")[:200]))
     assert leftovers == []
-    listening_ports = {port for _addr, port in _listening_sockets().values()}
-    assert not (set(ports.values()) & listening_ports)
+    assert not Path("/run/netns", cp.namespace).exists()
     assert cp.status()["up"] is False
 
 
@@ -531,36 +609,4 @@ def test_debian_etcd_fallback_keeps_kwok_watches_working(tmp_path):
         wait_for(lambda: read_pod(core, "p1")["status"].get("phase") == "Succeeded", 30, "p1 Succeeded")
         assert "RequestWatchProgress" not in procs.log_file(plane.workdir, "kwok").read_text()
     finally:
-        plane.down()
-
-
-def test_port_taken_before_the_daemon_binds_it_is_picked_again(tmp_path):
-    plane = ControlPlane(tmp_path, BIN_DIR, progress=print)
-    try:
-        plane._binaries()
-    except FileNotFoundError as exc:
-        pytest.skip(f"lab binaries not built: {exc}")
-    blocker = socket.socket()
-    blocker.bind(("127.0.0.1", 0))
-    blocker.listen()
-    taken = blocker.getsockname()[1]
-    real_choose = plane._choose_ports
-    chosen_ports = []
-
-    def choose(ports):  # the first pick hands the scheduler a port that is (now) in use
-        chosen = real_choose(ports)
-        if not chosen_ports:
-            chosen["scheduler"] = taken
-        chosen_ports.append(dict(chosen))
-        return chosen
-
-    plane._choose_ports = choose
-    try:
-        plane.up()
-        assert len(chosen_ports) == 2
-        assert plane.ports["scheduler"] != taken
-        assert plane.ports["apiserver"] == chosen_ports[0]["apiserver"]
-        assert plane.status()["up"] is True
-    finally:
-        blocker.close()
         plane.down()
