@@ -6,7 +6,7 @@ it sets them Ready, fills `status.nodeInfo`, heartbeats them and "runs" the pods
 
 Rules that keep kwok's node-initialize stage working (see lab-control-plane.md, "Two pitfalls"):
 - no `status.conditions` in the manifest (kwok initialises only nodes that are not Ready yet);
-- no `status.addresses` (kwok writes InternalIP 127.0.0.1 so `kubectl logs/exec` reach it).
+- no `status.addresses` (kwok writes its own address as InternalIP so `kubectl logs/exec` reach it).
 No kwok taint either: real workloads (DaemonSets, Helm charts) must schedule without tolerations.
 
 The kubelet version a node reports (`status.nodeInfo.kubeletVersion`) comes from the annotation
@@ -18,6 +18,7 @@ CLI (used by the stand-in Kubespray playbook via `delegate_to: localhost`):
                                  [--gpus 8] [--kubelet-version 1.35.4] [--cpu 32] [--memory 256Gi] [--wait 60]
     python -m lab.nodes set-gpus --kubeconfig K --name N --count 4     (--gpus 4 works too)
     python -m lab.nodes delete   --kubeconfig K --name N
+    python -m lab.nodes local-path-storage-class --kubeconfig K --name local-path
 Each prints one JSON line, e.g. {"name": "gpu01", "changed": true, "action": "created"}.
 """
 
@@ -200,6 +201,30 @@ def delete_node(kubeconfig: Path | str, name: str) -> bool:
         raise
 
 
+def ensure_local_path_storage_class(kubeconfig: Path | str, name: str) -> bool:
+    """What Kubespray's local-path-provisioner addon leaves in the cluster: its StorageClass (provisioner
+    rancher.io/local-path, volumes bound on the node of the first consumer). The lab reconciler plays the
+    provisioner. True when it was created now."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    body = {
+        "apiVersion": "storage.k8s.io/v1",
+        "kind": "StorageClass",
+        "metadata": {"name": name},
+        "provisioner": "rancher.io/local-path",
+        "reclaimPolicy": "Delete",
+        "volumeBindingMode": "WaitForFirstConsumer",
+    }
+    try:
+        client.StorageV1Api(_core(kubeconfig).api_client).create_storage_class(body)
+        return True
+    except ApiException as exc:
+        if exc.status == 409:
+            return False
+        raise
+
+
 def node_ready(node: dict) -> bool:
     for cond in (node.get("status") or {}).get("conditions") or []:
         if cond.get("type") == "Ready":
@@ -279,6 +304,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     dele = sub.add_parser("delete", help="delete a node")
     dele.add_argument("--kubeconfig", required=True)
     dele.add_argument("--name", required=True)
+    storage = sub.add_parser("local-path-storage-class", help="the StorageClass of Kubespray's local-path addon")
+    storage.add_argument("--kubeconfig", required=True)
+    storage.add_argument("--name", required=True)
     args = parser.parse_args(argv)
 
     if args.cmd == "register":
@@ -304,6 +332,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if changed:
             set_allocatable_gpus(args.kubeconfig, args.name, args.count)
         result = {"name": args.name, "changed": changed, "gpus": args.count}
+    elif args.cmd == "local-path-storage-class":
+        created = ensure_local_path_storage_class(args.kubeconfig, args.name)
+        result = {"name": args.name, "changed": created, "action": "created" if created else "unchanged"}
     else:
         existed = delete_node(args.kubeconfig, args.name)
         result = {"name": args.name, "changed": existed, "action": "deleted" if existed else "absent"}

@@ -7,10 +7,14 @@ FILE (written by the lab) says which simulated nodes have GPUs: {"gpu01": {"gpus
 (a top-level {"nodes": {...}} is accepted too). It is re-read when it changes. Nodes missing from it, or with
 `gpus: 0`, are CPU nodes.
 
-(a) GPU Operator. While ClusterPolicy `cluster-policy` exists and Deployment `gpu-operator` (in the release's
-    namespace) is available: every GPU node gets NFD's `feature.node.kubernetes.io/pci-10de.present=true`, then
-    `nvidia.com/gpu.present=true` and the `nvidia.com/gpu.deploy.<operand>=true` labels, so the chart's operand
-    DaemonSets schedule there. Once every enabled operand DaemonSet is ready (numberReady ==
+(a) GPU Operator. While ClusterPolicy `cluster-policy` (made by the real chart) exists and Deployment
+    `gpu-operator` (in the release's namespace) is available: the operand DaemonSets of every enabled operand
+    are created as the operator's state machine would (owned by the ClusterPolicy), with dcgm-exporter's Service
+    and, when `dcgmExporter.serviceMonitor.enabled` and the CRD exists, its ServiceMonitor
+    (`app=nvidia-dcgm-exporter` plus `serviceMonitor.additionalLabels`). Every GPU node gets NFD's
+    `feature.node.kubernetes.io/pci-10de.present=true`, then `nvidia.com/gpu.present=true` and the
+    `nvidia.com/gpu.deploy.<operand>=true` labels, so the operand DaemonSets schedule there.
+    Once every enabled operand DaemonSet is ready (numberReady ==
     desiredNumberScheduled > 0), each GPU node gets capacity/allocatable `nvidia.com/gpu` = its inventory count
     (status subresource) and GFD's labels (`nvidia.com/gpu.product`, `gpu.count`, `gpu.memory`, `gpu.family`,
     `cuda.driver-version.*`, ...), and the ClusterPolicy's status becomes `ready` (condition Ready=True, reason
@@ -29,6 +33,12 @@ FILE (written by the lab) says which simulated nodes have GPUs: {"gpu01": {"gpus
     slurmIdle/slurmAllocated/slurmDown/slurmDrain counted from `sinfo -h -N -o '%N %T'` for the Kubernetes
     nodes those pods run on (the lab's Slurm node names are the Kubernetes node names; pod name and hostname
     match too). Without --slurm-env those stay 0.
+
+(d) Slinky Controller. For each Controller (not external): StatefulSet and headless Service `<name>-controller`
+    (pod `<name>-controller-0`, container `slurmctld`) with the `statesave` volume from spec.persistence, as the
+    slurm-operator builds them. No slurm.conf is rendered: the lab's real slurmctld has its own.
+(e) Kubespray's local-path provisioner. Claims of a StorageClass whose provisioner is `rancher.io/local-path`
+    get a hostPath PersistentVolume on the node the scheduler chose; the PV controller binds them.
 
 Every input is watched (list + watch with bookmarks, one thread per resource); a change triggers a full,
 idempotent pass within ~0.1 s. Watches that break (API server restart) re-list with backoff (0.2 s .. 1 s);
@@ -77,16 +87,25 @@ DEPLOY_OPERANDS = (
     "operator-validator",
     "node-status-exporter",
 )
-# Operand DaemonSets: (ClusterPolicy spec key or None = always, DaemonSet name, upstream state name).
+# Operand DaemonSets the operator creates: (ClusterPolicy spec key or None = always, DaemonSet name, upstream
+# state name, the nvidia.com/gpu.deploy.<operand> label that places it).
 OPERANDS = (
-    ("driver", "nvidia-driver-daemonset", "state-driver"),
-    ("toolkit", "nvidia-container-toolkit-daemonset", "state-container-toolkit"),
-    (None, "nvidia-operator-validator", "state-operator-validation"),
-    ("devicePlugin", "nvidia-device-plugin-daemonset", "state-device-plugin"),
-    ("dcgmExporter", "nvidia-dcgm-exporter", "state-dcgm-exporter"),
-    ("gfd", "gpu-feature-discovery", "gpu-feature-discovery"),
-    ("nodeStatusExporter", "nvidia-node-status-exporter", "state-node-status-exporter"),
+    ("driver", "nvidia-driver-daemonset", "state-driver", "driver"),
+    ("toolkit", "nvidia-container-toolkit-daemonset", "state-container-toolkit", "container-toolkit"),
+    (None, "nvidia-operator-validator", "state-operator-validation", "operator-validator"),
+    ("devicePlugin", "nvidia-device-plugin-daemonset", "state-device-plugin", "device-plugin"),
+    ("dcgmExporter", "nvidia-dcgm-exporter", "state-dcgm-exporter", "dcgm-exporter"),
+    ("gfd", "gpu-feature-discovery", "gpu-feature-discovery", "gpu-feature-discovery"),
+    ("nodeStatusExporter", "nvidia-node-status-exporter", "state-node-status-exporter", "node-status-exporter"),
 )
+DCGM_EXPORTER = "nvidia-dcgm-exporter"
+DCGM_EXPORTER_PORT = 9400
+SPEC_HASH_ANNOTATION = "lab.gpuforge.io/spec-hash"
+# Kubespray's local-path-provisioner addon: the provisioner name its StorageClass carries, and where it keeps
+# volumes on the node (the lab creates no directory: kwok pods mount nothing).
+LOCAL_PATH_PROVISIONER = "rancher.io/local-path"
+LOCAL_PATH_DIR = "/opt/local-path-provisioner"
+SELECTED_NODE_ANNOTATION = "volume.kubernetes.io/selected-node"
 _DEFAULT_OFF = {"nodeStatusExporter"}
 
 # GPU model -> what GFD reports. Keys are matched as words in the inventory's model string.
@@ -115,6 +134,7 @@ _VECTORADD_IMAGE = re.compile(r"(^|/)cuda-sample:vectoradd", re.IGNORECASE)
 
 _LOGS_API = "/apis/kwok.x-k8s.io/v1alpha1"
 _NODESET_API = "/apis/slinky.slurm.net/v1beta1"
+_MONITORING_API = "/apis/monitoring.coreos.com/v1"
 
 
 class ApiError(Exception):
@@ -581,6 +601,28 @@ class Reconciler:
             crds=self.crds,
             **common,
         )
+        ours = {"labelSelector": f"app.kubernetes.io/managed-by={MANAGED_BY}"}
+        self.services = Informer(kube, "services", "/api/v1/services", query=ours, **common)
+        self.statefulsets = Informer(kube, "statefulsets", "/apis/apps/v1/statefulsets", query=ours, **common)
+        self.servicemonitors = Informer(
+            kube,
+            "servicemonitors",
+            f"{_MONITORING_API}/servicemonitors",
+            query=ours,
+            crd="servicemonitors.monitoring.coreos.com",
+            crds=self.crds,
+            **common,
+        )
+        self.controllers = Informer(
+            kube,
+            "controllers",
+            f"{_NODESET_API}/controllers",
+            crd="controllers.slinky.slurm.net",
+            crds=self.crds,
+            **common,
+        )
+        self.storageclasses = Informer(kube, "storageclasses", "/apis/storage.k8s.io/v1/storageclasses", **common)
+        self.claims = Informer(kube, "persistentvolumeclaims", "/api/v1/persistentvolumeclaims", **common)
         self.informers = [
             self.crds,
             self.nodes,
@@ -590,6 +632,12 @@ class Reconciler:
             self.policies,
             self.nodesets,
             self.logs,
+            self.services,
+            self.statefulsets,
+            self.servicemonitors,
+            self.controllers,
+            self.storageclasses,
+            self.claims,
         ]
 
     # ---------------------------------------------------------------- loop
@@ -624,7 +672,13 @@ class Reconciler:
 
     def reconcile_once(self) -> bool:
         ok = True
-        for step in (self.reconcile_gpu, self.reconcile_logs, self.reconcile_nodesets):
+        for step in (
+            self.reconcile_gpu,
+            self.reconcile_logs,
+            self.reconcile_slurm_controllers,
+            self.reconcile_nodesets,
+            self.reconcile_local_volumes,
+        ):
             try:
                 step()
             except Exception as exc:  # noqa: BLE001 - log, retry shortly
@@ -733,8 +787,9 @@ class Reconciler:
                 return True
             return bool((spec.get(key) or {}).get("enabled", key not in _DEFAULT_OFF))
 
+        self._ensure_operands(policy, namespace, enabled)
         not_ready = []
-        for key, ds_name, state_name in OPERANDS:
+        for key, ds_name, state_name, _ in OPERANDS:
             if enabled(key) and not self._daemonset_ready(namespace, ds_name, need_pods=bool(gpu_nodes)):
                 not_ready.append(state_name)
         operands_ready = not not_ready
@@ -757,6 +812,85 @@ class Reconciler:
                     capacity = entry["gpus"]
             self._apply_node(node, labels, capacity)
         self._set_policy_status(policy, namespace, not_ready, has_gpu_nodes=bool(gpu_nodes))
+
+    def _ensure_operands(self, policy: dict, namespace: str, enabled: Callable[[str | None], bool]) -> None:
+        """What the operator's state machine creates from the ClusterPolicy: one DaemonSet per enabled operand
+        (placed by its nvidia.com/gpu.deploy.* label), dcgm-exporter's Service, and its ServiceMonitor when
+        `dcgmExporter.serviceMonitor.enabled` and the CRD exists. All owned by the ClusterPolicy, so they go
+        with it (garbage collection), as on a cluster."""
+        spec = policy.get("spec") or {}
+        owner = _owner(policy, "nvidia.com/v1", "ClusterPolicy")
+        daemonsets = spec.get("daemonsets") or {}
+        for key, ds_name, _, deploy_label in OPERANDS:
+            present = self.daemonsets.get(f"{namespace}/{ds_name}")
+            if not enabled(key):
+                if present and _owned_by(present, policy):
+                    self._delete(f"/apis/apps/v1/namespaces/{namespace}/daemonsets/{ds_name}", "operand disabled")
+                continue
+            component = spec.get(key) or {} if key else spec.get("validator") or {}
+            image = "/".join(p for p in (component.get("repository"), component.get("image")) if p) or ds_name
+            pod_labels = {"app": ds_name, **(daemonsets.get("labels") or {})}
+            body = {
+                "apiVersion": "apps/v1",
+                "kind": "DaemonSet",
+                "metadata": {"name": ds_name, "namespace": namespace, "labels": pod_labels, "ownerReferences": [owner]},
+                "spec": {
+                    "selector": {"matchLabels": {"app": ds_name}},
+                    "template": {
+                        "metadata": {"labels": pod_labels},
+                        "spec": {
+                            "nodeSelector": {f"nvidia.com/gpu.deploy.{deploy_label}": "true"},
+                            "tolerations": daemonsets.get("tolerations") or [],
+                            "containers": [{"name": ds_name, "image": f"{image}:{component.get('version') or 'lab'}"}],
+                        },
+                    },
+                },
+            }
+            self._ensure(f"/apis/apps/v1/namespaces/{namespace}/daemonsets", body, present)
+        exporter = spec.get("dcgmExporter") or {}
+        if not enabled("dcgmExporter"):
+            return
+        metrics_labels = {"app": DCGM_EXPORTER}
+        service = {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": DCGM_EXPORTER, "namespace": namespace, "labels": metrics_labels,
+                         "ownerReferences": [owner]},
+            "spec": {
+                "selector": {"app": DCGM_EXPORTER},
+                "ports": [{"name": "gpu-metrics", "port": DCGM_EXPORTER_PORT, "targetPort": DCGM_EXPORTER_PORT}],
+            },
+        }  # fmt: skip
+        self._ensure(
+            f"/api/v1/namespaces/{namespace}/services", service, self.services.get(f"{namespace}/{DCGM_EXPORTER}")
+        )
+        monitor = exporter.get("serviceMonitor") or {}
+        if not monitor.get("enabled") or not self.crds.established("servicemonitors.monitoring.coreos.com"):
+            return
+        endpoint = {"port": "gpu-metrics", "path": "/metrics"}
+        for field in ("interval", "scrapeTimeout", "honorLabels", "relabelings"):
+            if monitor.get(field) not in (None, [], ""):
+                endpoint[field] = monitor[field]
+        body = {
+            "apiVersion": "monitoring.coreos.com/v1",
+            "kind": "ServiceMonitor",
+            "metadata": {
+                "name": DCGM_EXPORTER,
+                "namespace": namespace,
+                "labels": {**metrics_labels, **(monitor.get("additionalLabels") or {})},
+                "ownerReferences": [owner],
+            },
+            "spec": {
+                "selector": {"matchLabels": metrics_labels},
+                "namespaceSelector": {"matchNames": [namespace]},
+                "endpoints": [endpoint],
+            },
+        }
+        self._ensure(
+            f"{_MONITORING_API}/namespaces/{namespace}/servicemonitors",
+            body,
+            self.servicemonitors.get(f"{namespace}/{DCGM_EXPORTER}"),
+        )
 
     def _daemonset_ready(self, namespace: str, name: str, need_pods: bool) -> bool:
         ds = self.daemonsets.get(f"{namespace}/{name}")
@@ -976,6 +1110,159 @@ class Reconciler:
 
     # ---------------------------------------------------------------- (c) NodeSets
 
+    def reconcile_slurm_controllers(self) -> None:
+        """Slinky's Controller controller: StatefulSet and headless Service `<name>-controller` (pod
+        `<name>-controller-0`, container `slurmctld`), with the state volume as a claim template from
+        `spec.persistence` (on by default, as in the operator) or an emptyDir. The lab's real slurmctld runs
+        on a lab host; `kubectl exec` into this pod reaches it (see lab.controlplane exec rules)."""
+        for controller in self.controllers.items():
+            spec, meta = controller.get("spec") or {}, controller["metadata"]
+            if _deleting(controller) or spec.get("external"):
+                continue
+            name, ns = f"{meta['name']}-controller", meta["namespace"]
+            owner = _owner(controller, "slinky.slurm.net/v1beta1", "Controller")
+            selector = {"app.kubernetes.io/name": "slurmctld", "app.kubernetes.io/instance": meta["name"]}
+            labels = {**selector, "app.kubernetes.io/managed-by": MANAGED_BY}
+            slurmctld = {k: v for k, v in (spec.get("slurmctld") or {}).items() if k in ("image", "resources", "env")}
+            slurmctld.setdefault("image", "ghcr.io/slinkyproject/slurmctld")
+            pod_spec: dict[str, Any] = {
+                "containers": [
+                    {**slurmctld, "name": "slurmctld", "ports": [{"name": "slurmctld", "containerPort": 6817}]}
+                ],
+                "automountServiceAccountToken": False,
+            }
+            persistence = spec.get("persistence") or {}
+            claim_templates = []
+            if persistence.get("enabled", True) and persistence.get("existingClaim"):
+                existing = {"claimName": persistence["existingClaim"]}
+                pod_spec["volumes"] = [{"name": "statesave", "persistentVolumeClaim": existing}]
+            elif persistence.get("enabled", True):
+                claim = {k: v for k, v in persistence.items() if k not in ("enabled", "existingClaim")}
+                claim_templates = [{"metadata": {"name": "statesave"}, "spec": claim}]
+            else:
+                pod_spec["volumes"] = [{"name": "statesave", "emptyDir": {}}]
+            statefulset = {
+                "apiVersion": "apps/v1",
+                "kind": "StatefulSet",
+                "metadata": {"name": name, "namespace": ns, "labels": labels, "ownerReferences": [owner]},
+                "spec": {
+                    "replicas": 1,
+                    "podManagementPolicy": "Parallel",
+                    "serviceName": name,
+                    "selector": {"matchLabels": selector},
+                    "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+                    "volumeClaimTemplates": claim_templates,
+                },
+            }
+            self._ensure(
+                f"/apis/apps/v1/namespaces/{ns}/statefulsets", statefulset, self.statefulsets.get(f"{ns}/{name}")
+            )
+            service = {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": name, "namespace": ns, "labels": labels, "ownerReferences": [owner]},
+                "spec": {"clusterIP": "None", "selector": selector,
+                         "ports": [{"name": "slurmctld", "port": 6817, "targetPort": 6817}]},
+            }  # fmt: skip
+            self._ensure(f"/api/v1/namespaces/{ns}/services", service, self.services.get(f"{ns}/{name}"))
+
+    def reconcile_local_volumes(self) -> None:
+        """Kubespray's local-path provisioner: a claim of a StorageClass it serves gets a hostPath volume on
+        the node the scheduler chose (WaitForFirstConsumer) or, for Immediate binding, on no particular node;
+        the PV controller binds the two."""
+        classes = {
+            sc["metadata"]["name"]: sc
+            for sc in self.storageclasses.items()
+            if sc.get("provisioner") == LOCAL_PATH_PROVISIONER
+        }
+        for claim in self.claims.items():
+            spec, meta = claim.get("spec") or {}, claim["metadata"]
+            sc = classes.get(spec.get("storageClassName") or "")
+            if (
+                sc is None
+                or _deleting(claim)
+                or spec.get("volumeName")
+                or (claim.get("status") or {}).get("phase") == "Bound"
+            ):
+                continue
+            node = _annotations(claim).get(SELECTED_NODE_ANNOTATION)
+            if sc.get("volumeBindingMode") == "WaitForFirstConsumer" and not node:
+                continue  # the scheduler has not picked the node yet
+            pv_name = f"pvc-{meta['uid']}"
+            volume: dict[str, Any] = {
+                "apiVersion": "v1",
+                "kind": "PersistentVolume",
+                "metadata": {
+                    "name": pv_name,
+                    "labels": {"app.kubernetes.io/managed-by": MANAGED_BY},
+                    "annotations": {"pv.kubernetes.io/provisioned-by": LOCAL_PATH_PROVISIONER},
+                },
+                "spec": {
+                    "capacity": {"storage": (spec.get("resources") or {}).get("requests", {}).get("storage", "1Gi")},
+                    "accessModes": spec.get("accessModes") or ["ReadWriteOnce"],
+                    "persistentVolumeReclaimPolicy": sc.get("reclaimPolicy") or "Delete",
+                    "storageClassName": sc["metadata"]["name"],
+                    "volumeMode": spec.get("volumeMode") or "Filesystem",
+                    "hostPath": {"path": f"{LOCAL_PATH_DIR}/{pv_name}_{meta['namespace']}_{meta['name']}",
+                                 "type": "DirectoryOrCreate"},
+                    "claimRef": {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "namespace": meta["namespace"],
+                                 "name": meta["name"], "uid": meta["uid"]},
+                },
+            }  # fmt: skip
+            if node:
+                volume["spec"]["nodeAffinity"] = {
+                    "required": {
+                        "nodeSelectorTerms": [
+                            {
+                                "matchExpressions": [
+                                    {"key": "kubernetes.io/hostname", "operator": "In", "values": [node]}
+                                ]
+                            }
+                        ]
+                    }
+                }
+            if not self._once("pv-create", claim, pv_name):
+                continue
+            try:
+                self.kube.create("/api/v1/persistentvolumes", volume)
+                log.info(
+                    "claim %s/%s: provisioned %s on %s", meta["namespace"], meta["name"], pv_name, node or "any node"
+                )
+            except ApiError as exc:
+                if exc.status != 409:
+                    raise
+
+    def _ensure(self, collection: str, body: dict, present: dict | None) -> None:
+        """Create `body` in `collection`, or merge-patch the live object when `body` changed since it was written
+        (a hash of it is kept in an annotation). Objects written here carry the reconciler's managed-by label."""
+        meta = body["metadata"]
+        meta.setdefault("labels", {})["app.kubernetes.io/managed-by"] = MANAGED_BY
+        digest = hashlib.sha1(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+        meta.setdefault("annotations", {})[SPEC_HASH_ANNOTATION] = digest
+        if present is not None and _annotations(present).get(SPEC_HASH_ANNOTATION) == digest and not _deleting(present):
+            return
+        what = f"{body['kind']} {meta.get('namespace', '')}/{meta['name']}"
+        if not self._once("ensure", present or body, digest, key=f"{collection}/{meta['name']}"):
+            return
+        try:
+            if present is None:
+                self.kube.create(collection, body)
+                log.info("%s: created", what)
+            else:
+                self.kube.merge_patch(f"{collection}/{meta['name']}", body)
+                log.info("%s: updated", what)
+        except ApiError as exc:
+            if exc.status != 409:  # created meanwhile: the next pass sees it
+                raise
+
+    def _delete(self, path: str, why: str) -> None:
+        try:
+            self.kube.delete(path)
+            log.info("%s: deleted (%s)", path, why)
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+
     def reconcile_nodesets(self) -> None:
         nodesets = [n for n in self.nodesets.items() if not _deleting(n)]
         if not nodesets:
@@ -1137,6 +1424,12 @@ def _node_state(node: dict) -> dict:
 
 def _logs_essence(spec: dict | None) -> list:
     return [(sorted(g.get("containers") or []), g.get("logsFile")) for g in (spec or {}).get("logs") or []]
+
+
+def _owner(obj: dict, api_version: str, kind: str) -> dict:
+    """A controller ownerReference to `obj`."""
+    meta = obj["metadata"]
+    return {"apiVersion": api_version, "kind": kind, "name": meta["name"], "uid": meta["uid"], "controller": True}
 
 
 def _owned_by(obj: dict, owner: dict) -> bool:

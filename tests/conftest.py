@@ -40,6 +40,7 @@ def make_lab_config(folder: Path, prefix: str = "t", ip_base: int = 100, cluster
     for i, node in enumerate(data["k8s_cluster_nodes"]):
         node["name"] = f"{prefix}{node['name']}"
         node["ip"] = f"198.51.100.{ip_base + i}"
+    data["chart_mirror"] = str((LAB_CONFIG.parent / data["chart_mirror"]).resolve())
     for service in data["deepops_services"].values():
         for pin in (service.get("releases") or {}).values():
             if "path" in pin:

@@ -1,5 +1,6 @@
 """lab/reconciler.py against a real lab control plane (kube-apiserver, controller manager, scheduler, kwok) and
-the lab charts installed through pyhelm3 and the real helm binary.
+the real upstream charts at gpuforge's pins (../shared/upstream/charts) installed through pyhelm3 and the real
+helm binary.
 
 The first tests drive the reconciler's logic on in-memory objects (no binaries needed). The rest share one
 control plane and one reconciler process; they run in file order and build on each other: GPU Operator
@@ -20,11 +21,22 @@ from pathlib import Path
 import pytest
 
 from gpuforge import pins
+from gpuforge.render import LOCAL_PATH_STORAGE_CLASS
 from lab import nodes, reconciler
 from lab.controlplane import ControlPlane
 
 ROOT = Path(__file__).resolve().parents[2]
-CHARTS = ROOT / "lab" / "charts"
+# The real upstream charts (test data beside the project; see ../shared/upstream/README.md).
+CHART_MIRROR = ROOT.parent / "shared" / "upstream" / "charts"
+PINNED = {name: f"{chart}-{version}.tgz" for rel in pins.CHARTS.values() for name, _ns, _r, chart, version in rel}
+# A value the real GPU Operator chart honours that keeps its operator Deployment from ever becoming ready.
+UNSCHEDULABLE = {"operator": {"nodeSelector": {"lab.gpuforge.io/unschedulable": "true"}}}
+
+
+def chart(release: str) -> Path:
+    return CHART_MIRROR / PINNED[release]
+
+
 BIN_DIR = Path(os.environ.get("GPUFORGE_BIN_DIR", Path.home() / ".cache" / "gpuforge" / "bin"))
 HELM = BIN_DIR / "helm-v3.19.0"
 GPU_NODES = {"gpu-a": (8, "H100"), "gpu-b": (4, "NVIDIA H200")}
@@ -85,7 +97,12 @@ def _operator(available: int) -> dict:
 def _daemonsets(desired: int, ready: int) -> list[dict]:
     status = {"desiredNumberScheduled": desired, "numberReady": ready, "updatedNumberScheduled": desired,
               "numberUnavailable": desired - ready, "observedGeneration": 1}  # fmt: skip
-    return [_obj(name, "gpu-operator", status=dict(status)) for _key, name, _state in reconciler.OPERANDS]
+    return [_obj(name, "gpu-operator", status=dict(status)) for _key, name, _state, _label in reconciler.OPERANDS]
+
+
+def _gpu_calls(rec) -> list[tuple[str, str, object]]:
+    """The writes to nodes and the ClusterPolicy (leaving out the operand objects the operator creates)."""
+    return [c for c in rec.kube.calls if c[1].startswith(("/api/v1/nodes/", "/apis/nvidia.com/"))]
 
 
 def test_gfd_labels_follow_model_and_driver():
@@ -128,12 +145,13 @@ def test_operands_not_ready_gives_not_ready_and_no_capacity(tmp_path):
          "deployments": [_operator(1)], "daemonsets": _daemonsets(1, 0)},
     )  # fmt: skip
     rec.reconcile_gpu()
-    paths = [(m, p) for m, p, _ in rec.kube.calls]
+    calls = _gpu_calls(rec)
+    paths = [(m, p) for m, p, _ in calls]
     assert ("PATCH", "/api/v1/nodes/g1") in paths
     assert ("PATCH", "/api/v1/nodes/g1/status") not in paths  # no nvidia.com/gpu before the operands run
-    labels = rec.kube.calls[0][2]["metadata"]["labels"]
+    labels = calls[0][2]["metadata"]["labels"]
     assert labels["nvidia.com/gpu.present"] == "true" and "nvidia.com/gpu.product" not in labels
-    status = rec.kube.calls[-1][2]["status"]
+    status = calls[-1][2]["status"]
     assert status["state"] == "notReady"
     assert {c["type"]: c["reason"] for c in status["conditions"]} == {
         "Ready": "OperandNotReady", "Error": "OperandNotReady",
@@ -148,10 +166,10 @@ def test_no_gpu_nodes_is_ready_with_reason_no_gpu_nodes(tmp_path):
          "deployments": [_operator(1)], "daemonsets": _daemonsets(0, 0)},
     )  # fmt: skip
     rec.reconcile_gpu()
-    assert [(m, p) for m, p, _ in rec.kube.calls] == [
+    assert [(m, p) for m, p, _ in _gpu_calls(rec)] == [
         ("PATCH", "/apis/nvidia.com/v1/clusterpolicies/cluster-policy/status")
     ]
-    status = rec.kube.calls[0][2]["status"]
+    status = _gpu_calls(rec)[0][2]["status"]
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert (status["state"], ready["status"], ready["reason"]) == ("ready", "True", "NoGPUNodes")
 
@@ -165,6 +183,104 @@ def test_dead_operator_changes_nothing(tmp_path):
     )  # fmt: skip
     rec.reconcile_gpu()
     assert rec.kube.calls == []
+
+
+def _established(name: str) -> dict:
+    return _obj(name, status={"conditions": [{"type": "Established", "status": "True"}]})
+
+
+def test_operator_creates_the_operands_of_the_cluster_policy(tmp_path):
+    """What the GPU Operator builds from the real chart's ClusterPolicy: a DaemonSet per enabled operand placed by
+    its deploy label, dcgm-exporter's Service and a ServiceMonitor with the chart's additionalLabels."""
+    spec = {
+        "driver": {"enabled": True, "repository": "nvcr.io/nvidia", "image": "driver", "version": "595.91.07"},
+        "nodeStatusExporter": {"enabled": False},
+        "gfd": {"enabled": False},
+        "daemonsets": {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
+        "dcgmExporter": {"enabled": True, "serviceMonitor": {"enabled": True, "interval": "15s",
+                                                              "additionalLabels": {"release": "kube-prometheus-stack"}}},
+    }  # fmt: skip
+    stale_gfd = _obj(
+        "gpu-feature-discovery", "gpu-operator", metadata={"ownerReferences": [{"uid": "uid-cluster-policy"}]}
+    )
+    rec = _fake_reconciler(
+        tmp_path,
+        {"g1": {"gpus": 8, "model": "H100"}},
+        {"nodes": [_obj("g1", status={})], "policies": [_obj("cluster-policy", spec=spec)],
+         "deployments": [_operator(1)], "daemonsets": [stale_gfd],
+         "crds": [_established("servicemonitors.monitoring.coreos.com")]},
+    )  # fmt: skip
+    rec.reconcile_gpu()
+    created = {(p, b["metadata"]["name"]): b for m, p, b in rec.kube.calls if m == "POST"}
+    daemonsets = {name: b for (p, name), b in created.items() if p.endswith("/daemonsets")}
+    assert set(daemonsets) == {
+        "nvidia-driver-daemonset", "nvidia-container-toolkit-daemonset", "nvidia-operator-validator",
+        "nvidia-device-plugin-daemonset", "nvidia-dcgm-exporter",
+    }  # fmt: skip
+    driver = daemonsets["nvidia-driver-daemonset"]
+    assert driver["metadata"]["ownerReferences"][0]["kind"] == "ClusterPolicy"
+    assert driver["spec"]["template"]["spec"]["nodeSelector"] == {"nvidia.com/gpu.deploy.driver": "true"}
+    assert driver["spec"]["template"]["spec"]["containers"][0]["image"] == "nvcr.io/nvidia/driver:595.91.07"
+    assert driver["spec"]["template"]["spec"]["tolerations"] == spec["daemonsets"]["tolerations"]
+    assert ("DELETE", "/apis/apps/v1/namespaces/gpu-operator/daemonsets/gpu-feature-discovery", None) in rec.kube.calls
+    service = created[("/api/v1/namespaces/gpu-operator/services", "nvidia-dcgm-exporter")]
+    assert service["spec"]["ports"][0] == {"name": "gpu-metrics", "port": 9400, "targetPort": 9400}
+    monitor = created[
+        ("/apis/monitoring.coreos.com/v1/namespaces/gpu-operator/servicemonitors", "nvidia-dcgm-exporter")
+    ]
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["gpu-operator"]}
+    assert monitor["spec"]["endpoints"] == [{"port": "gpu-metrics", "path": "/metrics", "interval": "15s"}]
+
+    # Once written, the same objects are left alone; a changed ClusterPolicy updates them.
+    written = {b["metadata"]["name"]: b for (_p, _n), b in created.items()}
+    rec.daemonsets._items = {f"gpu-operator/{n}": written[n] for n in daemonsets}
+    rec.services._items = {"gpu-operator/nvidia-dcgm-exporter": written["nvidia-dcgm-exporter"]}
+    rec.kube.calls.clear()
+    rec.reconcile_gpu()
+    assert not [c for c in rec.kube.calls if "/daemonsets" in c[1] or "/services" in c[1]]
+
+
+def test_slinky_controller_gets_its_statefulset_and_state_claim(tmp_path):
+    controller = _obj(
+        "slurm", "slurm",
+        spec={"slurmctld": {"image": "ghcr.io/slinkyproject/slurmctld:25.11"},
+              "persistence": {"enabled": True, "storageClassName": "local-path", "accessModes": ["ReadWriteOnce"],
+                              "resources": {"requests": {"storage": "4Gi"}}}},
+    )  # fmt: skip
+    rec = _fake_reconciler(tmp_path, {}, {"controllers": [controller]})
+    rec.reconcile_slurm_controllers()
+    created = {b["kind"]: b for m, _p, b in rec.kube.calls if m == "POST"}
+    sts = created["StatefulSet"]
+    assert sts["metadata"]["name"] == "slurm-controller" and sts["spec"]["serviceName"] == "slurm-controller"
+    assert sts["spec"]["template"]["spec"]["containers"][0]["name"] == "slurmctld"
+    claim = sts["spec"]["volumeClaimTemplates"][0]
+    assert claim["metadata"]["name"] == "statesave"
+    assert claim["spec"] == {"storageClassName": "local-path", "accessModes": ["ReadWriteOnce"],
+                             "resources": {"requests": {"storage": "4Gi"}}}  # fmt: skip
+    assert created["Service"]["spec"]["clusterIP"] == "None"
+
+
+def test_local_path_claim_gets_a_volume_on_the_node_the_scheduler_chose(tmp_path):
+    sc = _obj("local-path", provisioner="rancher.io/local-path", volumeBindingMode="WaitForFirstConsumer",
+              reclaimPolicy="Delete")  # fmt: skip
+    spec = {
+        "storageClassName": "local-path",
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": "4Gi"}},
+    }
+    waiting = _obj("statesave-slurm-controller-0", "slurm", spec=dict(spec))
+    chosen = _obj("statesave-other-0", "slurm", spec=dict(spec),
+                  metadata={"annotations": {"volume.kubernetes.io/selected-node": "cp-1"}})  # fmt: skip
+    other_class = _obj("x", "slurm", spec={**spec, "storageClassName": "ceph"},
+                       metadata={"annotations": {"volume.kubernetes.io/selected-node": "cp-1"}})  # fmt: skip
+    rec = _fake_reconciler(tmp_path, {}, {"storageclasses": [sc], "claims": [waiting, chosen, other_class]})
+    rec.reconcile_local_volumes()
+    assert [(m, p) for m, p, _ in rec.kube.calls] == [("POST", "/api/v1/persistentvolumes")]
+    pv = rec.kube.calls[0][2]
+    assert pv["spec"]["claimRef"]["name"] == "statesave-other-0" and pv["spec"]["capacity"] == {"storage": "4Gi"}
+    term = pv["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"][0]["matchExpressions"][0]
+    assert (term["key"], term["values"]) == ("kubernetes.io/hostname", ["cp-1"])
 
 
 def test_undo_restores_capacity_the_node_had_before(tmp_path):
@@ -348,9 +464,9 @@ def test_gpu_operator_install_makes_cluster_policy_ready(lab):
 
     async def install():
         helm = lab.helm()
-        chart = await helm.get_chart(CHARTS / "gpu-operator")
+        operator = await helm.get_chart(chart("gpu-operator"))
         return await helm.install_or_upgrade_release(
-            "gpu-operator", chart, values, namespace="gpu-operator", create_namespace=True,
+            "gpu-operator", operator, values, namespace="gpu-operator", create_namespace=True,
             atomic=True, wait=True, timeout="240s",
         )  # fmt: skip
 
@@ -487,12 +603,12 @@ def test_nodeset_reports_replicas_and_helm_upgrade(lab):
 
     async def install(replicas: int):
         helm = lab.helm()
-        crds = await helm.get_chart(CHARTS / "slurm-operator-crds")
+        crds = await helm.get_chart(chart("slurm-operator-crds"))
         await helm.install_or_upgrade_release("slurm-operator-crds", crds, {}, namespace="slinky", wait=True)
-        chart = await helm.get_chart(CHARTS / "slurm")
+        slurm = await helm.get_chart(chart("slurm"))
         slurm_values["nodesets"]["gpu"]["replicas"] = replicas
         return await helm.install_or_upgrade_release(
-            "slurm", chart, slurm_values, namespace="slurm", atomic=True, wait=True, timeout="180s"
+            "slurm", slurm, slurm_values, namespace="slurm", atomic=True, wait=True, timeout="180s"
         )
 
     rev = asyncio.run(install(2))
@@ -535,9 +651,9 @@ def test_fail_readiness_upgrade_rolls_back(lab):
 
     async def upgrade():
         helm = lab.helm()
-        chart = await helm.get_chart(CHARTS / "gpu-operator")
+        operator = await helm.get_chart(chart("gpu-operator"))
         return await helm.install_or_upgrade_release(
-            "gpu-operator", chart, {"lab": {"failReadiness": True}}, namespace="gpu-operator",
+            "gpu-operator", operator, UNSCHEDULABLE, namespace="gpu-operator",
             atomic=True, wait=True, timeout="20s",
         )  # fmt: skip
 
@@ -553,7 +669,7 @@ def test_fail_readiness_upgrade_rolls_back(lab):
     assert after.revision > before.revision + 1  # failed upgrade, then the rollback revision
     assert after.status.value == "deployed"
     values = asyncio.run(after.values())
-    assert not (values.get("lab") or {}).get("failReadiness")
+    assert "nodeSelector" not in (values.get("operator") or {})
     dep = lab.apps.read_namespaced_deployment("gpu-operator", "gpu-operator")
     assert not (dep.spec.template.spec.node_selector or {}).get("lab.gpuforge.io/unschedulable")
     assert (lab.policy().get("status") or {}).get("state") == "ready"
@@ -575,9 +691,9 @@ def test_uninstall_undoes_and_failing_install_is_removed(lab):
 
     async def failing_install():
         helm = lab.helm()
-        chart = await helm.get_chart(CHARTS / "gpu-operator")
+        operator = await helm.get_chart(chart("gpu-operator"))
         return await helm.install_or_upgrade_release(
-            "gpu-operator", chart, {"lab": {"failReadiness": True}}, namespace="gpu-operator",
+            "gpu-operator", operator, UNSCHEDULABLE, namespace="gpu-operator",
             atomic=True, wait=True, timeout="20s",
         )  # fmt: skip
 
@@ -606,7 +722,7 @@ def test_all_charts_install_with_gpuforge_values(lab, tmp_path):
             {"ip": "10.0.0.4", "role": ["cpu-worker", "control-plane", "etcd"], "name": CPU_NODE},
         ],
         "deepops_services": {
-            svc: {"enabled": True, "releases": {n: {"path": str(CHARTS / c)} for n, _, _, c, _ in rel}}
+            svc: {"enabled": True, "releases": {n: {"path": str(chart(n))} for n, *_ in rel}}
             for svc, rel in pins.CHARTS.items()
         },
     }
@@ -615,18 +731,20 @@ def test_all_charts_install_with_gpuforge_values(lab, tmp_path):
     inventory = json.loads(lab.inventory.read_text())
     inventory["gpu-a"]["gpus"] = 8  # back to what the config says (a 6-GPU node cannot host the gpu-8 NodeSet)
     lab.inventory.write_text(json.dumps(inventory))
-    # What gpuforge's Kubespray run puts on the nodes (NodeSets select on it).
+    # What gpuforge's Kubespray run puts on the nodes (NodeSets select on it) and in the cluster (the StorageClass
+    # of its local-path addon, which slurmctld's state volume asks for).
     for name, nodeset in (("gpu-a", "gpu-8"), ("gpu-b", "gpu-4")):
         lab.core.patch_node(name, {"metadata": {"labels": {"gpuforge.io/nodeset": nodeset}}})
+    nodes.ensure_local_path_storage_class(lab.cp.kubeconfig, LOCAL_PATH_STORAGE_CLASS)
 
     async def install_all():
         helm = lab.helm()
         out = {}
         for r in releases:
             t0 = time.monotonic()
-            chart = await helm.get_chart(Path(r.chart))
+            packaged = await helm.get_chart(Path(r.chart))
             rev = await helm.install_or_upgrade_release(
-                r.name, chart, r.values, namespace=r.namespace, create_namespace=True,
+                r.name, packaged, r.values, namespace=r.namespace, create_namespace=True,
                 atomic=True, wait=True, timeout="180s",
             )  # fmt: skip
             out[r.name] = (rev.status.value, round(time.monotonic() - t0, 1))
@@ -638,11 +756,31 @@ def test_all_charts_install_with_gpuforge_values(lab, tmp_path):
     lab.timings["per_release_s"] = {k: v[1] for k, v in results.items()}
     assert {k: v[0] for k, v in results.items()} == {r.name: "deployed" for r in releases}
 
-    # kube-prometheus-stack went first, so the GPU Operator's ServiceMonitor exists, labelled for it.
-    sm = lab.custom.get_namespaced_custom_object(
-        "monitoring.coreos.com", "v1", "gpu-operator", "servicemonitors", "nvidia-dcgm-exporter"
+    # kube-prometheus-stack went first, so the operator's ServiceMonitor for dcgm-exporter comes, labelled for it.
+    sm = wait_for(
+        "dcgm-exporter ServiceMonitor",
+        lambda: lab.custom.get_namespaced_custom_object(
+            "monitoring.coreos.com", "v1", "gpu-operator", "servicemonitors", "nvidia-dcgm-exporter"
+        ),
+        60,
     )
     assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    # slurmctld's state volume was provisioned and bound on the cluster gpuforge builds.
+    claim = wait_for(
+        "slurmctld state claim Bound",
+        lambda: (
+            (c := lab.core.read_namespaced_persistent_volume_claim("statesave-slurm-controller-0", "slurm"))
+            and c.status.phase == "Bound"
+            and c
+        ),
+        60,
+    )
+    assert claim.spec.storage_class_name == LOCAL_PATH_STORAGE_CLASS
+    wait_for(
+        "slurm-controller-0 Running",
+        lambda: lab.core.read_namespaced_pod("slurm-controller-0", "slurm").status.phase == "Running",
+        60,
+    )
     svc = lab.core.read_namespaced_service("kube-prometheus-stack-prometheus", "monitoring")
     assert svc.spec.ports[0].port == 9090
     wait_for("ClusterPolicy ready", lambda: ((lab.policy() or {}).get("status") or {}).get("state") == "ready", 60)
