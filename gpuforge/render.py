@@ -25,6 +25,9 @@ MONITORING_RELEASE = "kube-prometheus-stack"
 # fullnameOverride makes the Prometheus Service name predictable: <this>-prometheus in `monitoring`.
 PROMETHEUS_FULLNAME = "kube-prometheus-stack"
 PROMETHEUS_SERVICE = f"{PROMETHEUS_FULLNAME}-prometheus"
+# Kubespray's local-path provisioner StorageClass, enabled in group_vars: a Kubespray cluster has no StorageClass
+# otherwise, and slurmctld's state volume (a PVC of the slurm chart) must bind.
+LOCAL_PATH_STORAGE_CLASS = "local-path"
 
 
 @dataclass(frozen=True)
@@ -124,8 +127,9 @@ def render_group_vars(config: Config) -> dict[str, dict[str, Any]]:
     if config.ansible_ssh_private_key_file:
         # The path only: the key itself never enters a rendered file.
         all_vars["ansible_ssh_private_key_file"] = str(config.path(config.ansible_ssh_private_key_file))
+    # No `cluster_name` here: Kubespray's cluster_name is the cluster DNS domain (default cluster.local), not
+    # gpuforge's cluster name; a site that wants another domain sets it in kubespray.extra_vars.
     k8s = {
-        "cluster_name": f"{config.cluster_name}.local",
         "kube_version": ks.kube_version,
         "container_manager": ks.container_manager,
         "kube_network_plugin": ks.network_plugin,
@@ -135,6 +139,8 @@ def render_group_vars(config: Config) -> dict[str, dict[str, Any]]:
         "kubectl_localhost": False,
         "helm_enabled": False,
         "containerd_extra_args": CONTAINERD_IMPORTS,
+        "local_path_provisioner_enabled": True,
+        "local_path_provisioner_storage_class": LOCAL_PATH_STORAGE_CLASS,
     }
     k8s.update(ks.extra_vars)
     return {"all": all_vars, "k8s_cluster": k8s}

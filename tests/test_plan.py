@@ -169,3 +169,12 @@ def test_rendered_yaml_round_trips(tmp_path):
         r.values for r in render.render_releases(parse_config(MIXED)) if r.name == "slurm"
     )
     assert "ansible_ssh_private_key_file" not in files["group_vars/all.yml"]  # none configured here
+
+
+def test_kubespray_keeps_its_dns_domain_and_provisions_volumes():
+    k8s = render.render_group_vars(parse_config(MIXED))["k8s_cluster"]
+    assert "cluster_name" not in k8s  # Kubespray's cluster_name is the DNS domain: cluster.local stays
+    assert k8s["local_path_provisioner_enabled"] is True
+    assert k8s["local_path_provisioner_storage_class"] == render.LOCAL_PATH_STORAGE_CLASS
+    asked = parse_config(MIXED + "kubespray: { extra_vars: { cluster_name: ml.example } }\n")
+    assert render.render_group_vars(asked)["k8s_cluster"]["cluster_name"] == "ml.example"
