@@ -192,8 +192,8 @@ def _default_values(config: Config, release: str, learned: dict[str, int] | None
             },
         }
     if release == "gpu-operator":
+        # No operator.defaultRuntime: v26.7.0's chart dropped it; the operator reads each node's container runtime.
         return {
-            "operator": {"defaultRuntime": config.kubespray.container_manager},
             "driver": {"enabled": True},
             "toolkit": {"enabled": True},
             "devicePlugin": {"enabled": True},

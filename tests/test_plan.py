@@ -116,6 +116,7 @@ def test_gpu_operator_values_select_servicemonitor_and_user_values_win():
     sm = gpu_op.values["dcgmExporter"]["serviceMonitor"]
     assert sm["enabled"] is True and sm["additionalLabels"] == {"release": "kube-prometheus-stack"}
     assert gpu_op.values["driver"] == {"enabled": False}
+    assert "operator" not in gpu_op.values  # operator.defaultRuntime is gone from v26.7.0's chart
     kps = releases["kube-prometheus-stack"].values["prometheus"]["prometheusSpec"]
     assert kps["serviceMonitorSelectorNilUsesHelmValues"] is False
     # the ServiceMonitor CRD must exist before the GPU Operator needs it
