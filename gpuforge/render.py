@@ -231,6 +231,11 @@ def _default_values(config: Config, release: str, learned: dict[str, int] | None
         return {
             "clusterName": config.cluster_name,
             "configFiles": {"gres.conf": "AutoDetect=nvidia\n"},
+            "controller": {
+                # Slinky >= 1.2.0 no longer writes GresTypes into slurm.conf; without it `--gres=gpu` is refused.
+                "extraConfMap": {"GresTypes": ["gpu"]},
+                "persistence": {"storageClassName": LOCAL_PATH_STORAGE_CLASS},
+            },
             "nodesets": nodesets,
             "partitions": {"gpu": {"enabled": True, "nodesets": sorted(nodesets), "configMap": {"Default": "YES"}}},
         }

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml as yaml_1_1
 from ruamel.yaml import YAML
 
 from gpuforge import render
@@ -132,6 +133,7 @@ def test_slurm_nodesets_follow_gpu_counts():
     assert slurm["nodesets"]["gpu-8"]["extraConfMap"] == {"Gres": ["gpu:8"]}
     assert slurm["nodesets"]["gpu-4"]["slurmd"]["resources"]["limits"] == {"nvidia.com/gpu": 4}
     assert slurm["partitions"]["gpu"]["nodesets"] == ["gpu-4", "gpu-8"]
+    assert slurm["controller"]["extraConfMap"] == {"GresTypes": ["gpu"]}  # Slinky >= 1.2.0 leaves it out
     inv = render.render_inventory(config)["all"]["hosts"]
     assert inv["gpu-1"]["node_labels"]["gpuforge.io/nodeset"] == "gpu-8"
     assert inv["gpu-1"]["node_labels"]["team"] == "vision"
@@ -170,6 +172,9 @@ def test_rendered_yaml_round_trips(tmp_path):
         r.values for r in render.render_releases(parse_config(MIXED)) if r.name == "slurm"
     )
     assert "ansible_ssh_private_key_file" not in files["group_vars/all.yml"]  # none configured here
+    # Helm and Ansible read YAML 1.1, where an unquoted YES is a boolean
+    assert yaml_1_1.safe_load(files["values/slurm.yaml"])["partitions"]["gpu"]["configMap"] == {"Default": "YES"}
+    assert 'Default: "YES"' in files["values/slurm.yaml"]
 
 
 def test_kubespray_keeps_its_dns_domain_and_provisions_volumes():
