@@ -8,6 +8,7 @@ Pure domain code: no Prefect, no clients. `plan` writes these files; `install` a
 from __future__ import annotations
 
 import copy
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,9 @@ MONITORING_RELEASE = "kube-prometheus-stack"
 # fullnameOverride makes the Prometheus Service name predictable: <this>-prometheus in `monitoring`.
 PROMETHEUS_FULLNAME = "kube-prometheus-stack"
 PROMETHEUS_SERVICE = f"{PROMETHEUS_FULLNAME}-prometheus"
+# dcgm-exporter's node label. It is spelled `Hostname` up to dcgm-exporter 4.5.x and `hostname` from 4.6.0-4.8.3,
+# the exporter GPU Operator v26.7.0 (gpuforge's pin) ships; health.node_of reads either spelling.
+DCGM_NODE_LABEL = "hostname"
 # Kubespray's local-path provisioner StorageClass, enabled in group_vars: a Kubespray cluster has no StorageClass
 # otherwise, and slurmctld's state volume (a PVC of the slurm chart) must bind.
 LOCAL_PATH_STORAGE_CLASS = "local-path"
@@ -331,8 +335,11 @@ def render_alert_rules(config: Config) -> dict[str, Any]:
     fatal = DEFAULT_THRESHOLDS["default"].fatal_xids
     xid_expr = " or ".join(f"DCGM_FI_DEV_XID_ERRORS == {x}" for x in sorted(fatal))
     max_temp = min(t.max_gpu_temp_c for t in DEFAULT_THRESHOLDS.values())
+    node = DCGM_NODE_LABEL
+    gpu = "GPU {{ $labels.gpu }} on {{ $labels." + node + " }}"
+    value = "{{ $value }}"
     missing = [
-        f'count by (Hostname) (DCGM_FI_DEV_GPU_TEMP{{Hostname=~"(?i){re.escape(n.name)}"}}) < {n.spec.gpu_count}'
+        f"count by ({node}) (DCGM_FI_DEV_GPU_TEMP{{{node}=~{promql_regex('(?i)', n.name)}}}) < {n.spec.gpu_count}"
         for n in config.gpu_nodes
         if n.spec.gpu_count
     ]
@@ -341,25 +348,25 @@ def render_alert_rules(config: Config) -> dict[str, Any]:
             "GPUFatalXid",
             f"max_over_time(({xid_expr})[10m:1m]) > 0",
             "critical",
-            "GPU {{ $labels.gpu }} on {{ $labels.Hostname }} reported fatal XID {{ $value }}",
+            f"{gpu} reported fatal XID {value}",
         ),
         _alert(
             "GPUEccDoubleBit",
             "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL > 0",
             "critical",
-            "GPU {{ $labels.gpu }} on {{ $labels.Hostname }} has {{ $value }} double-bit ECC errors",
+            f"{gpu} has {value} double-bit ECC errors",
         ),
         _alert(
             "GPURowRemapFailure",
             "DCGM_FI_DEV_ROW_REMAP_FAILURE > 0",
             "critical",
-            "GPU {{ $labels.gpu }} on {{ $labels.Hostname }} failed to remap rows: replace it",
+            f"{gpu} failed to remap rows: replace it",
         ),
         _alert(
             "GPUTemperatureHigh",
             f"DCGM_FI_DEV_GPU_TEMP > {max_temp:g}",
             "warning",
-            "GPU {{ $labels.gpu }} on {{ $labels.Hostname }} at {{ $value }} C",
+            f"{gpu} at {value} C",
             for_="5m",
         ),
         _alert(
@@ -376,7 +383,7 @@ def render_alert_rules(config: Config) -> dict[str, Any]:
                 "GPUMissing",
                 " or ".join(missing),
                 "critical",
-                "{{ $labels.Hostname }} shows fewer GPUs than configured",
+                "{{ $labels." + node + " }} shows fewer GPUs than configured",
                 for_="5m",
             )
         )
@@ -392,6 +399,17 @@ def render_alert_rules(config: Config) -> dict[str, Any]:
     }
 
 
+# RE2's metacharacters, as Go's regexp.QuoteMeta escapes them. Python's re.escape escapes more ('-' among them),
+# and a backslash written as is into a PromQL string is an escape of that string: `"\-"` is invalid PromQL.
+_RE2_META = re.compile(r"([\\.+*?()|\[\]{}^$])")
+
+
+def promql_regex(flags: str, literal: str) -> str:
+    """A PromQL string literal holding an RE2 regex that matches `literal` exactly (after `flags` such as "(?i)").
+    JSON's string syntax is a subset of PromQL's, so json.dumps doubles the backslashes the string needs."""
+    return json.dumps(flags + _RE2_META.sub(r"\\\1", literal))
+
+
 def _alert(name: str, expr: str, severity: str, summary: str, for_: str = "0m") -> dict[str, Any]:
     return {
         "alert": name,
@@ -404,17 +422,18 @@ def _alert(name: str, expr: str, severity: str, summary: str, for_: str = "0m") 
 
 def render_dashboard() -> dict[str, Any]:
     """gpuforge's own Grafana GPU dashboard (one row per signal the health rules judge)."""
+    on_nodes = f'{{{DCGM_NODE_LABEL}=~"$node"}}'  # every series of every panel follows the node picker
     panels = [
-        ("GPU temperature (°C)", "DCGM_FI_DEV_GPU_TEMP", "celsius"),
-        ("Memory temperature (°C)", "DCGM_FI_DEV_MEMORY_TEMP", "celsius"),
-        ("Power (W)", "DCGM_FI_DEV_POWER_USAGE", "watt"),
-        ("GPU utilisation (%)", "DCGM_FI_DEV_GPU_UTIL", "percent"),
-        ("Framebuffer used (MiB)", "DCGM_FI_DEV_FB_USED", "decmbytes"),
-        ("Last XID", "DCGM_FI_DEV_XID_ERRORS", "none"),
-        ("ECC double-bit errors", "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL", "none"),
+        ("GPU temperature (°C)", f"DCGM_FI_DEV_GPU_TEMP{on_nodes}", "celsius"),
+        ("Memory temperature (°C)", f"DCGM_FI_DEV_MEMORY_TEMP{on_nodes}", "celsius"),
+        ("Power (W)", f"DCGM_FI_DEV_POWER_USAGE{on_nodes}", "watt"),
+        ("GPU utilisation (%)", f"DCGM_FI_DEV_GPU_UTIL{on_nodes}", "percent"),
+        ("Framebuffer used (MiB)", f"DCGM_FI_DEV_FB_USED{on_nodes}", "decmbytes"),
+        ("Last XID", f"DCGM_FI_DEV_XID_ERRORS{on_nodes}", "none"),
+        ("ECC double-bit errors", f"DCGM_FI_DEV_ECC_DBE_VOL_TOTAL{on_nodes}", "none"),
         (
             "Row remap pending / failure",
-            "DCGM_FI_DEV_ROW_REMAP_PENDING + DCGM_FI_DEV_ROW_REMAP_FAILURE",
+            f"DCGM_FI_DEV_ROW_REMAP_PENDING{on_nodes} + DCGM_FI_DEV_ROW_REMAP_FAILURE{on_nodes}",
             "none",
         ),
     ]
@@ -431,7 +450,7 @@ def render_dashboard() -> dict[str, Any]:
                     "name": "node",
                     "type": "query",
                     "datasource": {"type": "prometheus", "uid": "${datasource}"},
-                    "query": "label_values(DCGM_FI_DEV_GPU_TEMP, Hostname)",
+                    "query": f"label_values(DCGM_FI_DEV_GPU_TEMP, {DCGM_NODE_LABEL})",
                     "includeAll": True,
                     "multi": True,
                 },
@@ -447,8 +466,8 @@ def render_dashboard() -> dict[str, Any]:
                 "fieldConfig": {"defaults": {"unit": unit}},
                 "targets": [
                     {
-                        "expr": f'{expr}{{Hostname=~"$node"}}' if "+" not in expr else expr,
-                        "legendFormat": "{{Hostname}} gpu{{gpu}}",
+                        "expr": expr,
+                        "legendFormat": "{{" + DCGM_NODE_LABEL + "}} gpu{{gpu}}",
                     }
                 ],
             }

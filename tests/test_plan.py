@@ -155,7 +155,9 @@ def test_alert_rules_and_dashboard_cover_the_gpu_faults():
     ]
     assert "DCGM_FI_DEV_XID_ERRORS == 79" in rule["spec"]["groups"][0]["rules"][0]["expr"]
     missing = rule["spec"]["groups"][0]["rules"][-1]["expr"]
-    assert missing.count("count by (Hostname)") == 3 and "< 4" in missing
+    # dcgm-exporter 4.6.0-4.8.3 (GPU Operator v26.7.0) spells its node label `hostname`
+    assert missing.count("count by (hostname)") == 3 and "< 4" in missing
+    assert '{hostname=~"(?i)gpu-3"}) < 4' in missing  # exact node names, valid PromQL strings
     dash = render.render_dashboard()
     assert {p["targets"][0]["expr"].split("{")[0] for p in dash["panels"]} >= {
         "DCGM_FI_DEV_GPU_TEMP",
