@@ -267,6 +267,10 @@ class Config(_Model):
     ansible_ssh_private_key_secret: str | None = None
     kubeconfig: str | None = None
     prometheus_url: str | None = None
+    # A folder of packaged charts named as `helm pull` names them (<chart>-<version>.tgz), consulted before the
+    # chart repositories (air-gapped sites); relative to the config file's folder. $GPUFORGE_CHART_MIRROR
+    # stands in when this is unset.
+    chart_mirror: str | None = None
     kubespray: Kubespray = Field(default_factory=Kubespray)
     health: Health = Field(default_factory=Health)
     remediate: Remediation = Remediation.OFF

@@ -10,7 +10,9 @@ from __future__ import annotations
 import copy
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from gpuforge import pins
@@ -32,6 +34,8 @@ DCGM_NODE_LABEL = "hostname"
 # Kubespray's local-path provisioner StorageClass, enabled in group_vars: a Kubespray cluster has no StorageClass
 # otherwise, and slurmctld's state volume (a PVC of the slurm chart) must bind.
 LOCAL_PATH_STORAGE_CLASS = "local-path"
+# Packaged charts named as `helm pull` names them (<chart>-<version>.tgz); the config's `chart_mirror` wins.
+CHART_MIRROR_ENV = "GPUFORGE_CHART_MIRROR"
 
 
 @dataclass(frozen=True)
@@ -279,6 +283,30 @@ def render_releases(config: Config, learned: dict[str, int] | None = None) -> li
                 )
             )
     return releases
+
+
+def chart_mirror(config: Config, environ: Mapping[str, str]) -> Path | None:
+    """The chart mirror folder: the config's `chart_mirror` (relative to the config file), else $GPUFORGE_CHART_MIRROR
+    (relative to the working directory), else none. The config wins: it is the reviewed, per-cluster setting."""
+    if config.chart_mirror:
+        return config.path(config.chart_mirror)
+    if from_env := environ.get(CHART_MIRROR_ENV):
+        return Path(from_env).expanduser()
+    return None
+
+
+def mirror_file(release: Release, mirror: Path) -> Path:
+    """Where a release's chart sits in a mirror: `helm pull`'s file name, <chart>-<version>.tgz."""
+    return mirror / f"{release.chart.rsplit('/', 1)[-1]}-{release.version}.tgz"
+
+
+def chart_archive(release: Release, mirror: Path | None) -> Path | None:
+    """The mirror file that serves a release, or None when the chart comes from elsewhere: a release with a local
+    chart `path` (repo None) uses that path, and a mirror without the file leaves the release to its repository."""
+    if release.repo is None or mirror is None:
+        return None
+    archive = mirror_file(release, mirror)
+    return archive if archive.is_file() else None
 
 
 def _load_values_file(config: Config, path: str) -> dict[str, Any]:
