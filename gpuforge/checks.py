@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 from gpuforge.config import Config
@@ -88,19 +89,39 @@ def selector_matches(selector: dict | None, labels: dict[str, str]) -> bool:
     return True
 
 
-def servicemonitor_problems(prometheuses: list[dict], monitors: list[dict]) -> list[str]:
-    """ServiceMonitors that no Prometheus selects (the `release` label trap of kube-prometheus-stack)."""
+def prometheus_selects(
+    prometheus: dict, kind: str, obj: dict, namespace_labels: Mapping[str, Mapping[str, str]] | None = None
+) -> bool:
+    """Whether a Prometheus resource picks up `obj`, a ServiceMonitor (kind "serviceMonitor") or PrometheusRule
+    ("rule"), as prometheus-operator decides: the object's labels by `<kind>Selector` (unset selects nothing) and
+    its namespace by `<kind>NamespaceSelector` (unset means the Prometheus's own namespace only; `{}` all).
+    `namespace_labels` gives namespaces' labels; absent, a namespace has the `kubernetes.io/metadata.name` label
+    the API server sets on every namespace."""
+    spec = prometheus.get("spec") or {}
+    meta = obj["metadata"]
+    namespace = meta.get("namespace") or ""
+    if not selector_matches(spec.get(f"{kind}Selector"), meta.get("labels") or {}):
+        return False
+    namespace_selector = spec.get(f"{kind}NamespaceSelector")
+    if namespace_selector is None:
+        return namespace == prometheus["metadata"].get("namespace")
+    labels = (namespace_labels or {}).get(namespace) or {"kubernetes.io/metadata.name": namespace}
+    return selector_matches(namespace_selector, dict(labels))
+
+
+def servicemonitor_problems(
+    prometheuses: list[dict], monitors: list[dict], namespace_labels: Mapping[str, Mapping[str, str]] | None = None
+) -> list[str]:
+    """ServiceMonitors that no Prometheus selects, by labels (the `release` label trap of kube-prometheus-stack) or
+    by namespace."""
     if not prometheuses:
         return ["no Prometheus resource found (monitoring.coreos.com/v1)"]
     problems = []
     for sm in monitors:
-        labels = sm["metadata"].get("labels") or {}
-        chosen = [
-            p["metadata"]["name"]
-            for p in prometheuses
-            if selector_matches(p["spec"].get("serviceMonitorSelector"), labels)
-        ]
-        if not chosen:
+        if not any(prometheus_selects(p, "serviceMonitor", sm, namespace_labels) for p in prometheuses):
+            labels = sm["metadata"].get("labels") or {}
             name = f"{sm['metadata'].get('namespace')}/{sm['metadata']['name']}"
-            problems.append(f"ServiceMonitor {name} (labels {labels}) is selected by no Prometheus")
+            problems.append(
+                f"ServiceMonitor {name} (labels {labels}) is selected by no Prometheus (labels or namespace selector)"
+            )
     return problems

@@ -267,6 +267,10 @@ class Config(_Model):
     ansible_ssh_private_key_secret: str | None = None
     kubeconfig: str | None = None
     prometheus_url: str | None = None
+    # A folder of packaged charts named as `helm pull` names them (<chart>-<version>.tgz), consulted before the
+    # chart repositories (air-gapped sites); relative to the config file's folder. $GPUFORGE_CHART_MIRROR
+    # stands in when this is unset.
+    chart_mirror: str | None = None
     kubespray: Kubespray = Field(default_factory=Kubespray)
     health: Health = Field(default_factory=Health)
     remediate: Remediation = Remediation.OFF
@@ -626,6 +630,15 @@ def semantic_problems(config: Config) -> list[tuple[tuple[Any, ...], str]]:
                 problems.append(
                     (("deepops_services", key, "releases", release), f"unknown release {release!r}; {hint}")
                 )
+    if config.deepops_services.slurm.enabled and not config.slurm_gpu_nodes:
+        # The slurm chart refuses a partition without NodeSets, and Slurm without GPU nodes has no gpu partition.
+        problems.append(
+            (
+                ("deepops_services", "slurm", "enabled"),
+                "Slurm is enabled but no GPU node is in Slurm; add a gpu-worker node, remove `slurm: false` from "
+                "one, or set enabled: false",
+            )
+        )
     if config.ansible_ssh_private_key_file and config.ansible_ssh_private_key_secret:
         problems.append(
             (("ansible_ssh_private_key_secret",), "set either ansible_ssh_private_key_file or this, not both")

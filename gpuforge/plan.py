@@ -8,13 +8,32 @@ from pathlib import Path
 from typing import Any
 
 from ruamel.yaml import YAML
+from ruamel.yaml.nodes import ScalarNode
+from ruamel.yaml.representer import SafeRepresenter
+from ruamel.yaml.resolver import VersionedResolver
 
 from gpuforge import render
 from gpuforge.config import Config
 
+# Helm (go-yaml) and Ansible (PyYAML) read YAML 1.1, where YES, on, ~ and the like are not strings.
+_YAML_1_1 = VersionedResolver(version=(1, 1))
+_STR_TAG = "tag:yaml.org,2002:str"
+
+
+class _Representer(SafeRepresenter):
+    """A string that a YAML 1.1 reader would take for a boolean, null or number is double-quoted."""
+
+    def represent_str(self, data: str) -> ScalarNode:
+        implicit = _YAML_1_1.resolve(ScalarNode, data, (True, False))
+        return self.represent_scalar(_STR_TAG, data, style='"' if implicit != _STR_TAG else None)
+
+
+_Representer.add_representer(str, _Representer.represent_str)
+
 
 def dump_yaml(data: Any) -> str:
     yaml = YAML(typ="safe", pure=True)
+    yaml.Representer = _Representer
     yaml.default_flow_style = False
     yaml.sort_base_mapping_type_on_output = False  # keep the order the renderer chose
     buf = io.StringIO()

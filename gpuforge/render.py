@@ -8,8 +8,11 @@ Pure domain code: no Prefect, no clients. `plan` writes these files; `install` a
 from __future__ import annotations
 
 import copy
+import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from gpuforge import pins
@@ -25,6 +28,14 @@ MONITORING_RELEASE = "kube-prometheus-stack"
 # fullnameOverride makes the Prometheus Service name predictable: <this>-prometheus in `monitoring`.
 PROMETHEUS_FULLNAME = "kube-prometheus-stack"
 PROMETHEUS_SERVICE = f"{PROMETHEUS_FULLNAME}-prometheus"
+# dcgm-exporter's node label. It is spelled `Hostname` up to dcgm-exporter 4.5.x and `hostname` from 4.6.0-4.8.3,
+# the exporter GPU Operator v26.7.0 (gpuforge's pin) ships; health.node_of reads either spelling.
+DCGM_NODE_LABEL = "hostname"
+# Kubespray's local-path provisioner StorageClass, enabled in group_vars: a Kubespray cluster has no StorageClass
+# otherwise, and slurmctld's state volume (a PVC of the slurm chart) must bind.
+LOCAL_PATH_STORAGE_CLASS = "local-path"
+# Packaged charts named as `helm pull` names them (<chart>-<version>.tgz); the config's `chart_mirror` wins.
+CHART_MIRROR_ENV = "GPUFORGE_CHART_MIRROR"
 
 
 @dataclass(frozen=True)
@@ -124,8 +135,9 @@ def render_group_vars(config: Config) -> dict[str, dict[str, Any]]:
     if config.ansible_ssh_private_key_file:
         # The path only: the key itself never enters a rendered file.
         all_vars["ansible_ssh_private_key_file"] = str(config.path(config.ansible_ssh_private_key_file))
+    # No `cluster_name` here: Kubespray's cluster_name is the cluster DNS domain (default cluster.local), not
+    # gpuforge's cluster name; a site that wants another domain sets it in kubespray.extra_vars.
     k8s = {
-        "cluster_name": f"{config.cluster_name}.local",
         "kube_version": ks.kube_version,
         "container_manager": ks.container_manager,
         "kube_network_plugin": ks.network_plugin,
@@ -135,6 +147,8 @@ def render_group_vars(config: Config) -> dict[str, dict[str, Any]]:
         "kubectl_localhost": False,
         "helm_enabled": False,
         "containerd_extra_args": CONTAINERD_IMPORTS,
+        "local_path_provisioner_enabled": True,
+        "local_path_provisioner_storage_class": LOCAL_PATH_STORAGE_CLASS,
     }
     k8s.update(ks.extra_vars)
     return {"all": all_vars, "k8s_cluster": k8s}
@@ -186,8 +200,8 @@ def _default_values(config: Config, release: str, learned: dict[str, int] | None
             },
         }
     if release == "gpu-operator":
+        # No operator.defaultRuntime: v26.7.0's chart dropped it; the operator reads each node's container runtime.
         return {
-            "operator": {"defaultRuntime": config.kubespray.container_manager},
             "driver": {"enabled": True},
             "toolkit": {"enabled": True},
             "devicePlugin": {"enabled": True},
@@ -225,6 +239,11 @@ def _default_values(config: Config, release: str, learned: dict[str, int] | None
         return {
             "clusterName": config.cluster_name,
             "configFiles": {"gres.conf": "AutoDetect=nvidia\n"},
+            "controller": {
+                # Slinky >= 1.2.0 no longer writes GresTypes into slurm.conf; without it `--gres=gpu` is refused.
+                "extraConfMap": {"GresTypes": ["gpu"]},
+                "persistence": {"storageClassName": LOCAL_PATH_STORAGE_CLASS},
+            },
             "nodesets": nodesets,
             "partitions": {"gpu": {"enabled": True, "nodesets": sorted(nodesets), "configMap": {"Default": "YES"}}},
         }
@@ -264,6 +283,30 @@ def render_releases(config: Config, learned: dict[str, int] | None = None) -> li
                 )
             )
     return releases
+
+
+def chart_mirror(config: Config, environ: Mapping[str, str]) -> Path | None:
+    """The chart mirror folder: the config's `chart_mirror` (relative to the config file), else $GPUFORGE_CHART_MIRROR
+    (relative to the working directory), else none. The config wins: it is the reviewed, per-cluster setting."""
+    if config.chart_mirror:
+        return config.path(config.chart_mirror)
+    if from_env := environ.get(CHART_MIRROR_ENV):
+        return Path(from_env).expanduser()
+    return None
+
+
+def mirror_file(release: Release, mirror: Path) -> Path:
+    """Where a release's chart sits in a mirror: `helm pull`'s file name, <chart>-<version>.tgz."""
+    return mirror / f"{release.chart.rsplit('/', 1)[-1]}-{release.version}.tgz"
+
+
+def chart_archive(release: Release, mirror: Path | None) -> Path | None:
+    """The mirror file that serves a release, or None when the chart comes from elsewhere: a release with a local
+    chart `path` (repo None) uses that path, and a mirror without the file leaves the release to its repository."""
+    if release.repo is None or mirror is None:
+        return None
+    archive = mirror_file(release, mirror)
+    return archive if archive.is_file() else None
 
 
 def _load_values_file(config: Config, path: str) -> dict[str, Any]:
@@ -320,8 +363,11 @@ def render_alert_rules(config: Config) -> dict[str, Any]:
     fatal = DEFAULT_THRESHOLDS["default"].fatal_xids
     xid_expr = " or ".join(f"DCGM_FI_DEV_XID_ERRORS == {x}" for x in sorted(fatal))
     max_temp = min(t.max_gpu_temp_c for t in DEFAULT_THRESHOLDS.values())
+    node = DCGM_NODE_LABEL
+    gpu = "GPU {{ $labels.gpu }} on {{ $labels." + node + " }}"
+    value = "{{ $value }}"
     missing = [
-        f'count by (Hostname) (DCGM_FI_DEV_GPU_TEMP{{Hostname=~"(?i){re.escape(n.name)}"}}) < {n.spec.gpu_count}'
+        f"count by ({node}) (DCGM_FI_DEV_GPU_TEMP{{{node}=~{promql_regex('(?i)', n.name)}}}) < {n.spec.gpu_count}"
         for n in config.gpu_nodes
         if n.spec.gpu_count
     ]
@@ -330,25 +376,25 @@ def render_alert_rules(config: Config) -> dict[str, Any]:
             "GPUFatalXid",
             f"max_over_time(({xid_expr})[10m:1m]) > 0",
             "critical",
-            "GPU {{ $labels.gpu }} on {{ $labels.Hostname }} reported fatal XID {{ $value }}",
+            f"{gpu} reported fatal XID {value}",
         ),
         _alert(
             "GPUEccDoubleBit",
             "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL > 0",
             "critical",
-            "GPU {{ $labels.gpu }} on {{ $labels.Hostname }} has {{ $value }} double-bit ECC errors",
+            f"{gpu} has {value} double-bit ECC errors",
         ),
         _alert(
             "GPURowRemapFailure",
             "DCGM_FI_DEV_ROW_REMAP_FAILURE > 0",
             "critical",
-            "GPU {{ $labels.gpu }} on {{ $labels.Hostname }} failed to remap rows: replace it",
+            f"{gpu} failed to remap rows: replace it",
         ),
         _alert(
             "GPUTemperatureHigh",
             f"DCGM_FI_DEV_GPU_TEMP > {max_temp:g}",
             "warning",
-            "GPU {{ $labels.gpu }} on {{ $labels.Hostname }} at {{ $value }} C",
+            f"{gpu} at {value} C",
             for_="5m",
         ),
         _alert(
@@ -365,7 +411,7 @@ def render_alert_rules(config: Config) -> dict[str, Any]:
                 "GPUMissing",
                 " or ".join(missing),
                 "critical",
-                "{{ $labels.Hostname }} shows fewer GPUs than configured",
+                "{{ $labels." + node + " }} shows fewer GPUs than configured",
                 for_="5m",
             )
         )
@@ -381,6 +427,17 @@ def render_alert_rules(config: Config) -> dict[str, Any]:
     }
 
 
+# RE2's metacharacters, as Go's regexp.QuoteMeta escapes them. Python's re.escape escapes more ('-' among them),
+# and a backslash written as is into a PromQL string is an escape of that string: `"\-"` is invalid PromQL.
+_RE2_META = re.compile(r"([\\.+*?()|\[\]{}^$])")
+
+
+def promql_regex(flags: str, literal: str) -> str:
+    """A PromQL string literal holding an RE2 regex that matches `literal` exactly (after `flags` such as "(?i)").
+    JSON's string syntax is a subset of PromQL's, so json.dumps doubles the backslashes the string needs."""
+    return json.dumps(flags + _RE2_META.sub(r"\\\1", literal))
+
+
 def _alert(name: str, expr: str, severity: str, summary: str, for_: str = "0m") -> dict[str, Any]:
     return {
         "alert": name,
@@ -393,17 +450,18 @@ def _alert(name: str, expr: str, severity: str, summary: str, for_: str = "0m") 
 
 def render_dashboard() -> dict[str, Any]:
     """gpuforge's own Grafana GPU dashboard (one row per signal the health rules judge)."""
+    on_nodes = f'{{{DCGM_NODE_LABEL}=~"$node"}}'  # every series of every panel follows the node picker
     panels = [
-        ("GPU temperature (°C)", "DCGM_FI_DEV_GPU_TEMP", "celsius"),
-        ("Memory temperature (°C)", "DCGM_FI_DEV_MEMORY_TEMP", "celsius"),
-        ("Power (W)", "DCGM_FI_DEV_POWER_USAGE", "watt"),
-        ("GPU utilisation (%)", "DCGM_FI_DEV_GPU_UTIL", "percent"),
-        ("Framebuffer used (MiB)", "DCGM_FI_DEV_FB_USED", "decmbytes"),
-        ("Last XID", "DCGM_FI_DEV_XID_ERRORS", "none"),
-        ("ECC double-bit errors", "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL", "none"),
+        ("GPU temperature (°C)", f"DCGM_FI_DEV_GPU_TEMP{on_nodes}", "celsius"),
+        ("Memory temperature (°C)", f"DCGM_FI_DEV_MEMORY_TEMP{on_nodes}", "celsius"),
+        ("Power (W)", f"DCGM_FI_DEV_POWER_USAGE{on_nodes}", "watt"),
+        ("GPU utilisation (%)", f"DCGM_FI_DEV_GPU_UTIL{on_nodes}", "percent"),
+        ("Framebuffer used (MiB)", f"DCGM_FI_DEV_FB_USED{on_nodes}", "decmbytes"),
+        ("Last XID", f"DCGM_FI_DEV_XID_ERRORS{on_nodes}", "none"),
+        ("ECC double-bit errors", f"DCGM_FI_DEV_ECC_DBE_VOL_TOTAL{on_nodes}", "none"),
         (
             "Row remap pending / failure",
-            "DCGM_FI_DEV_ROW_REMAP_PENDING + DCGM_FI_DEV_ROW_REMAP_FAILURE",
+            f"DCGM_FI_DEV_ROW_REMAP_PENDING{on_nodes} + DCGM_FI_DEV_ROW_REMAP_FAILURE{on_nodes}",
             "none",
         ),
     ]
@@ -420,7 +478,7 @@ def render_dashboard() -> dict[str, Any]:
                     "name": "node",
                     "type": "query",
                     "datasource": {"type": "prometheus", "uid": "${datasource}"},
-                    "query": "label_values(DCGM_FI_DEV_GPU_TEMP, Hostname)",
+                    "query": f"label_values(DCGM_FI_DEV_GPU_TEMP, {DCGM_NODE_LABEL})",
                     "includeAll": True,
                     "multi": True,
                 },
@@ -436,8 +494,8 @@ def render_dashboard() -> dict[str, Any]:
                 "fieldConfig": {"defaults": {"unit": unit}},
                 "targets": [
                     {
-                        "expr": f'{expr}{{Hostname=~"$node"}}' if "+" not in expr else expr,
-                        "legendFormat": "{{Hostname}} gpu{{gpu}}",
+                        "expr": expr,
+                        "legendFormat": "{{" + DCGM_NODE_LABEL + "}} gpu{{gpu}}",
                     }
                 ],
             }

@@ -18,7 +18,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pyhelm3 import Client, errors
 
-from gpuforge.render import Release
+from gpuforge.render import Release, chart_archive, chart_mirror, mirror_file
 from tasks import kube
 from tasks.retry import is_transient
 
@@ -54,9 +54,15 @@ class ReleaseOutcome:
     chart_version: str
 
 
-async def _converge(release: Release, kubeconfig: Path, timeout_s: int, exists: bool) -> ReleaseOutcome:
+async def _converge(
+    release: Release, kubeconfig: Path, timeout_s: int, exists: bool, archive: Path | None
+) -> ReleaseOutcome:
     client = helm_client(kubeconfig)
-    chart = await client.get_chart(release.chart_ref, repo=_repo_arg(release), version=release.version)
+    if archive:
+        # A packaged chart is installed as is: `helm upgrade --install NAME FILE.tgz`, no repository involved.
+        chart = await client.get_chart(archive)
+    else:
+        chart = await client.get_chart(release.chart_ref, repo=_repo_arg(release), version=release.version)
     # A release left pending-install/-upgrade by a killed run is rolled back or removed first; the cluster
     # lock guarantees no live run owns it. One with no record at all is new: asking Helm for its status would
     # only fail (and pyhelm3 would log that as a warning).
@@ -100,11 +106,25 @@ def _helm_error(release: Release, exc: errors.Error) -> HelmError:
     retry_condition_fn=lambda task, run, state: is_transient(state),
     cache_policy=NO_CACHE,
 )
-def converge_release(release: Release, kubeconfig: Path, timeout_s: int, exists: bool = True) -> ReleaseOutcome:
-    """Install or upgrade one release atomically; nothing happens when chart version and values match."""
+def converge_release(
+    release: Release, kubeconfig: Path, timeout_s: int, exists: bool = True, mirror: Path | None = None
+) -> ReleaseOutcome:
+    """Install or upgrade one release atomically; nothing happens when chart version and values match.
+
+    The chart comes from the release's local path, else the chart mirror's file, else its repository."""
     logger = get_run_logger()
+    archive = chart_archive(release, mirror)
+    if mirror is not None and release.repo is not None and archive is None:
+        logger.warning(
+            "chart mirror %s has no %s; pulling %s %s from %s",
+            mirror,
+            mirror_file(release, mirror).name,
+            release.chart,
+            release.version,
+            release.repo,
+        )
     try:
-        outcome = asyncio.run(_converge(release, kubeconfig, timeout_s, exists))
+        outcome = asyncio.run(_converge(release, kubeconfig, timeout_s, exists, archive))
     except errors.Error as exc:
         raise _helm_error(release, exc) from None
     logger.info(
@@ -202,6 +222,7 @@ def converge_service(config, service: str, kubeconfig: Path, timeout_s: int, lea
     from gpuforge.render import render_releases
 
     releases = [r for r in render_releases(config, learned) if r.service == service]
+    mirror = chart_mirror(config, os.environ)
     records = release_records(kubeconfig)
     outcomes = []
     for r in releases:
@@ -212,7 +233,7 @@ def converge_service(config, service: str, kubeconfig: Path, timeout_s: int, lea
             )
             outcomes.append(ReleaseOutcome(r.name, r.namespace, "unchanged", record.revision, r.version))
         else:
-            outcomes.append(converge_release(r, kubeconfig, timeout_s, exists=record is not None))
+            outcomes.append(converge_release(r, kubeconfig, timeout_s, exists=record is not None, mirror=mirror))
     return outcomes
 
 

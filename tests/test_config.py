@@ -99,6 +99,12 @@ EXPECTED = {
     "overlapping_cidrs": [
         "{file}:6:3: kubespray.pod_cidr: pod_cidr 10.233.64.0/18 overlaps service_cidr 10.233.0.0/16; choose ranges that don't overlap"
     ],
+    "slurm_without_gpu_node": [
+        "{file}:7:5: deepops_services.slurm.enabled: Slurm is enabled but no GPU node is in Slurm; add a gpu-worker node, remove `slurm: false` from one, or set enabled: false"
+    ],
+    "slurm_without_gpu_worker": [
+        "{file}:5:12: deepops_services.slurm.enabled: Slurm is enabled but no GPU node is in Slurm; add a gpu-worker node, remove `slurm: false` from one, or set enabled: false"
+    ],
     "string_bool_quoted": [
         '{file}:5:21: deepops_services.slurm.enabled: must be true or false, not \'true\'; write an unquoted YAML boolean ("yes"/"no"/"on" are strings)'
     ],

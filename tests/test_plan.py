@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml as yaml_1_1
 from ruamel.yaml import YAML
 
 from gpuforge import render
@@ -116,6 +117,7 @@ def test_gpu_operator_values_select_servicemonitor_and_user_values_win():
     sm = gpu_op.values["dcgmExporter"]["serviceMonitor"]
     assert sm["enabled"] is True and sm["additionalLabels"] == {"release": "kube-prometheus-stack"}
     assert gpu_op.values["driver"] == {"enabled": False}
+    assert "operator" not in gpu_op.values  # operator.defaultRuntime is gone from v26.7.0's chart
     kps = releases["kube-prometheus-stack"].values["prometheus"]["prometheusSpec"]
     assert kps["serviceMonitorSelectorNilUsesHelmValues"] is False
     # the ServiceMonitor CRD must exist before the GPU Operator needs it
@@ -131,6 +133,7 @@ def test_slurm_nodesets_follow_gpu_counts():
     assert slurm["nodesets"]["gpu-8"]["extraConfMap"] == {"Gres": ["gpu:8"]}
     assert slurm["nodesets"]["gpu-4"]["slurmd"]["resources"]["limits"] == {"nvidia.com/gpu": 4}
     assert slurm["partitions"]["gpu"]["nodesets"] == ["gpu-4", "gpu-8"]
+    assert slurm["controller"]["extraConfMap"] == {"GresTypes": ["gpu"]}  # Slinky >= 1.2.0 leaves it out
     inv = render.render_inventory(config)["all"]["hosts"]
     assert inv["gpu-1"]["node_labels"]["gpuforge.io/nodeset"] == "gpu-8"
     assert inv["gpu-1"]["node_labels"]["team"] == "vision"
@@ -152,7 +155,9 @@ def test_alert_rules_and_dashboard_cover_the_gpu_faults():
     ]
     assert "DCGM_FI_DEV_XID_ERRORS == 79" in rule["spec"]["groups"][0]["rules"][0]["expr"]
     missing = rule["spec"]["groups"][0]["rules"][-1]["expr"]
-    assert missing.count("count by (Hostname)") == 3 and "< 4" in missing
+    # dcgm-exporter 4.6.0-4.8.3 (GPU Operator v26.7.0) spells its node label `hostname`
+    assert missing.count("count by (hostname)") == 3 and "< 4" in missing
+    assert '{hostname=~"(?i)gpu-3"}) < 4' in missing  # exact node names, valid PromQL strings
     dash = render.render_dashboard()
     assert {p["targets"][0]["expr"].split("{")[0] for p in dash["panels"]} >= {
         "DCGM_FI_DEV_GPU_TEMP",
@@ -169,3 +174,15 @@ def test_rendered_yaml_round_trips(tmp_path):
         r.values for r in render.render_releases(parse_config(MIXED)) if r.name == "slurm"
     )
     assert "ansible_ssh_private_key_file" not in files["group_vars/all.yml"]  # none configured here
+    # Helm and Ansible read YAML 1.1, where an unquoted YES is a boolean
+    assert yaml_1_1.safe_load(files["values/slurm.yaml"])["partitions"]["gpu"]["configMap"] == {"Default": "YES"}
+    assert 'Default: "YES"' in files["values/slurm.yaml"]
+
+
+def test_kubespray_keeps_its_dns_domain_and_provisions_volumes():
+    k8s = render.render_group_vars(parse_config(MIXED))["k8s_cluster"]
+    assert "cluster_name" not in k8s  # Kubespray's cluster_name is the DNS domain: cluster.local stays
+    assert k8s["local_path_provisioner_enabled"] is True
+    assert k8s["local_path_provisioner_storage_class"] == render.LOCAL_PATH_STORAGE_CLASS
+    asked = parse_config(MIXED + "kubespray: { extra_vars: { cluster_name: ml.example } }\n")
+    assert render.render_group_vars(asked)["k8s_cluster"]["cluster_name"] == "ml.example"
