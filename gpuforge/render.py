@@ -28,6 +28,8 @@ MONITORING_RELEASE = "kube-prometheus-stack"
 # fullnameOverride makes the Prometheus Service name predictable: <this>-prometheus in `monitoring`.
 PROMETHEUS_FULLNAME = "kube-prometheus-stack"
 PROMETHEUS_SERVICE = f"{PROMETHEUS_FULLNAME}-prometheus"
+# The Grafana sidecar loads ConfigMaps carrying this label (set in kube-prometheus-stack's values below).
+DASHBOARD_SIDECAR_LABEL = ("grafana_dashboard", "1")
 # dcgm-exporter's node label. It is spelled `Hostname` up to dcgm-exporter 4.5.x and `hostname` from 4.6.0-4.8.3,
 # the exporter GPU Operator v26.7.0 (gpuforge's pin) ships; health.node_of reads either spelling.
 DCGM_NODE_LABEL = "hostname"
@@ -192,8 +194,8 @@ def _default_values(config: Config, release: str, learned: dict[str, int] | None
                 "sidecar": {
                     "dashboards": {
                         "enabled": True,
-                        "label": "grafana_dashboard",
-                        "labelValue": "1",
+                        "label": DASHBOARD_SIDECAR_LABEL[0],
+                        "labelValue": DASHBOARD_SIDECAR_LABEL[1],
                         "searchNamespace": "ALL",
                     }
                 }
