@@ -22,6 +22,10 @@ from gpuforge.config import load_config
 from tasks.helm import read_releases
 from tests.conftest import config_variant
 
+# A value the real GPU Operator chart honours that keeps its operator Deployment from ever becoming ready (no
+# node has that much CPU); its hook Jobs do not share it, so Helm can still roll back and clean up.
+NEVER_READY = {"operator": {"resources": {"requests": {"cpu": "100000"}}}}
+
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
 
@@ -244,9 +248,7 @@ def test_helm_release_that_never_gets_ready_is_rolled_back_and_next_run_recovers
 
     def never_ready(data):
         data["timeouts"]["gpu-operator"] = 20
-        data["deepops_services"]["gpu-operator"]["releases"]["gpu-operator"]["values"] = {
-            "lab": {"failReadiness": True}
-        }
+        data["deepops_services"]["gpu-operator"]["releases"] = {"gpu-operator": {"values": NEVER_READY}}
 
     bad = config_variant(lab_config, tmp_path, never_ready)
     state = install(InstallParams(config=str(bad), only=["gpu-operator"]), return_state=True)
@@ -292,8 +294,8 @@ def test_install_killed_mid_phase_resumes_without_duplicates(lab, lab_config, tm
     stuck = config_variant(
         lab_config,
         tmp_path,
-        lambda data: data["deepops_services"]["gpu-operator"]["releases"]["gpu-operator"].update(
-            values={"lab": {"failReadiness": True}}
+        lambda data: data["deepops_services"]["gpu-operator"].update(
+            releases={"gpu-operator": {"values": NEVER_READY}}
         ),
     )
     from prefect.settings import PREFECT_API_URL

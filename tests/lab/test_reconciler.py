@@ -29,8 +29,9 @@ ROOT = Path(__file__).resolve().parents[2]
 # The real upstream charts (test data beside the project; see ../shared/upstream/README.md).
 CHART_MIRROR = ROOT.parent / "shared" / "upstream" / "charts"
 PINNED = {name: f"{chart}-{version}.tgz" for rel in pins.CHARTS.values() for name, _ns, _r, chart, version in rel}
-# A value the real GPU Operator chart honours that keeps its operator Deployment from ever becoming ready.
-UNSCHEDULABLE = {"operator": {"nodeSelector": {"lab.gpuforge.io/unschedulable": "true"}}}
+# A value the real GPU Operator chart honours that keeps its operator Deployment from ever becoming ready (no
+# node has that much CPU), and that its hook Jobs do not share (they must still run for Helm to clean up).
+UNSCHEDULABLE = {"operator": {"resources": {"requests": {"cpu": "100000"}}}}
 
 
 def chart(release: str) -> Path:
@@ -613,7 +614,10 @@ def test_nodeset_reports_replicas_and_helm_upgrade(lab):
 
     rev = asyncio.run(install(2))
     assert rev.revision == 1
-    controller = lab.core.read_namespaced_pod("slurm-controller-0", "slurm")
+    # The operator (played by the reconciler) builds the controller's StatefulSet from the chart's Controller.
+    controller = wait_for(
+        "pod slurm-controller-0", lambda: lab.core.read_namespaced_pod("slurm-controller-0", "slurm"), 60
+    )
     assert [c.name for c in controller.spec.containers][0] == "slurmctld"
     assert controller.metadata.labels["app.kubernetes.io/name"] == "slurmctld"
 
@@ -645,6 +649,12 @@ def test_nodeset_reports_replicas_and_helm_upgrade(lab):
     wait_for("NodeSet scaled to 1", lambda: (_nodeset(lab, name).get("status") or {}).get("replicas") == 1, 60)
     wait_for("worker 1 deleted", lambda: [p.metadata.name for p in _workers(lab, name)] == ["slurm-worker-gpu-0"], 60)
 
+    # Gone with the release: the Controller, and with it (owner references) its StatefulSet; the state claim
+    # stays, as on a cluster, and is removed by hand for the next test's fresh install.
+    asyncio.run(lab.helm().uninstall_release("slurm", namespace="slurm", wait=True))
+    wait_for("controller StatefulSet gone", lambda: not lab.apps.list_namespaced_stateful_set("slurm").items, 60)
+    lab.core.delete_collection_namespaced_persistent_volume_claim("slurm")
+
 
 def test_fail_readiness_upgrade_rolls_back(lab):
     from pyhelm3 import errors
@@ -669,9 +679,9 @@ def test_fail_readiness_upgrade_rolls_back(lab):
     assert after.revision > before.revision + 1  # failed upgrade, then the rollback revision
     assert after.status.value == "deployed"
     values = asyncio.run(after.values())
-    assert "nodeSelector" not in (values.get("operator") or {})
+    assert values.get("operator") != UNSCHEDULABLE["operator"]
     dep = lab.apps.read_namespaced_deployment("gpu-operator", "gpu-operator")
-    assert not (dep.spec.template.spec.node_selector or {}).get("lab.gpuforge.io/unschedulable")
+    assert dep.spec.template.spec.containers[0].resources.requests["cpu"] != "100000"
     assert (lab.policy().get("status") or {}).get("state") == "ready"
 
 
