@@ -53,7 +53,7 @@ TAG = "gpuforge_query"
 
 def per_gpu_query(fleet: dict[str, str], node: str, gpu: int) -> str:
     """The fleet queries narrowed to one GPU and joined into one query, each part tagged with its name."""
-    match = f'Hostname="{node}", gpu="{gpu}"'
+    match = f'hostname="{node}", gpu="{gpu}"'
     parts = []
     for name, q in fleet.items():
         q = q.replace('{__name__=~"', "{" + match + ', __name__=~"')

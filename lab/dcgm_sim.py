@@ -13,7 +13,8 @@ Endpoints
 ``GET /node/<node>/metrics``
     The node's dcgm-exporter page: ``# HELP``/``# TYPE`` and one series per GPU for every metric in
     :data:`METRICS`, with exactly dcgm-exporter's labels ``gpu``, ``UUID``, ``pci_bus_id``, ``device``
-    (``nvidiaN``), ``modelName``, ``Hostname`` (= node name), ``DCGM_FI_DRIVER_VERSION``, plus ``err_code``
+    (``nvidiaN``), ``modelName``, ``hostname`` (= node name; dcgm-exporter 4.6.0-4.8.3, as GPU Operator v26.7.0
+    ships it, spells it lower-case), ``DCGM_FI_DRIVER_VERSION``, plus ``err_code``
     and ``err_msg`` on ``DCGM_FI_DEV_XID_ERRORS``. A stopped node answers ``503`` (Prometheus: ``up == 0``,
     its series go stale); an unknown node ``404``.
 ``GET /nodes``, ``GET /faults``, ``GET /health``
@@ -239,7 +240,7 @@ class Sim:
             bus = gpu_pci_address(gpu).split(":", 1)[1].upper()
             s = (
                 f'gpu="{gpu}",UUID="{gpu_uuid(node, gpu)}",pci_bus_id="00000000:{bus}",device="nvidia{gpu}",'
-                f'modelName="{_esc(model)}",Hostname="{_esc(node)}",DCGM_FI_DRIVER_VERSION="{DRIVER_VERSION}"'
+                f'modelName="{_esc(model)}",hostname="{_esc(node)}",DCGM_FI_DRIVER_VERSION="{DRIVER_VERSION}"'
             )
             self._labels[key] = s
         return s

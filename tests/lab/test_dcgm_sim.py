@@ -17,7 +17,7 @@ from lab import procs
 from lab.dcgm_sim import METRICS, DcgmSim, check_listen, gpu_uuid
 
 NODES = {"tdc-a": (8, "NVIDIA H100 80GB HBM3"), "tdc-b": (2, "NVIDIA A100-SXM4-80GB")}
-LABELS = {"gpu", "UUID", "pci_bus_id", "device", "modelName", "Hostname", "DCGM_FI_DRIVER_VERSION"}
+LABELS = {"gpu", "UUID", "pci_bus_id", "device", "modelName", "hostname", "DCGM_FI_DRIVER_VERSION"}
 REQUIRED = [
     "SM_CLOCK", "MEM_CLOCK", "MEMORY_TEMP", "GPU_TEMP", "POWER_USAGE", "TOTAL_ENERGY_CONSUMPTION",
     "PCIE_REPLAY_COUNTER", "GPU_UTIL", "MEM_COPY_UTIL", "ENC_UTIL", "DEC_UTIL", "XID_ERRORS", "FB_FREE",
@@ -70,7 +70,7 @@ def test_every_metric_once_per_gpu_with_the_exact_label_set(sim):
             expected = LABELS | ({"err_code", "err_msg"} if name == "XID_ERRORS" else set())
             assert set(labels) == expected, (name, labels)
             assert labels["device"] == f"nvidia{gpu}"
-            assert labels["Hostname"] == "tdc-a"
+            assert labels["hostname"] == "tdc-a"
             assert labels["modelName"] == "NVIDIA H100 80GB HBM3"
             assert labels["UUID"] == gpu_uuid("tdc-a", int(gpu)) and labels["UUID"].startswith("GPU-")
     assert samples(sim, "tdc-a", "GPU_TEMP")["0"][0]["pci_bus_id"] == "00000000:18:00.0"

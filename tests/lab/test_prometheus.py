@@ -71,11 +71,11 @@ def test_listens_on_loopback_with_the_port_from_its_own_log(stack):
 def test_one_gpu_temp_series_per_configured_gpu(stack):
     _sim, prom = stack
     result = prom.query("DCGM_FI_DEV_GPU_TEMP")
-    got = sorted((r["metric"]["Hostname"], r["metric"]["gpu"]) for r in result)
+    got = sorted((r["metric"]["hostname"], r["metric"]["gpu"]) for r in result)
     assert got == [("tpm-a", "0"), ("tpm-a", "1"), ("tpm-b", "0")]
     for r in result:
         m = r["metric"]
-        assert m["job"] == JOB and m["instance"] == m["Hostname"]  # honor_labels, one target per node
+        assert m["job"] == JOB and m["instance"] == m["hostname"]  # honor_labels, one target per node
         assert m["device"] == f"nvidia{m['gpu']}" and m["UUID"].startswith("GPU-")
     assert prom.target_health() == {"tpm-a": "up", "tpm-b": "up"}
 
@@ -85,7 +85,7 @@ def test_injected_temperature_visible_within_two_scrape_intervals(stack):
     sim.set_value("tpm-a", 1, "GPU_TEMP", 97)
     t0 = time.monotonic()
     try:
-        wait_for(lambda: prom.query('DCGM_FI_DEV_GPU_TEMP{Hostname="tpm-a",gpu="1"} == 97'), 2 * INTERVAL + 1)
+        wait_for(lambda: prom.query('DCGM_FI_DEV_GPU_TEMP{hostname="tpm-a",gpu="1"} == 97'), 2 * INTERVAL + 1)
         elapsed = time.monotonic() - t0
         assert elapsed <= 2 * INTERVAL + 0.5, elapsed
         # and an alert rule over it fires
@@ -103,7 +103,7 @@ def test_stopped_node_target_goes_down_and_comes_back(stack):
         assert prom.query(f'up{{job="{JOB}",instance="tpm-a"}} == 1')
         assert prom.target_health()["tpm-b"] == "down"
         # its series go stale: no current GPU temperature for the stopped node
-        wait_for(lambda: not prom.query('DCGM_FI_DEV_GPU_TEMP{Hostname="tpm-b"}'), 2 * INTERVAL + 1)
+        wait_for(lambda: not prom.query('DCGM_FI_DEV_GPU_TEMP{hostname="tpm-b"}'), 2 * INTERVAL + 1)
     finally:
         sim.start_node("tpm-b")
     wait_for(lambda: prom.query(f'up{{job="{JOB}",instance="tpm-b"}} == 1'), 2 * INTERVAL + 1)
