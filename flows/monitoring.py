@@ -24,7 +24,10 @@ def monitoring(params: ClusterParams) -> str:
         render.DASHBOARD_CONFIGMAP,
         "monitoring",
         {"gpuforge-gpus.json": json.dumps(render.render_dashboard())},
-        labels={"grafana_dashboard": "1", "app.kubernetes.io/managed-by": "gpuforge"},
+        labels={
+            render.DASHBOARD_SIDECAR_LABEL[0]: render.DASHBOARD_SIDECAR_LABEL[1],
+            "app.kubernetes.io/managed-by": "gpuforge",
+        },
     )
     apply(kubeconfig, dashboard)
     apply(kubeconfig, render.render_alert_rules(config))
