@@ -1,4 +1,5 @@
-"""Phase 2, kubespray: converge Kubernetes with Kubespray's cluster.yml, then wait for every node Ready."""
+"""Phase 2, kubespray: converge Kubernetes with Kubespray's cluster.yml (or kubespray.playbook), then wait for
+every node Ready."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from prefect import flow, get_run_logger
 from flows.common import ClusterParams, load, publish_markdown, publish_table, run_name, state_dir
 from gpuforge.plan import write_plan
 from gpuforge.render import CONTAINERD_IMPORTS
-from tasks.ansible_tasks import run_kubespray
+from tasks.ansible_tasks import prepare_kubespray, run_kubespray
 from tasks.kube import nodes_converged, nodes_ready_probe, wait_for
+from tasks.kubespray import what_kubespray_did
 
 
 class KubesprayParams(ClusterParams):
@@ -28,10 +30,14 @@ def kubespray(params: KubesprayParams) -> str:
 
     inventory_dir = state_dir(config) / "inventory"
     write_plan(config, inventory_dir)
-    checkout = config.path(config.kubespray.checkout.format(version=config.kubespray.version))
-    binary = str(config.path(config.kubespray.venv) / "bin" / "ansible-playbook") if config.kubespray.venv else None
-    run = run_kubespray(config, checkout, inventory_dir / "hosts.yaml", binary)
-    publish_table("kubespray-recap", run.recap(), "Kubespray PLAY RECAP, a row per host")
+    checkout, playbook, binary = prepare_kubespray(config)
+    run = run_kubespray(config, checkout, playbook, inventory_dir / "hosts.yaml", binary)
+    ks = config.kubespray
+    # Which part Kubespray did, from the roles of its checkout that ran, when the playbook is not its own.
+    did = (
+        what_kubespray_did(run, checkout, ks.version) if ks.own_playbook() else f"Kubespray {ks.version} {ks.playbook}"
+    )
+    publish_table("kubespray-recap", run.recap(), f"Kubespray PLAY RECAP, a row per host ({did})")
     if run.status != "successful":
         failed = [
             f"{h} ({t.task}: {t.message})"
@@ -56,9 +62,9 @@ def kubespray(params: KubesprayParams) -> str:
     )
     publish_markdown(
         "kubespray-summary",
-        f"Kubernetes {version} converged on {len(names)} nodes with Kubespray {config.kubespray.version}.\n\n"
+        f"Kubernetes {version} converged on {len(names)} nodes: {did} (playbook `{playbook}`).\n\n"
         f"containerd keeps `{CONTAINERD_IMPORTS}` so a re-run of cluster.yml does not remove the NVIDIA runtime "
         "the GPU Operator's toolkit adds (kubespray#12277).\n",
         "Kubespray phase summary",
     )
-    return f"converged {len(names)} nodes at {version}"
+    return f"converged {len(names)} nodes at {version}: {did}"

@@ -184,10 +184,19 @@ class Services(_Model):
 class Kubespray(_Model):
     version: str = pins.KUBESPRAY_VERSION
     kube_version: str = pins.KUBE_VERSION
-    # A checkout of Kubespray at `version`; relative paths are taken from the config file's folder.
-    checkout: str = "~/.cache/gpuforge/kubespray/{version}"
-    # The venv that holds Kubespray's pinned ansible; its bin/ goes first on PATH.
+    # Kubespray at `version`: a checkout (a folder holding cluster.yml) or a release tarball (.tar.gz, extracted
+    # once into the cache). Unset: the `version` tag, cloned once into the cache (needs GitHub). Relative paths
+    # are taken from the config file's folder. Either way its galaxy.yml must name `version`.
+    checkout: str | None = None
+    # A venv that holds Kubespray's pinned ansible. Unset: gpuforge builds one from the checkout's
+    # requirements.txt (from the package index, once per requirements.txt) and caches it.
     venv: str | None = None
+    # The playbook to run: a path inside the checkout (cluster.yml, scale.yml, ...), or your own playbook when it
+    # starts with ./ or ../ or / (then taken from the config file's folder, like every path here; it runs with
+    # the checkout as its working directory, and `gpuforge_kubespray_dir` names the checkout).
+    playbook: str = "cluster.yml"
+    # Kubespray tags not to run (ansible-playbook --skip-tags).
+    skip_tags: list[str] = Field(default_factory=list)
     container_manager: Literal["containerd", "crio", "docker"] = "containerd"
     network_plugin: Literal["calico", "cilium", "flannel", "kube-ovn", "kube-router", "custom_cni", "cni"] = "calico"
     service_cidr: str = "10.233.0.0/18"
@@ -200,6 +209,17 @@ class Kubespray(_Model):
         if not re.fullmatch(r"\d+\.\d+\.\d+", v):
             raise ValueError(f"{v!r} must look like \"1.35.4\" (no leading 'v', as Kubespray wants)")
         return v
+
+    @field_validator("playbook")
+    @classmethod
+    def _playbook(cls, v: str) -> str:
+        if not v.endswith((".yml", ".yaml")):
+            raise ValueError(f'{v!r} is not a playbook; name a .yml file such as "cluster.yml"')
+        return v
+
+    def own_playbook(self) -> bool:
+        """Whether `playbook` is the operator's own file rather than one of the checkout's."""
+        return self.playbook.startswith(("./", "../", "/", "~"))
 
     @field_validator("service_cidr", "pod_cidr")
     @classmethod

@@ -9,8 +9,6 @@ from __future__ import annotations
 KUBESPRAY_VERSION = "v2.31.0"
 # Kubespray v2.31.0's newest checksums key; the lab's control plane is built at the same version.
 KUBE_VERSION = "1.35.4"
-# Kubespray v2.31 pins ansible==11.13.0 (ansible-core 2.18.x): it runs from its own venv.
-KUBESPRAY_ANSIBLE = "ansible==11.13.0"
 
 # service key -> list of Helm releases that service installs, in install order.
 # Each release: (release name, namespace, chart repo, chart name, chart version).

@@ -2,8 +2,8 @@
 
 Everything runs on this machine: SSH hosts in network namespaces (one per config node), a real Kubernetes
 control plane with kwok nodes, real Slurm, the DCGM simulator scraped by a real Prometheus, the lab
-reconciler, and a Kubespray stand-in checkout. The lab's state lives in the folder of the config's
-`kubeconfig` (e.g. `.lab/gpuforge-lab/`), so the config alone says where everything is.
+reconciler, and the vars of the lab's Kubespray playbook (lab/kubespray/). The lab's state lives in the folder
+of the config's `kubeconfig` (e.g. `.lab/gpuforge-lab/`), so the config alone says where everything is.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ class Lab:
             ("Kubernetes control plane + kwok", self._control_plane_up),
             ("DCGM simulator + Prometheus", self._metrics_up),
             ("lab reconciler", self._reconciler_up),
-            ("Kubespray stand-in checkout", self._kubespray_checkout),
+            ("Kubespray lab vars", self._kubespray_lab_vars),
         ]
         for label, step in steps:
             started = time.monotonic()
@@ -235,11 +235,9 @@ class Lab:
             time.sleep(0.2)
         raise TimeoutError(f"the reconciler did not set {node} to {data[node]['gpus']} GPUs in {timeout:.0f}s")
 
-    def _kubespray_checkout(self) -> None:
-        checkout = self.config.path(self.config.kubespray.checkout.format(version=self.config.kubespray.version))
-        checkout.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(REPO / "lab" / "kubespray" / "cluster.yml", checkout / "cluster.yml")
-        (checkout / "lab.json").write_text(
+    def _kubespray_lab_vars(self) -> None:
+        """What lab/kubespray/lab-cluster.yml needs to register Nodes, beside the kubeconfig where it looks."""
+        (self.workdir / "kubespray-lab.json").write_text(
             json.dumps(
                 {
                     "lab_python": sys.executable,

@@ -13,7 +13,7 @@ The kubelet version a node reports (`status.nodeInfo.kubeletVersion`) comes from
 `lab.gpuforge.io/kubelet-version` set here; kwok copies it into the status on initialisation and again
 whenever the annotation changes (a stand-in upgrade re-registers the node with the new version).
 
-CLI (used by the stand-in Kubespray playbook via `delegate_to: localhost`):
+CLI (used by the lab's Kubespray playbook, lab/kubespray/lab-cluster.yml, via `delegate_to: localhost`):
     python -m lab.nodes register --kubeconfig K --name N [--label k=v ...] [--taint k=v:Effect ...]
                                  [--gpus 8] [--kubelet-version 1.35.4] [--cpu 32] [--memory 256Gi] [--wait 60]
     python -m lab.nodes set-gpus --kubeconfig K --name N --count 4     (--gpus 4 works too)

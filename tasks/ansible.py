@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 import tempfile
 from collections.abc import Callable
@@ -40,6 +41,10 @@ class PlaybookRun:
     rc: int
     stats: dict[str, dict[str, int]]
     hosts: dict[str, list[HostTask]]
+    # Files of the tasks that ran on some host ("/x/roles/validate_inventory/tasks/main.yml"): which roles ran.
+    task_files: set[str] = field(default_factory=set)
+    # What the playbook reported with `set_stats` (Ansible's custom stats).
+    custom_stats: dict[str, Any] = field(default_factory=dict)
 
     @property
     def unreachable(self) -> list[str]:
@@ -88,18 +93,26 @@ def run_playbook(
     timeout_s: int | None = None,
     forks: int = 16,
     limit: str | None = None,
+    skip_tags: list[str] | None = None,
     on_event: EventHandler | None = None,
     cancel: Callable[[], bool] | None = None,
     envvars: dict[str, str] | None = None,
 ) -> PlaybookRun:
     """Run one playbook; every event goes to `on_event` as it happens. Never raises for a failed play."""
     hosts: dict[str, list[HostTask]] = {}
+    task_files: set[str] = set()
+    custom_stats: dict[str, Any] = {}
     playbook, inventory = Path(playbook).resolve(), Path(inventory).resolve()
 
     def handle(event: dict[str, Any]) -> bool:
         parsed = _host_task(event)
         if parsed:
             hosts.setdefault(parsed[0], []).append(parsed[1])
+            task_path = event.get("event_data", {}).get("task_path")
+            if task_path and parsed[1].status not in ("skipped", "unreachable"):
+                task_files.add(task_path.rpartition(":")[0] or task_path)
+        if event.get("event") == "playbook_on_stats":
+            custom_stats.update(event.get("event_data", {}).get("artifact_data") or {})
         if on_event:
             on_event(event)
         return True
@@ -112,7 +125,9 @@ def run_playbook(
         "ANSIBLE_DEPRECATION_WARNINGS": "False",
         **(envvars or {}),
     }
-    cmdline = "--become" if become else None
+    # With `binary` ansible-runner runs that command as given and leaves the playbook out: it goes on the line.
+    args = (["--become"] if become else []) + ([shlex.quote(str(playbook))] if binary else [])
+    cmdline = " ".join(args) or None
     with tempfile.TemporaryDirectory(prefix="gpuforge-ansible-") as data_dir:
         # A private control-path dir: persistent SSH connections die with this run, never leak into the next.
         env["ANSIBLE_SSH_CONTROL_PATH_DIR"] = os.path.join(data_dir, "cp")
@@ -130,6 +145,7 @@ def run_playbook(
             binary=binary,
             forks=forks,
             limit=limit,
+            skip_tags=",".join(skip_tags) if skip_tags else None,
             timeout=timeout_s,
             envvars=env,
             quiet=True,
@@ -141,7 +157,7 @@ def run_playbook(
             # ansible-playbook itself failed (not found, syntax error, bad inventory): no host was tried.
             output = runner.stdout.read() if runner.stdout else ""
             raise AnsibleError(f"ansible-playbook {playbook.name} failed (rc {runner.rc}): {output.strip()[-2000:]}")
-        return PlaybookRun(runner.status, runner.rc, dict(runner.stats or {}), hosts)
+        return PlaybookRun(runner.status, runner.rc, dict(runner.stats or {}), hosts, task_files, custom_stats)
 
 
 def describe_event(event: dict[str, Any]) -> str | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +11,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from gpuforge.config import Config
-from tasks.ansible import describe_event, run_playbook
+from tasks.ansible import PlaybookRun, describe_event, run_playbook
+from tasks.kubespray import kubespray_venv, resolve_checkout
 from tasks.secrets import ssh_key_extravars
 
 PLAYBOOKS = Path(__file__).resolve().parents[1] / "playbooks"
@@ -50,8 +53,9 @@ def collect_preflight_facts(config: Config, inventory: Path) -> dict[str, dict[s
     return facts
 
 
-def count_plays(playbook: Path) -> int:
-    """Plays in a playbook, following import_playbook, so progress can advance by play."""
+def count_plays(playbook: Path, variables: dict[str, str] | None = None) -> int:
+    """Plays in a playbook, following import_playbook (whose path may name `variables`), so progress can
+    advance by play."""
     from ruamel.yaml import YAML
     from ruamel.yaml.error import YAMLError
 
@@ -62,23 +66,46 @@ def count_plays(playbook: Path) -> int:
     total = 0
     for entry in doc if isinstance(doc, list) else []:
         imported = entry.get("import_playbook") or entry.get("ansible.builtin.import_playbook")
-        if imported and "{{" not in str(imported):
-            total += count_plays((playbook.parent / imported).resolve())
+        if imported:
+            imported = re.sub(r"{{\s*(\w+)\s*}}", lambda m: (variables or {}).get(m[1], m[0]), str(imported))
+        if imported and "{{" not in imported:
+            total += count_plays((playbook.parent / imported).resolve(), variables)
         elif "hosts" in entry:
             total += 1
     return total
 
 
+@task(name="kubespray-prepare", cache_policy=NO_CACHE)
+def prepare_kubespray(config: Config) -> tuple[Path, Path, str]:
+    """Kubespray's checkout (checked to be kubespray.version), the playbook to run, and the ansible-playbook of
+    Kubespray's own venv; checkout and venv are built into the cache the first time."""
+    logger = get_run_logger()
+    ks = config.kubespray
+    checkout = resolve_checkout(config.path(ks.checkout) if ks.checkout else None, ks.version)
+    logger.info("Kubespray %s (galaxy.yml) at %s", ks.version, checkout)
+    if ks.venv:
+        venv = config.path(ks.venv)
+    else:
+        started = time.monotonic()
+        logger.info("Kubespray's venv from %s (built once per requirements.txt) ...", checkout / "requirements.txt")
+        venv = kubespray_venv(checkout)
+        logger.info("Kubespray's venv %s ready in %.1fs", venv, time.monotonic() - started)
+    playbook = config.path(ks.playbook) if ks.own_playbook() else checkout / ks.playbook
+    if not playbook.is_file():
+        raise FileNotFoundError(f"kubespray.playbook {ks.playbook}: no such playbook ({playbook})")
+    return checkout, playbook, str(venv / "bin" / "ansible-playbook")
+
+
 @task(name="kubespray-cluster", cache_policy=NO_CACHE)
-def run_kubespray(config: Config, checkout: Path, inventory: Path, binary: str | None):
-    """cluster.yml of the Kubespray checkout, with become; every event logged; progress advances by play."""
+def run_kubespray(config: Config, checkout: Path, playbook: Path, inventory: Path, binary: str) -> PlaybookRun:
+    """The Kubespray playbook with become, from the checkout (its ansible.cfg and roles apply); every event
+    logged; progress advances by play."""
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
     logger = get_run_logger()
-    playbook = checkout / "cluster.yml"
-    if not playbook.exists():
-        raise FileNotFoundError(f"no Kubespray checkout at {checkout} (cluster.yml missing); see kubespray.checkout")
-    plays = max(count_plays(playbook), 1)
+    # Playbooks of the operator's own (kubespray.playbook) find the checkout, and gpuforge's kubeconfig, here.
+    extravars = {"gpuforge_kubespray_dir": str(checkout), "gpuforge_kubeconfig": str(config.kubeconfig_path())}
+    plays = max(count_plays(playbook, extravars), 1)
     progress_id = create_progress_artifact(0.0, key="kubespray-progress", description=f"{playbook}: plays done")
     seen = {"plays": 0}
     log = log_events(logger)
@@ -96,7 +123,8 @@ def run_kubespray(config: Config, checkout: Path, inventory: Path, binary: str |
             project_dir=checkout,
             binary=binary,
             become=True,
-            extravars=key_vars,
+            extravars={**extravars, **key_vars},
+            skip_tags=config.kubespray.skip_tags,
             timeout_s=config.timeouts.kubespray,
             on_event=on_event,
         )

@@ -36,7 +36,8 @@ def make_lab_config(folder: Path, prefix: str = "t", ip_base: int = 100, cluster
     data["kubeconfig"] = str(state / "kubeconfig")
     data["ansible_ssh_private_key_file"] = str(state / "ssh" / "id_ed25519")
     data["prometheus_url"] = f"http://127.0.0.1:{free_port()}"
-    data["kubespray"]["checkout"] = str(state / "kubespray")
+    for key in ("checkout", "playbook"):
+        data["kubespray"][key] = str((LAB_CONFIG.parent / data["kubespray"][key]).resolve())
     for i, node in enumerate(data["k8s_cluster_nodes"]):
         node["name"] = f"{prefix}{node['name']}"
         node["ip"] = f"198.51.100.{ip_base + i}"
