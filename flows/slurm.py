@@ -7,7 +7,7 @@ from prefect import flow, get_run_logger
 from flows.common import ClusterParams, load, publish_table, run_name
 from tasks.helm import converge_service, outcome_rows, phase_summary
 from tasks.kube import list_custom, list_nodes, wait_for
-from tasks.slurm import slurm_exec
+from tasks.slurm import controller_answers
 
 
 @flow(name="slurm", flow_run_name=run_name("slurm"))
@@ -20,10 +20,6 @@ def slurm(params: ClusterParams) -> str:
     learned = {n.name: nodes[n.name].allocatable_gpus for n in config.gpu_nodes if n.name in nodes}
     outcomes = converge_service(config, "slurm", kubeconfig, config.timeouts.slurm, learned=learned)
 
-    def controller_answers() -> tuple[bool, str]:
-        ping = slurm_exec(kubeconfig, namespace, ["scontrol", "ping"], timeout_s=10)
-        return ping.ok and "UP" in ping.stdout, (ping.stdout + ping.stderr).strip() or f"rc {ping.rc}"
-
     def nodesets_ready() -> tuple[bool, str]:
         sets = list_custom(kubeconfig, "slinky.slurm.net", "v1beta1", "nodesets", namespace)
         pending = [
@@ -33,7 +29,12 @@ def slurm(params: ClusterParams) -> str:
         ]
         return bool(sets) and not pending, "; ".join(pending) or f"{len(sets)} NodeSets ready"
 
-    wait_for("the Slurm controller", controller_answers, config.timeouts.slurm, log=logger.info)
+    wait_for(
+        "the Slurm controller",
+        lambda: controller_answers(kubeconfig, namespace),
+        config.timeouts.slurm,
+        log=logger.info,
+    )
     detail = wait_for("the GPU NodeSets", nodesets_ready, config.timeouts.slurm, log=logger.info)
     publish_table("slurm-status", outcome_rows(outcomes), "Slurm releases")
     return phase_summary(outcomes, detail)

@@ -520,6 +520,17 @@ def list_pods(kubeconfig: Path, namespace: str) -> list[client.V1Pod]:
         return client.CoreV1Api(api).list_namespaced_pod(namespace).items
 
 
+def pod_phase(kubeconfig: Path, namespace: str, name: str) -> str | None:
+    """The pod's phase (Pending, Running, ...), None while it does not exist (an operator has yet to make it)."""
+    with api_client(kubeconfig) as api:
+        try:
+            return client.CoreV1Api(api).read_namespaced_pod(name, namespace).status.phase
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+
 def set_cordon(kubeconfig: Path, node: str, cordon: bool, reason: str | None) -> None:
     """Cordon (with the reason annotation) or uncordon (annotation removed) in one patch."""
     body = {

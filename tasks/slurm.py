@@ -18,7 +18,7 @@ from gpuforge import remediation, validation
 from gpuforge.config import Config
 from gpuforge.remediation import Action, SlurmNode
 from gpuforge.validation import FAIL, PASS, CheckResult
-from tasks.kube import api_client, slurm_pods
+from tasks.kube import api_client, pod_phase, slurm_pods
 
 CONTROLLER_POD = "slurm-controller-0"
 CONTROLLER_CONTAINER = "slurmctld"
@@ -68,6 +68,16 @@ def slurm_exec(
         status = resp.read_channel(3)  # the exec status channel: JSON with the exit code
         resp.close()
     return ExecResult(_exit_code(status), "".join(out), "".join(err))
+
+
+def controller_answers(kubeconfig: Path, namespace: str) -> tuple[bool, str]:
+    """A wait_for probe: slurmctld answers `scontrol ping` in the controller pod. Slinky's operator builds that
+    pod after Helm returns (from the chart's Controller), so a pod not made or not running yet is "not yet"."""
+    phase = pod_phase(kubeconfig, namespace, CONTROLLER_POD)
+    if phase != "Running":
+        return False, f"pod {namespace}/{CONTROLLER_POD} {phase or 'not created yet'}"
+    ping = slurm_exec(kubeconfig, namespace, ["scontrol", "ping"], timeout_s=10)
+    return ping.ok and "UP" in ping.stdout, (ping.stdout + ping.stderr).strip() or f"rc {ping.rc}"
 
 
 def _exit_code(status: str) -> int:

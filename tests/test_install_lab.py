@@ -101,14 +101,15 @@ def test_value_changed_with_helm_is_put_back_by_the_next_install(lab, lab_config
     """The converged check reads Helm's release records; a record that differs goes through pyhelm3 again."""
     import subprocess
 
-    from gpuforge.render import render_releases
+    from gpuforge.render import chart_archive, chart_mirror, render_releases
     from tasks.helm import helm_executable, release_records
 
     config = load_config(lab_config)
     kubeconfig = config.kubeconfig_path()
     release = next(r for r in render_releases(config) if r.name == "gpu-operator")
+    archive = chart_archive(release, chart_mirror(config, os.environ))  # the real chart, from the lab's mirror
     subprocess.run(
-        [helm_executable(), "upgrade", "gpu-operator", release.chart, "-n", "gpu-operator", "--reuse-values",
+        [helm_executable(), "upgrade", "gpu-operator", str(archive), "-n", "gpu-operator", "--reuse-values",
          "--set", "dcgmExporter.serviceMonitor.honorLabels=false", "--kubeconfig", str(kubeconfig)],
         check=True, capture_output=True, timeout=120,
     )  # fmt: skip
@@ -205,7 +206,8 @@ def test_preflight_reports_unreachable_host_by_name_and_keeps_others(lab, lab_co
 def test_second_install_of_same_cluster_is_refused(lab, lab_config, monkeypatch):
     import flows.common
 
-    monkeypatch.setattr(flows.common, "LOCK_WAIT_S", 2)
+    # Long enough for a busy test server to grant the free slot, short enough for the refused second run.
+    monkeypatch.setattr(flows.common, "LOCK_WAIT_S", 10)
     with cluster_lock("gpuforge-test", "install"):
         with pytest.raises(PreconditionFailed, match="another install of cluster gpuforge-test is running"):
             with cluster_lock("gpuforge-test", "install"):
