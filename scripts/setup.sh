@@ -30,3 +30,18 @@ if ! .venv/bin/python -c "import gpuforge, prefect, pytest" 2>/dev/null \
 fi
 
 bash lab/build/build-binaries.sh >/dev/null
+
+# Kubespray's own venv (its requirements.txt: ansible 11.13 / core 2.18), built once into the cache from the
+# pinned release tarball beside the project, so the lab's first kubespray phase does not pay for it.
+kubespray_tarball=../shared/upstream/kubespray-v2.31.0.tar.gz
+if [[ -f $kubespray_tarball ]]; then
+  .venv/bin/python - "$kubespray_tarball" <<'PY' >/dev/null
+import sys
+from pathlib import Path
+
+from gpuforge.pins import KUBESPRAY_VERSION
+from tasks.kubespray import kubespray_venv, resolve_checkout
+
+print(kubespray_venv(resolve_checkout(Path(sys.argv[1]).resolve(), KUBESPRAY_VERSION)))
+PY
+fi
