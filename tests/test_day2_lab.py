@@ -366,16 +366,17 @@ def test_fresh_install_has_no_drift(configs):
 
 
 def test_helm_value_changed_with_helm_is_one_item(installed, configs, cfg):
-    from gpuforge.render import render_releases
+    from gpuforge.render import chart_archive, chart_mirror, render_releases
     from tasks.helm import helm_executable
 
     release = next(r for r in render_releases(cfg) if r.name == "gpu-operator")
+    archive = str(chart_archive(release, chart_mirror(cfg, os.environ)))  # the real chart, from the lab's mirror
     env = {"KUBECONFIG": str(cfg.kubeconfig_path()), "PATH": "/usr/bin:/bin", "HOME": str(Path.home())}
 
     def helm(*args):
         subprocess.run([helm_executable(), *args], check=True, capture_output=True, env=env, timeout=120)
 
-    helm("upgrade", "gpu-operator", release.chart, "-n", "gpu-operator", "--version", release.version,
+    helm("upgrade", "gpu-operator", archive, "-n", "gpu-operator", "--version", release.version,
          "--reuse-values", "--set", "dcgmExporter.serviceMonitor.honorLabels=false")  # fmt: skip
     try:
         item = one_item(run_drift(configs["off"]))

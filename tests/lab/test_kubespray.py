@@ -106,7 +106,10 @@ def test_real_kubespray_validates_gathers_facts_then_the_lab_registers_nodes(sit
         done = {t.task: t.status for t in run.hosts[name]}
         assert done["Gather minimal facts"] == "ok" and done["Join node to the cluster"] == "changed"
     # The lab's registration got each host's name, kube_version and labels.
-    registered = (config.kubeconfig_path().parent / "registered").read_text().splitlines()
+    calls = (config.kubeconfig_path().parent / "registered").read_text().splitlines()
+    registered = [line for line in calls if " lab.nodes register " in line]
+    # ... and, with the local-path addon enabled in group_vars, the addon's StorageClass.
+    assert [line for line in calls if " lab.nodes local-path-storage-class " in line], calls
     assert sorted(line.split("--name ")[1].split()[0] for line in registered) == names
     assert all("--kubelet-version 1.35.4" in line for line in registered)
     assert (tmp_path / "artifacts" / "admin.conf").read_text() == "lab admin kubeconfig\n"
