@@ -9,6 +9,7 @@ Pure domain code: no Prefect, no clients.
 
 from __future__ import annotations
 
+import codecs
 import difflib
 import ipaddress
 import os
@@ -608,9 +609,11 @@ def read_config_text(path: str | os.PathLike[str]) -> str:
         )
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise issue("the file is UTF-16 (it starts with a UTF-16 byte-order mark); save it as UTF-8")
+    # Editors on Windows save UTF-8 with a byte-order mark: YAML allows it, so it is not an error. It is cut off
+    # before decoding, so that a bad byte's position counts from where the user's text starts.
+    data = data.removeprefix(codecs.BOM_UTF8)
     try:
-        # Editors on Windows save UTF-8 with a byte-order mark: YAML allows it, so it is not an error.
-        return data.decode("utf-8-sig")
+        return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line_start = data.rfind(b"\n", 0, exc.start) + 1
         column = len(data[line_start : exc.start].decode("utf-8", errors="replace")) + 1

@@ -71,6 +71,7 @@ EXPECTED = {
     "bad_timezone": [
         '{file}:4:11: timezone: \'Mars/Olympus\' is not an IANA time zone such as "Europe/Berlin" or "UTC"'
     ],
+    "bom_crlf_then_latin1": ["{file}:2:4: byte 0xe9 is not UTF-8; save the file as UTF-8"],
     "cidr_host_bits": [
         "{file}:5:13: kubespray.pod_cidr: '10.233.64.1/18' is not a valid IPv4 CIDR (10.233.64.1/18 has host bits set); write it like \"10.233.0.0/18\""
     ],
