@@ -12,7 +12,7 @@ from prefect import flow, get_run_logger
 from flows.common import ClusterParams, load, publish_markdown, publish_table, run_name
 from flows.notify import notify_failure
 from gpuforge import checks, validation
-from gpuforge.validation import ERROR, FAIL, PASS, SKIP, CheckResult
+from gpuforge.validation import ERROR, FAIL, SKIP, CheckResult
 from tasks import kube, prometheus, slurm
 
 
@@ -50,7 +50,7 @@ def validate(params: ValidateParams) -> dict:
         results.append(_disabled("slurm", "slurm"))
     for future in running:
         results += future.result()
-    logger.info("validation: %d checks, %d failed", len(results), sum(r.result != PASS for r in results))
+    logger.info("validation: %s", validation.summary(results))
     return _finish(config, results)
 
 
@@ -62,11 +62,10 @@ def _finish(config, results: list[CheckResult]) -> dict:
     publish_table("validation-report", [r.row() for r in results], f"Validation of {config.cluster_name}")
     out = validation.report(results)
     out["exit_code"] = validation.exit_code(results)
-    counts = {k: sum(r.result == k for r in results) for k in (PASS, FAIL, SKIP, ERROR)}
     publish_markdown(
         "validation-summary",
         f"# Validation of `{config.cluster_name}`\n\n"
-        + ", ".join(f"{v} {k}" for k, v in counts.items())
+        + ", ".join(f"{v} {k}" for k, v in validation.counts(results).items())
         + "\n\n"
         + "\n".join(f"- **{r.check}** {r.target}: {r.detail}" for r in results if r.result in (FAIL, ERROR)),
         "validation",

@@ -119,7 +119,12 @@ def lab_up(config_path: Path, as_json: bool) -> None:
 
 @lab.command("down")
 @config_option
-@click.option("--purge", is_flag=True, help="Also delete the cluster's data (etcd), for a fresh next `lab up`.")
+@click.option(
+    "--purge",
+    is_flag=True,
+    help="Also delete everything the lab kept (etcd, metrics, simulated faults, Slurm state, keys, logs), "
+    "for a fresh next `lab up`.",
+)
 def lab_down(config_path: Path, purge: bool) -> None:
     """Stop every lab process and remove its namespaces and links."""
     _lab(config_path).down(purge=purge)

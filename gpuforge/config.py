@@ -9,6 +9,7 @@ Pure domain code: no Prefect, no clients.
 
 from __future__ import annotations
 
+import codecs
 import difflib
 import ipaddress
 import os
@@ -26,6 +27,7 @@ from pydantic import (
     StrictBool,
     StrictInt,
     ValidationError,
+    ValidationInfo,
     field_validator,
 )
 from ruamel.yaml import YAML
@@ -54,6 +56,12 @@ class Remediation(StrEnum):
 _LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# POSIX portable user names (useradd's default NAME_REGEX, at most 32 characters): the SSH login that Ansible
+# puts on command lines, so nothing a shell would read as syntax.
+_POSIX_USER = re.compile(r"^[a-z_][a-z0-9_-]*\$?$")
+# A config larger than this is not a config (a log, a disk image, the wrong --config path); reading and parsing
+# it would take long for nothing. About 50,000 nodes of one flow-style line each fit in it.
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
 
 
 def label_key_problem(key: str) -> str | None:
@@ -114,7 +122,15 @@ class Node(_Model):
         try:
             return str(ipaddress.IPv4Address(v))
         except ValueError:
+            pass
+        try:
+            ipaddress.IPv6Address(v)
+        except ValueError:
             raise ValueError(f'{v!r} is not an IPv4 address; write it as four numbers like "192.168.1.11"') from None
+        # Kubespray could take it, but gpuforge's CIDRs, inventory and checks are IPv4 only.
+        raise ValueError(
+            f"{v!r} is an IPv6 address; gpuforge installs IPv4 clusters only: give the node's IPv4 address"
+        )
 
     @field_validator("name")
     @classmethod
@@ -181,6 +197,17 @@ class Services(_Model):
         }
 
 
+def _version_ranges(versions: tuple[str, ...]) -> str:
+    """'1.33.0-1.33.11, 1.34.0-1.34.7': each minor release's patch range, oldest first."""
+    patches: dict[tuple[int, int], list[int]] = {}
+    for v in versions:
+        major, minor, patch = (int(x) for x in v.split("."))
+        patches.setdefault((major, minor), []).append(patch)
+    return ", ".join(
+        f"{major}.{minor}.{min(p)}-{major}.{minor}.{max(p)}" for (major, minor), p in sorted(patches.items())
+    )
+
+
 class Kubespray(_Model):
     version: str = pins.KUBESPRAY_VERSION
     kube_version: str = pins.KUBE_VERSION
@@ -205,9 +232,15 @@ class Kubespray(_Model):
 
     @field_validator("kube_version")
     @classmethod
-    def _kube_version(cls, v: str) -> str:
+    def _kube_version(cls, v: str, info: ValidationInfo) -> str:
         if not re.fullmatch(r"\d+\.\d+\.\d+", v):
             raise ValueError(f"{v!r} must look like \"1.35.4\" (no leading 'v', as Kubespray wants)")
+        # Only the pinned release's list is known here; another release's own inventory asserts judge the version.
+        if info.data.get("version") == pins.KUBESPRAY_VERSION and v not in pins.KUBE_VERSIONS:
+            raise ValueError(
+                f"{v} is not supported by Kubespray {pins.KUBESPRAY_VERSION} (it supports "
+                f"{_version_ranges(pins.KUBE_VERSIONS)}); use one of those, such as {pins.KUBE_VERSION}"
+            )
         return v
 
     @field_validator("playbook")
@@ -303,6 +336,16 @@ class Config(_Model):
     # Folder of the config file: relative paths in the config are taken from here.
     base_dir: Path = Field(default=Path("."), exclude=True)
     source: str = Field(default="<config>", exclude=True)
+
+    @field_validator("ansible_user")
+    @classmethod
+    def _ansible_user(cls, v: str) -> str:
+        if len(v) > 32 or not _POSIX_USER.match(v):
+            raise ValueError(
+                f"{v!r} is not a user name: at most 32 lowercase letters, digits, '_' and '-', starting with a "
+                "letter or '_'; write the login name on the nodes, such as \"ubuntu\""
+            )
+        return v
 
     @field_validator("cluster_name")
     @classmethod
@@ -466,15 +509,27 @@ def _known_fields(model: type[BaseModel], path: tuple[Any, ...]) -> list[str]:
     return []
 
 
+def _intended_key(loc: tuple[Any, ...]) -> str | None:
+    """The known key that the unknown key at `loc` most likely means: the same with spaces, or a close spelling."""
+    known = _known_fields(Config, loc[:-1])
+    field = str(loc[-1])
+    if field.strip() in known:
+        return field.strip()
+    guess = difflib.get_close_matches(field, known, n=1, cutoff=0.6)
+    return guess[0] if guess else None
+
+
 def _message(error: dict[str, Any]) -> str:
     kind = error["type"]
     loc = tuple(error["loc"])
     field = loc[-1] if loc else ""
     if kind == "extra_forbidden":
-        known = _known_fields(Config, loc[:-1])
-        guess = difflib.get_close_matches(str(field), known, n=1, cutoff=0.6)
-        hint = f"did you mean {guess[0]!r}?" if guess else f"known keys: {', '.join(sorted(known))}"
-        return f"unknown key {field!r}; {hint}"
+        intended = _intended_key(loc)
+        if intended == str(field).strip():
+            return f"unknown key {field!r}: the spaces around it are part of the key; write {intended!r}"
+        if intended:
+            return f"unknown key {field!r}; did you mean {intended!r}?"
+        return f"unknown key {field!r}; known keys: {', '.join(sorted(_known_fields(Config, loc[:-1])))}"
     if kind == "missing":
         return "is required; add it"
     if kind == "bool_type":
@@ -497,6 +552,8 @@ def _message(error: dict[str, Any]) -> str:
     if kind in ("dict_type", "model_type"):
         return f"must be a mapping (key: value), not {type(error['input']).__name__}"
     if kind == "list_type":
+        if isinstance(error["input"], str):
+            return f"must be a list, not the string {error['input']!r}; write it as [{error['input']}]"
         return f"must be a list, not {type(error['input']).__name__}"
     if kind == "string_type":
         return f"must be a string, not {error['input']!r}; quote it"
@@ -531,21 +588,51 @@ def parse_yaml(text: str, source: str) -> Any:
         raise ConfigError([ConfigIssue(source, line, col, "", message)]) from None
 
 
+def read_config_text(path: str | os.PathLike[str]) -> str:
+    """The config file's text: UTF-8, with or without a byte-order mark; any other file is a ConfigError."""
+    source = str(path)
+
+    def issue(message: str, line: int = 1, column: int = 1) -> ConfigError:
+        return ConfigError([ConfigIssue(source, line, column, "", message)])
+
+    try:
+        with open(path, "rb") as f:
+            # One byte past the limit tells "too large" without reading a huge file (or a pipe) to its end.
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise issue("config file not found; check the --config path") from None
+    except OSError as exc:
+        raise issue(f"cannot read the config file: {exc.strerror}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise issue(
+            f"the file is larger than {MAX_CONFIG_BYTES // 2**20} MiB, too large for a config; check the --config path"
+        )
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise issue("the file is UTF-16 (it starts with a UTF-16 byte-order mark); save it as UTF-8")
+    # Editors on Windows save UTF-8 with a byte-order mark: YAML allows it, so it is not an error. It is cut off
+    # before decoding, so that a bad byte's position counts from where the user's text starts.
+    data = data.removeprefix(codecs.BOM_UTF8)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line_start = data.rfind(b"\n", 0, exc.start) + 1
+        column = len(data[line_start : exc.start].decode("utf-8", errors="replace")) + 1
+        raise issue(
+            f"byte 0x{data[exc.start]:02x} is not UTF-8; save the file as UTF-8",
+            data.count(b"\n", 0, exc.start) + 1,
+            column,
+        ) from None
+
+
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read and validate a config file; raises ConfigError with every problem found."""
-    p = Path(path)
-    source = str(path)
-    try:
-        text = p.read_text()
-    except FileNotFoundError:
-        raise ConfigError([ConfigIssue(source, 1, 1, "", "config file not found; check the --config path")]) from None
-    except (PermissionError, IsADirectoryError) as exc:
-        raise ConfigError([ConfigIssue(source, 1, 1, "", f"cannot read the config file: {exc.strerror}")]) from None
-    return parse_config(text, source, base_dir=p.resolve().parent)
+    return parse_config(read_config_text(path), str(path), base_dir=Path(path).resolve().parent)
 
 
 def parse_config(text: str, source: str = "<config>", base_dir: Path | None = None) -> Config:
     doc = parse_yaml(text, source)
+    if doc is None:
+        raise ConfigError([ConfigIssue(source, 1, 1, "", "the config file is empty; list k8s_cluster_nodes in it")])
     if not isinstance(doc, CommentedMap):
         raise ConfigError(
             [ConfigIssue(source, 1, 1, "", "the config must be a YAML mapping with k8s_cluster_nodes at the top")]
@@ -554,9 +641,14 @@ def parse_config(text: str, source: str = "<config>", base_dir: Path | None = No
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
+        errors = exc.errors()
+        # A misspelt key also leaves the key it meant missing; its "did you mean" line already says both.
+        meant = {e["loc"][:-1] + (_intended_key(e["loc"]),) for e in errors if e["type"] == "extra_forbidden"}
         issues = []
-        for err in exc.errors():
+        for err in errors:
             loc = tuple(err["loc"])
+            if err["type"] == "missing" and loc in meant:
+                continue
             line, col = (
                 _position(doc, loc) if err["type"] in ("extra_forbidden", "missing") else _value_position(doc, loc)
             )
@@ -583,15 +675,23 @@ def semantic_problems(config: Config) -> list[tuple[tuple[Any, ...], str]]:
             problems.append(
                 (
                     base + ("ip",),
-                    f"duplicate IP {node.ip} (also node {seen_ip[node.ip]}); give each node its own IP",
+                    f"duplicate IP {node.ip} (also node {seen_ip[node.ip]}); give each node its own IP, and list a "
+                    "node once with all its roles",
                 )
             )
         seen_ip.setdefault(node.ip, i)
         if named.name in seen_name:
+            other = seen_name[named.name]
+            # A name derived from the role (gpu-1) can clash with one written out; without this the clash puzzles.
+            fix = (
+                "names must be unique"
+                if node.name and nodes[other].name
+                else "a node without a name is named from its role (cp-1, gpu-1, cpu-1, ...); give it a distinct name"
+            )
             problems.append(
                 (
                     base + ("name",) if node.name else base,
-                    f"duplicate node name {named.name!r} (also node {seen_name[named.name]}); names must be unique",
+                    f"duplicate node name {named.name!r} (also node {other}); {fix}",
                 )
             )
         seen_name.setdefault(named.name, i)
@@ -693,7 +793,7 @@ def node_access_problems(config: Config) -> list[ConfigIssue]:
 
 def _key_line(config: Config, key: str) -> tuple[int, int]:
     try:
-        doc = parse_yaml(Path(config.source).read_text(), config.source)
-    except (OSError, ConfigError):
+        doc = parse_yaml(read_config_text(config.source), config.source)
+    except ConfigError:
         return 1, 1
     return _value_position(doc, (key,))

@@ -9,6 +9,16 @@ from __future__ import annotations
 KUBESPRAY_VERSION = "v2.31.0"
 # Kubespray v2.31.0's newest checksums key; the lab's control plane is built at the same version.
 KUBE_VERSION = "1.35.4"
+# The Kubernetes versions Kubespray v2.31.0 can install: the keys of kubelet_checksums, kubeadm_checksums and
+# kubectl_checksums (the same for amd64 and arm64) in roles/kubespray_defaults/vars/main/checksums.yml of its
+# release tarball. Kubespray downloads nothing it has no checksum for, so any other version fails mid-install.
+# Changes with KUBESPRAY_VERSION; tests/test_config.py checks it against the tarball.
+KUBE_VERSIONS = (
+    "1.35.4", "1.35.3", "1.35.2", "1.35.1", "1.35.0",
+    "1.34.7", "1.34.6", "1.34.5", "1.34.4", "1.34.3", "1.34.2", "1.34.1", "1.34.0",
+    "1.33.11", "1.33.10", "1.33.9", "1.33.8", "1.33.7", "1.33.6", "1.33.5", "1.33.4", "1.33.3", "1.33.2",
+    "1.33.1", "1.33.0",
+)  # fmt: skip
 
 # service key -> list of Helm releases that service installs, in install order.
 # Each release: (release name, namespace, chart repo, chart name, chart version).

@@ -45,6 +45,17 @@ def report(results: list[CheckResult]) -> dict[str, Any]:
     return {"ok": bool(results) and not failures, "failures": failures, "checks": checks}
 
 
+def counts(results: list[CheckResult]) -> dict[str, int]:
+    """How many checks ended in each result, every result named (0 included): pass, fail, skipped, error."""
+    return {k: sum(r.result == k for r in results) for k in (PASS, FAIL, SKIP, ERROR)}
+
+
+def summary(results: list[CheckResult]) -> str:
+    """'17 checks: 16 passed, 0 failed, 1 skipped, 0 could not run': a skipped check is no failure."""
+    n = counts(results)
+    return f"{len(results)} checks: {n[PASS]} passed, {n[FAIL]} failed, {n[SKIP]} skipped, {n[ERROR]} could not run"
+
+
 def exit_code(results: list[CheckResult]) -> int:
     """0 all passed, 2 the environment prevented checking, 1 a check failed."""
     if any(r.result == ERROR for r in results):

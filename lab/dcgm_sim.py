@@ -43,6 +43,7 @@ import ipaddress
 import json
 import os
 import re
+import shutil
 import sys
 import time
 import urllib.error
@@ -450,9 +451,12 @@ class DcgmSim:
         self._meta.write_text(json.dumps({"url": url}))
         return url
 
-    def down(self) -> None:
+    def down(self, purge: bool = False) -> None:
+        """Stop the simulator. `purge` also deletes its folder: the state file holds the injected faults."""
         procs.stop_daemon(self.workdir, self.NAME)
         self._meta.unlink(missing_ok=True)
+        if purge:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def running(self) -> bool:
         return procs.is_running(self.workdir, self.NAME)

@@ -94,15 +94,34 @@ class Lab:
         return self.endpoints()
 
     def down(self, purge: bool = False) -> None:
-        """Stop everything and remove namespaces and links. The state folder stays (keys, etcd data) unless
-        `purge`, which also forgets the cluster's data so the next `up` starts from an empty cluster."""
+        """Stop everything and remove namespaces and links. The state folder stays (keys, etcd data, metrics,
+        faults) unless `purge`, which deletes everything the lab wrote so the next `up` starts from nothing."""
         procs.stop_daemon(self.workdir, RECONCILER)
-        self.prometheus.down()
-        self.dcgm.down()
+        self.prometheus.down(purge=purge)
+        self.dcgm.down(purge=purge)
         self.cp.down(purge=purge)
         self.slurm.down()
         self.hosts.down()
         self.config.kubeconfig_path().unlink(missing_ok=True)
+        if purge:
+            # What the other parts wrote: Slurm's job state, the SSH hosts' keys and files, the reconciler's
+            # inputs and pod logs, pid files, logs. Named one by one, not the whole folder: it is the
+            # kubeconfig's folder, which may hold the user's own files.
+            owned = (
+                "hosts",
+                "ssh",
+                "pod-logs",
+                "run",
+                "log",
+                "gpu-inventory.json",
+                "slurm-env.json",
+                "kubespray-lab.json",
+            )
+            for path in (self.slurm.workdir, *(self.workdir / name for name in owned)):
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
 
     def status(self) -> dict[str, object]:
         cp = self.cp.status()

@@ -136,9 +136,13 @@ class PrometheusLab:
         if proc.returncode != 0:
             raise ValueError(f"promtool rejects {self.config}:\n{proc.stdout}{proc.stderr}")
 
-    def down(self) -> None:
+    def down(self, purge: bool = False) -> None:
+        """Stop the server. `purge` also deletes its folder: the TSDB would show the next lab the old samples
+        (a fault's XID inside the health window)."""
         procs.stop_daemon(self.workdir, self.NAME, timeout=15)
         self._meta.unlink(missing_ok=True)
+        if purge:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def stop(self) -> None:
         """Stop the server (fault tests); :meth:`start` brings it back on the same port if it is free."""
