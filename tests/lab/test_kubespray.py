@@ -157,6 +157,7 @@ def test_lab_playbook_refuses_to_run_kubespray_without_skipping_bootstrap_os(sit
         project_dir=tripwire,
         extravars={"gpuforge_kubespray_dir": str(tripwire), "gpuforge_kubeconfig": str(config.kubeconfig_path())},
         skip_tags=config.kubespray.skip_tags,
+        host_key_checking="off",  # the tripwire is the point here, not host keys
     )
     assert run.status == "failed" and not (tmp_path / "tripped").exists()
     [failed] = [t for t in run.hosts["localhost"] if t.status == "failed"]
