@@ -41,7 +41,7 @@ def test_fingerprint_is_what_ssh_keygen_prints(keys):
 
 
 def test_new_host_is_trusted_on_first_use_under_accept_new_and_refused_under_strict(keys):
-    (a, fp), _ = keys["a"], None
+    a, fp = keys["a"]
     known = parse_known_hosts(line("10.0.0.9", keys["b"][0]))  # another host's key only
     verdict = judge_host_key("gpu-1", "10.0.0.1", [a], known, "accept-new")
     assert (verdict.status, verdict.refused) == ("new", False)
@@ -59,7 +59,11 @@ def test_same_key_is_known(keys):
     known = parse_known_hosts("# pinned by gpuforge\n\n" + line("10.0.0.1", a), "/s/known_hosts")
     for policy in ("accept-new", "strict"):
         verdict = judge_host_key("gpu-1", "10.0.0.1", [a], known, policy)
-        assert (verdict.status, verdict.refused, verdict.detail) == ("known", False, f"10.0.0.1: pinned ssh-ed25519 {fp}")
+        assert (verdict.status, verdict.refused, verdict.detail) == (
+            "known",
+            False,
+            f"10.0.0.1: pinned ssh-ed25519 {fp}",
+        )
 
 
 def test_changed_key_is_refused_naming_host_and_both_fingerprints(keys):
@@ -88,7 +92,7 @@ def test_pinned_key_type_no_longer_offered_is_a_change(keys):
 
 
 def test_hashed_wildcard_and_negated_entries(keys, tmp_path):
-    (a, _), (b, fp_b) = keys["a"], keys["b"]
+    (a, _), (b, _) = keys["a"], keys["b"]
     kh = tmp_path / "known_hosts"
     kh.write_text(line("10.0.0.1", a))
     subprocess.run(["ssh-keygen", "-q", "-H", "-f", str(kh)], check=True, capture_output=True)
