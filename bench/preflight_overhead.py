@@ -22,7 +22,7 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 from gpuforge.plan import write_plan  # noqa: E402
 from lab.sshhosts import HostSpec, SshHosts  # noqa: E402
-from tasks.ansible import SSH_ARGS  # noqa: E402
+from tasks.ansible import host_key_env  # noqa: E402
 
 HOSTS = 16
 ROUNDS = 3
@@ -63,8 +63,7 @@ def main() -> None:
             write_plan(load_config(cfg_path), inventory)
             bare_env = {
                 **os.environ,
-                "ANSIBLE_HOST_KEY_CHECKING": "False",
-                "ANSIBLE_SSH_ARGS": SSH_ARGS,
+                **host_key_env("off"),  # the bare side does no host-key work; the flow's side pins keys
                 "ANSIBLE_SSH_CONTROL_PATH_DIR": str(work / "cp"),
                 "ANSIBLE_FORKS": "16",
                 "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",

@@ -15,6 +15,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel
 
 from gpuforge.config import Config, ConfigError, load_config, node_access_problems
+from gpuforge.state import cluster_state_dir
 
 
 class ClusterParams(BaseModel):
@@ -69,8 +70,7 @@ def run_name(prefix: str) -> Any:
 
 def state_dir(config: Config) -> Path:
     """Where gpuforge keeps a cluster's run files (inventory, Kubespray artifacts)."""
-    root = Path(os.environ.get("GPUFORGE_STATE", "~/.local/state/gpuforge")).expanduser()
-    path = root / config.cluster_name
+    path = cluster_state_dir(config.cluster_name)
     path.mkdir(parents=True, exist_ok=True)
     return path
 

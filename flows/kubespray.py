@@ -10,7 +10,7 @@ from prefect import flow, get_run_logger
 from flows.common import ClusterParams, load, publish_markdown, publish_table, run_name, state_dir
 from gpuforge.plan import write_plan
 from gpuforge.render import CONTAINERD_IMPORTS
-from tasks.ansible_tasks import prepare_kubespray, run_kubespray
+from tasks.ansible_tasks import prepare_kubespray, run_kubespray, verify_host_keys
 from tasks.kube import nodes_converged, nodes_ready_probe, wait_for
 from tasks.kubespray import what_kubespray_did
 
@@ -30,6 +30,9 @@ def kubespray(params: KubesprayParams) -> str:
 
     inventory_dir = state_dir(config) / "inventory"
     write_plan(config, inventory_dir)
+    # A host whose SSH key changed gets no CA keys, certificates or kubeconfigs: refuse before Kubespray runs.
+    if refused := [v.message for v in verify_host_keys(config).values() if v.refused]:
+        raise RuntimeError("; ".join(refused))
     checkout, playbook, binary = prepare_kubespray(config)
     run = run_kubespray(config, checkout, playbook, inventory_dir / "hosts.yaml", binary)
     ks = config.kubespray

@@ -7,7 +7,7 @@ from prefect import flow, get_run_logger
 from flows.common import ClusterParams, load, publish_table, run_name, state_dir
 from gpuforge import preflight as rules
 from gpuforge.plan import write_plan
-from tasks.ansible_tasks import collect_preflight_facts
+from tasks.ansible_tasks import collect_preflight_facts, verify_host_keys
 
 
 @flow(name="preflight", flow_run_name=run_name("preflight"), log_prints=False)
@@ -17,11 +17,13 @@ def preflight(params: ClusterParams) -> str:
     inventory_dir = state_dir(config) / "inventory"
     write_plan(config, inventory_dir)
 
-    facts = collect_preflight_facts(config, inventory_dir / "hosts.yaml")
-    results = rules.judge_preflight(config, facts)
+    host_keys = verify_host_keys(config)
+    refused = [name for name, verdict in host_keys.items() if verdict.refused]
+    facts = collect_preflight_facts(config, inventory_dir / "hosts.yaml", skip=refused)
+    results = rules.judge_preflight(config, facts, host_keys)
     publish_table("preflight-report", rules.table_rows(results), f"Preflight of {config.cluster_name}: a row per node")
 
-    unreachable = [name for name, f in facts.items() if f is None]
+    unreachable = [name for name, f in facts.items() if f is None and name not in refused]
     if unreachable:
         logger.error("unreachable: %s", ", ".join(unreachable))
     if failures := rules.blocking_failures(results):

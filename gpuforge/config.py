@@ -318,6 +318,13 @@ class Config(_Model):
     timezone: str = "UTC"
     # A Prefect Secret block holding the SSH private key, instead of a key file.
     ansible_ssh_private_key_secret: str | None = None
+    # SSH host keys, kept in the cluster's known_hosts beside its state (gpuforge.hostkeys): `accept-new` pins a
+    # host's key on first use and refuses a changed one; `strict` takes only keys already pinned there or listed
+    # in ssh_known_hosts; `off` checks nothing.
+    ssh_host_key_checking: Literal["accept-new", "strict", "off"] = "accept-new"
+    # A known_hosts file of host keys you checked out of band (e.g. from ssh-keyscan, compared with
+    # `ssh-keygen -lf` on each host); relative to the config file's folder.
+    ssh_known_hosts: str | None = None
     kubeconfig: str | None = None
     prometheus_url: str | None = None
     # A folder of packaged charts named as `helm pull` names them (<chart>-<version>.tgz), consulted before the
@@ -763,11 +770,30 @@ def semantic_problems(config: Config) -> list[tuple[tuple[Any, ...], str]]:
         problems.append(
             (("ansible_ssh_private_key_secret",), "set either ansible_ssh_private_key_file or this, not both")
         )
+    if config.ssh_known_hosts and config.ssh_host_key_checking == "off":
+        problems.append(
+            (("ssh_known_hosts",), "ssh_host_key_checking is off, so these keys would never be checked; use strict")
+        )
     return problems
 
 
 def node_access_problems(config: Config) -> list[ConfigIssue]:
-    """What stops the commands that connect to nodes: a missing or unreadable SSH key file."""
+    """What stops the commands that connect to nodes: a missing or unreadable SSH key or known_hosts file."""
+    return _key_file_problems(config) + _known_hosts_problems(config)
+
+
+def _known_hosts_problems(config: Config) -> list[ConfigIssue]:
+    if not config.ssh_known_hosts:
+        return []
+    path = config.path(config.ssh_known_hosts)
+    if path.is_file() and os.access(path, os.R_OK):
+        return []
+    line, col = _key_line(config, "ssh_known_hosts")
+    problem = f"known_hosts file {path} is missing or not readable; point to the file of the hosts' keys"
+    return [ConfigIssue(config.source, line, col, "ssh_known_hosts", problem)]
+
+
+def _key_file_problems(config: Config) -> list[ConfigIssue]:
     if config.ansible_ssh_private_key_secret:
         return []
     if not config.ansible_ssh_private_key_file:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gpuforge.config import Config
+from gpuforge.hostkeys import HostKeyVerdict
 
 MIN_MEMORY_MB = 2048  # Kubespray's minimal control-plane memory is 1500 MB; kubelet + pods need headroom
 MIN_DISK_FREE_GB = 20  # container images of the GPU Operator alone take ~10 GB
@@ -18,8 +19,9 @@ SUPPORTED_OS = ("Ubuntu", "Debian", "RedHat", "Rocky", "AlmaLinux", "CentOS")
 CONTROL_PLANE_PORTS = (6443, 2379, 2380, 10250, 10257, 10259)
 WORKER_PORTS = (10250,)
 
-CHECKS = ("reachable", "sudo", "os", "disk", "memory", "swap", "time_sync", "ports", "hostname", "gpu_pci", "nouveau")
-BLOCKING = {"reachable", "sudo", "disk", "memory", "swap", "ports", "hostname", "gpu_pci", "nouveau"}
+CHECKS = ("host_key", "reachable", "sudo", "os", "disk", "memory", "swap", "time_sync", "ports", "hostname")
+CHECKS += ("gpu_pci", "nouveau")
+BLOCKING = {"host_key", "reachable", "sudo", "disk", "memory", "swap", "ports", "hostname", "gpu_pci", "nouveau"}
 
 
 @dataclass(frozen=True)
@@ -34,10 +36,19 @@ class Check:
         return f"{'FAIL' if self.blocking else 'WARN'}: {self.detail}"
 
 
-def judge_node(config: Config, name: str, facts: dict[str, Any] | None, hostnames: Counter) -> dict[str, Check]:
+def judge_node(
+    config: Config,
+    name: str,
+    facts: dict[str, Any] | None,
+    hostnames: Counter,
+    host_key: HostKeyVerdict | None = None,
+) -> dict[str, Check]:
     node = next(n for n in config.nodes if n.name == name).spec
+    key = {"host_key": Check(not host_key.refused, host_key.detail, True)} if host_key else {}
+    if host_key and host_key.refused:
+        return key  # nothing ran on this host
     if facts is None:
-        return {"reachable": Check(False, "unreachable over SSH", True)}
+        return {**key, "reachable": Check(False, "unreachable over SSH", True)}
 
     def check(key: str, ok: bool, detail: str) -> Check:
         return Check(ok, detail, key in BLOCKING)
@@ -59,6 +70,7 @@ def judge_node(config: Config, name: str, facts: dict[str, Any] | None, hostname
         # A GPU in a node not declared gpu-worker is wasted, not fatal.
         gpu_check = Check(gpus == 0, f"{gpus} NVIDIA devices on a node without the gpu-worker role", False)
     return {
+        **key,
         "reachable": check("reachable", True, ""),
         "sudo": check("sudo", bool(facts.get("sudo")), "" if facts.get("sudo") else "sudo to root fails"),
         "os": check(
@@ -91,10 +103,16 @@ def judge_node(config: Config, name: str, facts: dict[str, Any] | None, hostname
     }
 
 
-def judge_preflight(config: Config, facts: dict[str, dict[str, Any] | None]) -> dict[str, dict[str, Check]]:
-    """Node name -> check -> result. `facts[name]` is None for a node that could not be reached."""
+def judge_preflight(
+    config: Config,
+    facts: dict[str, dict[str, Any] | None],
+    host_keys: dict[str, HostKeyVerdict] | None = None,
+) -> dict[str, dict[str, Check]]:
+    """Node name -> check -> result. `facts[name]` is None for a node that could not be reached (or was not tried:
+    its host key was refused)."""
     hostnames = Counter(f.get("hostname", "") for f in facts.values() if f)
-    return {n.name: judge_node(config, n.name, facts.get(n.name), hostnames) for n in config.nodes}
+    keys = host_keys or {}
+    return {n.name: judge_node(config, n.name, facts.get(n.name), hostnames, keys.get(n.name)) for n in config.nodes}
 
 
 def table_rows(results: dict[str, dict[str, Check]]) -> list[dict[str, str]]:

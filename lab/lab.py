@@ -20,6 +20,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from gpuforge.config import Config
+from gpuforge.state import known_hosts_path
 from lab import procs
 from lab.controlplane import ControlPlane
 from lab.dcgm_sim import DcgmSim
@@ -79,6 +80,7 @@ class Lab:
         cfg = self.config
         steps: list[tuple[str, Callable[[], None]]] = [
             ("binaries (built once, cached by version)", self._build),
+            ("a fresh known_hosts (new host keys every up)", self._forget_host_keys),
             (f"{len(cfg.nodes)} SSH hosts in network namespaces", self._hosts_up),
             ("Slurm (slurmctld + one slurmd per GPU node)", self._slurm_up),
             ("Kubernetes control plane + kwok", self._control_plane_up),
@@ -162,6 +164,10 @@ class Lab:
         )
         if result.returncode != 0:
             raise RuntimeError(f"building the lab binaries failed:\n{result.stderr[-3000:]}")
+
+    def _forget_host_keys(self) -> None:
+        """Every `up` makes new host keys: the cluster's known_hosts starts empty, accept-new pins them again."""
+        known_hosts_path(self.config.cluster_name).unlink(missing_ok=True)
 
     def _hosts_up(self) -> None:
         specs = [

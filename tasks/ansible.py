@@ -6,7 +6,7 @@ import os
 import shlex
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,9 +15,31 @@ import ansible_runner
 
 # A dead link must fail fast (unreachable in ~7 s) instead of hanging until the task timeout.
 SSH_ARGS = (
-    "-o ControlMaster=auto -o ControlPersist=30s -o ServerAliveInterval=2 -o ServerAliveCountMax=3 "
-    "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o ConnectTimeout=5"
+    "-o ControlMaster=auto -o ControlPersist=30s -o ServerAliveInterval=2 -o ServerAliveCountMax=3 -o ConnectTimeout=5"
 )
+# ssh_host_key_checking -> OpenSSH's StrictHostKeyChecking.
+_STRICT = {"accept-new": "accept-new", "strict": "yes", "off": "no"}
+
+
+def host_key_env(checking: str, known_hosts: Sequence[Path] = ()) -> dict[str, str]:
+    """ANSIBLE_* settings for one host-key policy (gpuforge.hostkeys.POLICIES): ssh reads (and, for accept-new,
+    writes to the first of) `known_hosts` only, never ~/.ssh/known_hosts or /etc/ssh/ssh_known_hosts."""
+    if checking not in _STRICT:
+        raise ValueError(f"ssh_host_key_checking {checking!r}: use one of {', '.join(_STRICT)}")
+    if checking == "off":
+        files = "/dev/null"
+    elif not known_hosts:
+        raise ValueError(f"ssh_host_key_checking {checking} needs a known_hosts file")
+    else:
+        files = " ".join(f'"{p}"' for p in known_hosts)  # ssh splits this value at blanks outside quotes
+    host_keys = (
+        f"-o StrictHostKeyChecking={_STRICT[checking]} -o {shlex.quote('UserKnownHostsFile=' + files)} "
+        "-o GlobalKnownHostsFile=/dev/null -o HashKnownHosts=no"
+    )
+    return {
+        "ANSIBLE_HOST_KEY_CHECKING": "False" if checking == "off" else "True",
+        "ANSIBLE_SSH_ARGS": f"{SSH_ARGS} {host_keys}",
+    }
 
 
 class AnsibleError(RuntimeError):
@@ -97,8 +119,12 @@ def run_playbook(
     on_event: EventHandler | None = None,
     cancel: Callable[[], bool] | None = None,
     envvars: dict[str, str] | None = None,
+    host_key_checking: str,
+    known_hosts: Sequence[Path] = (),
 ) -> PlaybookRun:
-    """Run one playbook; every event goes to `on_event` as it happens. Never raises for a failed play."""
+    """Run one playbook; every event goes to `on_event` as it happens. Never raises for a failed play.
+
+    `host_key_checking` (accept-new, strict, off) and `known_hosts`: see host_key_env."""
     hosts: dict[str, list[HostTask]] = {}
     task_files: set[str] = set()
     custom_stats: dict[str, Any] = {}
@@ -118,8 +144,7 @@ def run_playbook(
         return True
 
     env = {
-        "ANSIBLE_HOST_KEY_CHECKING": "False",
-        "ANSIBLE_SSH_ARGS": SSH_ARGS,
+        **host_key_env(host_key_checking, known_hosts),
         "ANSIBLE_RETRY_FILES_ENABLED": "False",
         "ANSIBLE_NOCOLOR": "1",
         "ANSIBLE_DEPRECATION_WARNINGS": "False",

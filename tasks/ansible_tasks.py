@@ -11,7 +11,9 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from gpuforge.config import Config
+from gpuforge.hostkeys import HostKeyVerdict
 from tasks.ansible import PlaybookRun, describe_event, run_playbook
+from tasks.hostkeys import check_host_keys, known_hosts_files
 from tasks.kubespray import kubespray_venv, resolve_checkout
 from tasks.secrets import ssh_key_extravars
 
@@ -26,10 +28,35 @@ def log_events(logger):
     return on_event
 
 
-@task(name="preflight-facts", cache_policy=NO_CACHE)
-def collect_preflight_facts(config: Config, inventory: Path) -> dict[str, dict[str, Any] | None]:
-    """Node name -> facts the preflight playbook reported, None for a node it could not reach."""
+@task(name="host-keys", cache_policy=NO_CACHE)
+def verify_host_keys(config: Config) -> dict[str, HostKeyVerdict]:
+    """Node name -> verdict on the SSH host key it offers now (ssh_host_key_checking); new keys are pinned under
+    accept-new. A refused node is named with both fingerprints; nothing may run there."""
     logger = get_run_logger()
+    verdicts = check_host_keys(config)
+    for verdict in verdicts.values():
+        if verdict.refused:
+            logger.error("%s", verdict.message)
+        elif verdict.status == "new":
+            logger.warning("%s; pinned in %s", verdict.message, known_hosts_files(config)[0])
+    return verdicts
+
+
+def ssh_host_keys(config: Config) -> dict[str, Any]:
+    """run_playbook's host-key arguments for this cluster."""
+    return {"host_key_checking": config.ssh_host_key_checking, "known_hosts": known_hosts_files(config)}
+
+
+@task(name="preflight-facts", cache_policy=NO_CACHE)
+def collect_preflight_facts(
+    config: Config, inventory: Path, skip: list[str] | None = None
+) -> dict[str, dict[str, Any] | None]:
+    """Node name -> facts the preflight playbook reported, None for a node it could not reach or was told to
+    `skip` (nothing runs there)."""
+    logger = get_run_logger()
+    facts: dict[str, dict[str, Any] | None] = {n.name: None for n in config.nodes}
+    if skip and set(skip) >= set(facts):
+        return facts
     with ssh_key_extravars(config) as key_vars:
         run = run_playbook(
             playbook=PLAYBOOKS / "preflight.yml",
@@ -37,8 +64,9 @@ def collect_preflight_facts(config: Config, inventory: Path) -> dict[str, dict[s
             extravars=key_vars,
             timeout_s=config.timeouts.preflight,
             on_event=log_events(logger),
+            limit=":".join(["all", *(f"!{name}" for name in skip)]) if skip else None,
+            **ssh_host_keys(config),
         )
-    facts: dict[str, dict[str, Any] | None] = {n.name: None for n in config.nodes}
     for host, results in run.hosts.items():
         for result in results:
             if result.task == "Report preflight facts" and "gpuforge_preflight" in result.result:
@@ -127,6 +155,7 @@ def run_kubespray(config: Config, checkout: Path, playbook: Path, inventory: Pat
             skip_tags=config.kubespray.skip_tags,
             timeout_s=config.timeouts.kubespray,
             on_event=on_event,
+            **ssh_host_keys(config),
         )
     if run.status == "successful":
         update_progress_artifact(progress_id, 100.0)

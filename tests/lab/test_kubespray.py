@@ -54,6 +54,9 @@ def site(tmp_path_factory):
     config = load_config(config_path)
     state = config.kubeconfig_path().parent
     hosts = SshHosts(state)
+    env = pytest.MonkeyPatch()
+    # These hosts have new host keys: a known_hosts of their own (accept-new pins them), not the session's.
+    env.setenv("GPUFORGE_STATE", str(folder / "gpuforge-state"))
     try:
         hosts.up([HostSpec(n.name, n.spec.ip, n.spec.gpu_count or 0) for n in config.nodes])
         # What `lab up` writes for the lab playbook, with a stand-in for the lab's Python that records each
@@ -70,6 +73,7 @@ def site(tmp_path_factory):
         yield config_path, hosts
     finally:
         hosts.down()
+        env.undo()
 
 
 @flow(name="test-kubespray-phase")
@@ -160,6 +164,7 @@ def test_lab_playbook_refuses_to_run_kubespray_without_skipping_bootstrap_os(sit
         project_dir=tripwire,
         extravars={"gpuforge_kubespray_dir": str(tripwire), "gpuforge_kubeconfig": str(config.kubeconfig_path())},
         skip_tags=config.kubespray.skip_tags,
+        host_key_checking="off",  # the tripwire is the point here, not host keys
     )
     assert run.status == "failed" and not (tmp_path / "tripped").exists()
     [failed] = [t for t in run.hosts["localhost"] if t.status == "failed"]
