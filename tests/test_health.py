@@ -31,6 +31,7 @@ from gpuforge.health import (
     verdicts_json,
     worst,
 )
+from tests.promtool import PROMTOOL, evaluate
 
 NOW = 1_800_000_000.0
 H100 = "NVIDIA H100 80GB HBM3"
@@ -669,3 +670,31 @@ def test_fleet_reads_the_xid_gauge_once_and_asks_the_exact_question_only_about_n
     assert exact.count("[2h:1m]") == 2 and exact.count("offset 2h") == 4
     narrowed = HEALTH_QUERIES["xid_recent"].replace("DCGM_FI_DEV_XID_ERRORS{", 'DCGM_FI_DEV_XID_ERRORS{Hostname=~"x", ')
     assert health.xid_recent_query(table, [_series(None, {"Hostname": "x"}, 1)]) == f"({narrowed})"
+
+
+@pytest.mark.skipif(not PROMTOOL.is_file(), reason="needs promtool (Debian's prometheus package)")
+@pytest.mark.parametrize(("at", "reported"), [("2m", True), ("1h", True), ("2h1m", True), ("2h2m", False)])
+def test_an_xid_visible_for_20_s_is_reported_for_the_whole_window(at: str, reported: bool, tmp_path) -> None:
+    # dcgm-exporter's series: XID 79 on its own err_code series at 80 s and 90 s (visible 20 s at a 10 s scrape,
+    # between two of the old subquery's minute steps), then the gauge back to 0. Prometheus's engine evaluates.
+    labels = 'hostname="node-a", gpu="0", UUID="GPU-a", modelName="NVIDIA H100 80GB HBM3"'
+    series = {
+        f'DCGM_FI_DEV_XID_ERRORS{{{labels}, err_code="0"}}': "0x7 stale stale 0x800",
+        f'DCGM_FI_DEV_XID_ERRORS{{{labels}, err_code="79"}}': "_x8 79 79 stale",
+        f"DCGM_FI_DEV_GPU_TEMP{{{labels}}}": "40x810",
+    }
+    table = health.resolve_thresholds(None)
+    fleet = health.fleet_queries(table)
+    seen = evaluate(tmp_path, series, [fleet[health.XID_SEEN]], at, interval="10s")[0][fleet[health.XID_SEEN]]
+    exact = health.xid_recent_query(table, seen)
+    if not reported:
+        assert exact is None or not evaluate(tmp_path, series, [exact], at, interval="10s")[0][exact]
+        return
+    assert exact is not None
+    # The subquery over the same series, as every exporter's XIDs were read before: it never saw the XID.
+    subquery = 'max_over_time((count_values without() ("xid", DCGM_FI_DEV_XID_ERRORS > 0))[2h:1m])'
+    answers = evaluate(tmp_path, series, [exact, subquery], at, interval="10s")[0]
+    assert answers[subquery] == []
+    readings = health.readings_from_query_results({"xid_recent": answers[exact]}, {}, now=0)
+    assert [(r.node, r.gpu, r.xids) for r in readings] == [("node-a", 0, [79])]
+    assert judge(readings[0], T).reasons == ["XID 79 (GPU has fallen off the bus) within 2h"]
