@@ -41,7 +41,6 @@ from prometheus_api_client import PrometheusConnect  # noqa: E402
 from gpuforge import health  # noqa: E402
 from gpuforge.config import parse_config  # noqa: E402
 from gpuforge.health import Verdict  # noqa: E402
-from gpuforge.health_report import thresholds_table  # noqa: E402
 from lab.dcgm_sim import DcgmSim  # noqa: E402
 from lab.prometheus import PrometheusLab  # noqa: E402
 from tasks import prometheus as prom_tasks  # noqa: E402
@@ -137,7 +136,7 @@ def main() -> int:
             config = parse_config(
                 'k8s_cluster_nodes: [{ip: "10.0.0.1", role: [control-plane, etcd]}]\n'
             )  # only for thresholds (the defaults)
-            table = thresholds_table(config)
+            table = health.resolve_thresholds(config.health.thresholds)
             queries = health.fleet_queries(table)
             # One GPU at a time, the exact XID question is asked directly (default thresholds: default window).
             naive_queries = {k: q for k, q in queries.items() if k != health.XID_SEEN}

@@ -36,7 +36,6 @@ from gpuforge.health_report import (
     one_line,
     slurm_out_rows,
     summary_markdown,
-    thresholds_table,
     unknown_verdicts,
 )
 from gpuforge.remediation import Action
@@ -75,7 +74,7 @@ def _check(config: Config) -> dict:
     started = time.monotonic()
     nodes, kube_error = _gpu_state(config)
     expected = expected_gpu_counts(config, nodes)
-    table = thresholds_table(config)
+    table = health.resolve_thresholds(config.health.thresholds)
     queries = health.fleet_queries(table)
     prom_error = None
     try:

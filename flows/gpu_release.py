@@ -25,7 +25,6 @@ from gpuforge.health_report import (
     EXIT_UNKNOWN,
     HealthCheckFailed,
     release_markdown,
-    thresholds_table,
     unknown_verdicts,
 )
 from gpuforge.remediation import Action
@@ -52,7 +51,7 @@ def release_node(config: Config, node: str) -> dict:
     snode = (slurm_nodes or {}).get(sname) if sname else None
 
     # 1. The health rules on fresh metrics (cheap: before any job runs).
-    table = thresholds_table(config)
+    table = health.resolve_thresholds(config.health.thresholds)
     expected = {node: checks.expected_gpus(config, nodes[node], node)}
     prom_error = None
     try:

@@ -174,10 +174,8 @@ def probe(config_path, serve_addr, slurm_healthcheck, expected_gpus, node, as_js
     from gpuforge import health
     from gpuforge import probe as gpu_probe
 
-    thresholds = None
-    if config_path:
-        cfg = load(config_path)
-        thresholds = {"thresholds": {k: v.model_dump() for k, v in cfg.health.thresholds.items()}}
+    # The config's sections as written (only the fields each sets): the probe resolves them as the fleet does.
+    thresholds = load(config_path).health.thresholds if config_path else None
     try:
         if serve_addr:
             host, port = gpu_probe.parse_addr(serve_addr)

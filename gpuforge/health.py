@@ -302,56 +302,65 @@ DEFAULT_THRESHOLDS: dict[str, Thresholds] = {
     "H200": _family(87.0, 95.0, 700.0),
 }
 
-# Word-bounded so that "GH200" is not an H200 and "H20" is not an H200.
-_FAMILY_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("H200", re.compile(r"(?<![A-Z0-9])H200(?![0-9])", re.IGNORECASE)),
-    ("H100", re.compile(r"(?<![A-Z0-9])H100(?![0-9])", re.IGNORECASE)),
-    ("A100", re.compile(r"(?<![A-Z0-9])A100(?![0-9])", re.IGNORECASE)),
-)
+#: Family -> a regex over the whole model name, in RE2 syntax (no lookaround) so that the rendered alert rules match
+#: ``modelName`` with the very pattern the probe and the fleet judge by: the family's name, not preceded by a letter
+#: or digit, not followed by a digit ("GH200" is no H200, "H20" no H200). Checked in this order: the first wins.
+FAMILY_REGEX: dict[str, str] = {
+    family: f"(?is)(.*[^a-z0-9])?{family.lower()}([^0-9].*)?" for family in ("H200", "H100", "A100")
+}
+_FAMILY_PATTERNS = tuple((family, re.compile(regex)) for family, regex in FAMILY_REGEX.items())
 
 
 def model_family(model_name: str | None) -> str:
     """Family of a dcgm ``modelName``/NVML name: "NVIDIA H100 80GB HBM3" -> "H100"; else "default"."""
     for family, pattern in _FAMILY_PATTERNS:
-        if model_name and pattern.search(model_name):
+        if model_name and pattern.fullmatch(model_name):
             return family
     return "default"
 
 
-def thresholds_for(model_name: str | None, overrides: Mapping[str, Thresholds] | None = None) -> Thresholds:
-    """Thresholds for a GPU model. Lookup order: ``overrides[model_name]`` (exact, case-insensitive),
-    ``overrides[family]``, ``DEFAULT_THRESHOLDS[family]``, ``overrides["default"]``,
-    ``DEFAULT_THRESHOLDS["default"]``. Use :func:`merge_threshold_config` to build overrides from a partial
-    config where a "default" section applies to every family."""
-    family = model_family(model_name)
-    ov = {k.casefold(): v for k, v in (overrides or {}).items()}
-    for key in ((model_name or "").casefold(), family.casefold()):
-        if key and key in ov:
-            return ov[key]
-    if family in DEFAULT_THRESHOLDS and family != "default":
-        return DEFAULT_THRESHOLDS[family]
-    return ov.get("default", DEFAULT_THRESHOLDS["default"])
+def resolve_thresholds(sections: Mapping[str, Thresholds | Mapping[str, Any]] | None) -> dict[str, Thresholds]:
+    """The effective thresholds table of a config's ``health.thresholds``: what the probe, the fleet evaluation
+    and the alert rules all judge by, so that a GPU gets one verdict from each.
 
-
-def merge_threshold_config(config: Mapping[str, Any] | None) -> dict[str, Thresholds]:
-    """Build a full overrides table from a partial config such as
-    ``{"default": {"stale_after_s": 300}, "H200": {"max_gpu_temp_c": 80}}`` (also accepted wrapped as
-    ``{"thresholds": {...}}``). The "default" section is laid over every built-in family, then each named
-    section (a family or an exact model name) over that. Unknown fields raise pydantic's ValidationError."""
-    if not config:
-        return dict(DEFAULT_THRESHOLDS)
-    if "thresholds" in config and isinstance(config["thresholds"], Mapping):
-        config = config["thresholds"]
-    for key, section in config.items():
-        if not isinstance(section, Mapping):
+    ``sections`` maps a family ("H100", "H200", "A100", "default") or an exact model name to a partial section,
+    either the config's validated :class:`Thresholds` (only the fields it sets count) or a plain mapping (a probe
+    config file). The "default" section is laid over every built-in family, then each named section over that
+    (an exact model name over its family's defaults). The table holds every built-in family, so
+    :func:`thresholds_for` always finds one. Unknown fields raise pydantic's ValidationError."""
+    families = {f.casefold(): f for f in DEFAULT_THRESHOLDS}
+    partial: dict[str, dict[str, Any]] = {}
+    for key, section in (sections or {}).items():
+        key = families.get(key.casefold(), key)  # "h100" is the H100 family, not a model named "h100"
+        if isinstance(section, Thresholds):
+            partial[key] = section.model_dump(exclude_unset=True)
+        elif isinstance(section, Mapping):
+            partial[key] = dict(section)
+        else:
             raise ValueError(f"thresholds section {key!r} must be a mapping, got {type(section).__name__}")
-    default_part = dict(config.get("default", {}))
+    if not partial:
+        return dict(DEFAULT_THRESHOLDS)
+    default_part = partial.get("default", {})
     table: dict[str, Thresholds] = {}
-    for name in {*DEFAULT_THRESHOLDS, *config}:
+    for name in {*DEFAULT_THRESHOLDS, *partial}:
         base = DEFAULT_THRESHOLDS.get(name) or DEFAULT_THRESHOLDS[model_family(name)]
-        merged = {**base.model_dump(), **default_part, **dict(config.get(name, {}))}
-        table[name] = Thresholds.model_validate(merged)
+        table[name] = Thresholds.model_validate({**base.model_dump(), **default_part, **partial.get(name, {})})
     return table
+
+
+def thresholds_for(model_name: str | None, table: Mapping[str, Thresholds] = DEFAULT_THRESHOLDS) -> Thresholds:
+    """The thresholds of a GPU model in a table from :func:`resolve_thresholds`: its exact model name's section
+    (case-insensitive), else its family's."""
+    if model_name:
+        for key, thresholds in table.items():
+            if key.casefold() == model_name.casefold():
+                return thresholds
+    return table[model_family(model_name)]
+
+
+def exact_model_keys(table: Mapping[str, Thresholds]) -> list[str]:
+    """The table's sections named by an exact model name rather than a family (they win over the family)."""
+    return sorted(k for k in table if k not in DEFAULT_THRESHOLDS)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -521,13 +530,13 @@ def judge(reading: GpuReading, thresholds: Thresholds) -> GpuVerdict:
     return verdict(Verdict.HEALTHY, [])
 
 
-def judge_all(readings: Iterable[GpuReading], overrides: Mapping[str, Thresholds] | None = None) -> list[GpuVerdict]:
-    """Judge each reading with the thresholds of its model family."""
+def judge_all(readings: Iterable[GpuReading], table: Mapping[str, Thresholds] = DEFAULT_THRESHOLDS) -> list[GpuVerdict]:
+    """Judge each reading with the thresholds of its model (a table from :func:`resolve_thresholds`)."""
     by_model: dict[str | None, Thresholds] = {}
     verdicts = []
     for r in readings:
         if r.model not in by_model:
-            by_model[r.model] = thresholds_for(r.model, overrides)
+            by_model[r.model] = thresholds_for(r.model, table)
         verdicts.append(judge(r, by_model[r.model]))
     return verdicts
 
@@ -542,12 +551,8 @@ def health_queries(window: str = "2h", step: str = "1m") -> dict[str, str]:
 
     * ``values``: every instantaneous DCGM metric in one selector (the series keep ``__name__``).
     * ``fresh``: ``timestamp()`` of the GPU temperature sample, for staleness.
-    * ``xid_recent``: XID values the last-XID gauge showed within the window (sampled every ``step``, plus
-      the current value), one series per GPU and value (label ``xid``), minus values the same series
-      already showed a window ago. The gauge keeps only the last XID and never resets, so a plain instant
-      read would report an XID from last week, and ``max_over_time`` alone would hide a fatal XID followed
-      by a larger harmless one. Caveat: a series whose labels change (exporter pod renamed) looks new, so
-      its last XID counts again for one window.
+    * ``xid_recent``: XID values the last-XID gauge showed within the window, one series per GPU and value
+      (see :func:`xid_recent_expr`).
     * ``xid_count``: ``DCGM_EXP_XID_ERRORS_COUNT`` (per ``xid``) > 0 within the window, where enabled;
       this also sees repeats of the same XID, which the gauge cannot.
     * ``*_increase``: windowed increases of the single-bit ECC total, correctable remapped rows and NVLink
@@ -562,7 +567,7 @@ def health_queries(window: str = "2h", step: str = "1m") -> dict[str, str]:
     return {
         "values": selector,
         "fresh": f"timestamp({DCGM_METRICS['gpu_temp']})",
-        "xid_recent": _xid_recent(xid, window, step),
+        "xid_recent": xid_recent_expr("", window, step),
         "xid_count": f"max_over_time({XID_COUNT_METRIC}[{window}]) > 0",
         "ecc_sbe_increase": f"increase({DCGM_METRICS['ecc_sbe_vol']}[{window}])",
         "remap_correctable_increase": f"increase({DCGM_METRICS['remap_correctable']}[{window}])",
@@ -570,12 +575,37 @@ def health_queries(window: str = "2h", step: str = "1m") -> dict[str, str]:
     }
 
 
-def _xid_recent(selector: str, window: str, step: str) -> str:
-    return (
-        f'(max_over_time((count_values without() ("xid", {selector} > 0))[{window}:{step}])'
-        f' or count_values without() ("xid", {selector} > 0))'
-        f' unless count_values without() ("xid", {selector} offset {window} > 0)'
+def xid_recent_expr(matchers: str, window: str, step: str) -> str:
+    """XID values the last-XID gauge showed within ``window``, one series per GPU and value, minus values the same
+    series already showed a window ago: the gauge keeps only the last XID and never resets, so a plain instant
+    read would report an XID from last week. ``matchers`` narrow the gauge (e.g. ``hostname=~"a|b"``; "" for
+    all). Caveat: a series whose labels change (exporter pod renamed) looks new, so its last XID counts again for
+    one window.
+
+    Where the exporter labels each XID value's series with ``err_code`` (dcgm-exporter, the probe, the lab's
+    simulator), :func:`xid_values_expr` is exact. An exporter without that label has one series whose value
+    changes: its values are sampled every ``step`` by a subquery (plus the current one) and counted by value
+    (label ``xid``), so that a fatal XID followed by a larger harmless one still shows; there alone a value
+    visible for less than a step can be missed. Each half selects the other's series away, so it costs nothing
+    where it does not apply."""
+    gauge = f'{DCGM_METRICS["xid_last"]}{{{matchers}{", " if matchers else ""}err_code=""}}'
+    sampled = (
+        f'(max_over_time((count_values without() ("xid", {gauge} > 0))[{window}:{step}])'
+        f' or count_values without() ("xid", {gauge} > 0))'
+        f' unless count_values without() ("xid", {gauge} offset {window} > 0)'
     )
+    return f"({xid_values_expr(matchers, window)}) or ({sampled})"
+
+
+def xid_values_expr(matchers: str, window: str, xids: Iterable[int] | None = None) -> str:
+    """The XIDs (only those in ``xids`` when given) an exporter that puts each XID value on its own series
+    (label ``err_code``) showed within ``window``, minus those the same series already showed a window ago. The
+    maximum of each series over the window reads every sample Prometheus took, so an XID visible for a single
+    scrape counts for the whole window; the answer keeps ``err_code``, which the readings take as the XID."""
+    where = f"{matchers}, " if matchers else ""
+    xid = DCGM_METRICS["xid_last"]
+    codes = f'err_code=~"{"|".join(str(x) for x in sorted(xids))}"' if xids is not None else 'err_code!=""'
+    return f'max_over_time({xid}{{{where}{codes}}}[{window}]) > 0 unless {xid}{{{where}err_code!=""}} offset {window}'
 
 
 #: The queries with the default window (``DEFAULT_THRESHOLDS["default"].xid_window``). A fleet with
@@ -599,8 +629,9 @@ _ZERO_IS_ABSENT = ("ecc_dbe_vol", "remap_uncorrectable", "remap_pending", "remap
 _TOTALS = ("ecc_sbe_vol", "remap_correctable")
 
 
-def _fleet_window(table: dict[str, Thresholds]) -> tuple[Thresholds, str]:
-    """The thresholds with the longest window (one window serves the fleet) and the subquery step for it."""
+def fleet_window(table: Mapping[str, Thresholds]) -> tuple[Thresholds, str]:
+    """The thresholds with the longest window and the subquery step for it. One window serves every GPU, for the
+    fleet queries, the probe's XID memory and the alert rules alike, so that they give one verdict."""
     longest = max(table.values(), key=lambda t: t.window_s)
     return longest, "1m" if longest.window_s >= 600 else f"{max(1, longest.window_s // 10)}s"
 
@@ -618,7 +649,7 @@ def fleet_queries(table: dict[str, Thresholds]) -> dict[str, str]:
       that exports nothing else now is dropped by `readings_from_query_results`;
     * `xid_seen`: the nodes whose GPUs showed any XID in the window; the exact XIDs are asked for those nodes
       alone by `xid_recent_query` (its answer replaces `xid_seen` in the results)."""
-    longest, step = _fleet_window(table)
+    longest, step = fleet_window(table)
     window = longest.xid_window
     queries = health_queries(window, step)
     skip = {*_UNUSED_VALUES, *_TOTALS, "xid_last"}
@@ -632,10 +663,11 @@ def fleet_queries(table: dict[str, Thresholds]) -> dict[str, str]:
     labels = ", ".join(_KEEP_LABELS)
     # The GPU's UUID and model come with `fresh` (and `faults`): the biggest answer carries only node and index.
     where = ", ".join(label for label in _KEEP_LABELS if label not in _IDENTITY_LABELS)
-    # The exact XID expression samples the gauge at every step of the window (120 evaluations over a 2 h
-    # window: 0.8 CPU s for 8,192 GPUs with a full window, measured); the fleet asks only which GPUs showed
-    # any XID at all, and `xid_recent_query` asks the exact question about those GPUs' nodes alone. The
-    # filter reaches one lookback (5 min) before the window, as far back as the first step can see.
+    # The fleet asks only which GPUs showed any XID at all (one pass over the gauge's samples), and
+    # `xid_recent_query` asks the exact question about those GPUs' nodes alone: where it must fall back to a
+    # subquery (an exporter without `err_code`) that is 120 evaluations over a 2 h window (0.8 CPU s for
+    # 8,192 GPUs, measured). The filter reaches one lookback (5 min) before the window, as far back as the
+    # subquery's first step can see.
     del queries["xid_recent"]
     hosts = ", ".join(label for label in _KEEP_LABELS if label not in ("__name__", "gpu", *_IDENTITY_LABELS))
     queries[XID_SEEN] = f"max by ({hosts}) (max_over_time({DCGM_METRICS['xid_last']}[{longest.window_s + 300}s]) > 0)"
@@ -664,12 +696,11 @@ def xid_recent_query(table: dict[str, Thresholds], seen: list[dict]) -> str | No
             nodes.setdefault(label, set()).add(metric[label])
     if not nodes:
         return None
-    longest, step = _fleet_window(table)
-    xid = DCGM_METRICS["xid_last"]
+    longest, step = fleet_window(table)
     parts = []
     for label, names in sorted(nodes.items()):
         alternatives = "|".join(re.escape(n) for n in sorted(names))
-        parts.append(_xid_recent(f"{xid}{{{label}=~{json.dumps(alternatives)}}}", longest.xid_window, step))
+        parts.append(xid_recent_expr(f"{label}=~{json.dumps(alternatives)}", longest.xid_window, step))
     return " or ".join(f"({p})" for p in parts)
 
 
@@ -681,7 +712,7 @@ _LABEL_ROLES: dict[str, tuple[str, ...]] = {
     "gpu": ("gpu",),
     "uuid": ("uuid", "gpu_uuid"),
     "model": ("modelname", "model_name"),
-    "xid": ("xid",),
+    "xid": ("xid", "err_code"),  # count_values' label; dcgm-exporter's on the last-XID gauge
 }
 
 

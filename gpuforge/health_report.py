@@ -7,7 +7,7 @@ from typing import Any
 
 from gpuforge import health, remediation
 from gpuforge.config import Config
-from gpuforge.health import GpuVerdict, Thresholds, Verdict
+from gpuforge.health import GpuVerdict, Verdict
 from gpuforge.remediation import SlurmNode
 
 EXIT_HEALTHY, EXIT_UNHEALTHY, EXIT_UNKNOWN = 0, 1, 2
@@ -159,12 +159,6 @@ def release_markdown(report: dict) -> str:
         *(f"| {a['kind']} | {a['status']} | {a['detail']} |" for a in report["actions"]),
     ]
     return "\n".join(lines) + "\n"
-
-
-def thresholds_table(config: Config) -> dict[str, Thresholds]:
-    """The config's partial threshold sections laid over the built-in families (only the fields it sets)."""
-    raw = {name: t.model_dump(exclude_unset=True) for name, t in config.health.thresholds.items()}
-    return health.merge_threshold_config(raw)
 
 
 class HealthCheckFailed(RuntimeError):

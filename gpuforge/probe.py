@@ -46,10 +46,11 @@ from gpuforge.health import (
     GpuVerdict,
     Thresholds,
     Verdict,
+    fleet_window,
     format_table,
     judge,
-    merge_threshold_config,
     readings_from_query_results,
+    resolve_thresholds,
     thresholds_for,
     verdicts_json,
 )
@@ -464,13 +465,13 @@ class Probe:
 
     reader: Reader
     node: str = field(default_factory=lambda: default_node_name())
-    overrides: Mapping[str, Thresholds] | None = None
+    table: Mapping[str, Thresholds] = field(default_factory=lambda: resolve_thresholds(None))
     clock: Callable[[], float] = time.time
     window_s: float | None = None
 
     def __post_init__(self) -> None:
-        if self.window_s is None:
-            self.window_s = float(thresholds_for(None, self.overrides).window_s)
+        if self.window_s is None:  # the fleet's window: the XIDs it would still count, the same verdict
+            self.window_s = float(fleet_window(self.table)[0].window_s)
         self.driver = ""
         self.known: dict[str, _Known] = {}
         self.records: list[dict[str, Any]] = []
@@ -625,7 +626,7 @@ class Probe:
         return out
 
     def verdicts(self, expected_gpus: int | None = None) -> list[GpuVerdict]:
-        return [judge(r, thresholds_for(r.model, self.overrides)) for r in self.readings(expected_gpus)]
+        return [judge(r, thresholds_for(r.model, self.table)) for r in self.readings(expected_gpus)]
 
     # -- exposition -----------------------------------------------------------------------------------
     def samples(self) -> list[Sample]:
@@ -722,11 +723,6 @@ def default_node_name() -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def thresholds_table(config_thresholds: Mapping[str, Any] | None) -> dict[str, Thresholds]:
-    """Threshold overrides from a config mapping (see :func:`gpuforge.health.merge_threshold_config`)."""
-    return merge_threshold_config(config_thresholds)
-
-
 def probe_table(
     config_thresholds: Mapping[str, Any] | None = None,
     *,
@@ -735,9 +731,7 @@ def probe_table(
     expected_gpus: int | None = None,
 ) -> list[GpuVerdict]:
     """Read every GPU once and judge it. Raises :class:`ProbeError` when NVML cannot start."""
-    probe = Probe(
-        reader or NvmlReader(), node=node or default_node_name(), overrides=thresholds_table(config_thresholds)
-    )
+    probe = Probe(reader or NvmlReader(), node=node or default_node_name(), table=resolve_thresholds(config_thresholds))
     probe.open()
     try:
         probe.refresh()
@@ -856,9 +850,7 @@ def serve(
     Raises :class:`ProbeError` when NVML cannot start."""
     from prometheus_client import CollectorRegistry, start_http_server
 
-    probe = Probe(
-        reader or NvmlReader(), node=node or default_node_name(), overrides=thresholds_table(config_thresholds)
-    )
+    probe = Probe(reader or NvmlReader(), node=node or default_node_name(), table=resolve_thresholds(config_thresholds))
     probe.open()
     try:
         probe.refresh()
@@ -935,7 +927,8 @@ def record_snapshot(reader: Reader | None = None) -> dict[str, Any]:
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
-    """A thresholds config file: JSON (``.json``) or YAML (ruamel.yaml, imported only for YAML)."""
+    """A thresholds config file, its sections at the top or under ``thresholds`` (as in the gpuforge config's
+    ``health``): JSON (``.json``) or YAML (ruamel.yaml, imported only for YAML)."""
     p = Path(path)
     text = p.read_text()
     if p.suffix.lower() == ".json":
@@ -946,7 +939,7 @@ def load_config(path: str | Path) -> dict[str, Any]:
         data = YAML(typ="safe").load(text)
     if not isinstance(data, dict):
         raise ValueError(f"{p}: expected a mapping at the top level")
-    return data
+    return data["thresholds"] if isinstance(data.get("thresholds"), dict) else data
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1004,8 +997,8 @@ def _scrape(url: str, config: Mapping[str, Any] | None, as_json: bool) -> int:
     print(f"# {len(series)} series from {url}")
     for line in series:
         print(line)
-    overrides = thresholds_table(config)
-    verdicts = [judge(r, thresholds_for(r.model, overrides)) for r in readings_from_exposition(text, now=now)]
+    table = resolve_thresholds(config)
+    verdicts = [judge(r, thresholds_for(r.model, table)) for r in readings_from_exposition(text, now=now)]
     print(verdicts_json(verdicts) if as_json else format_table(verdicts))
     return 0 if all(v.verdict in (Verdict.HEALTHY, Verdict.DEGRADED) for v in verdicts) else 1
 

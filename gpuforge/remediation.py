@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from gpuforge.config import Config, Remediation
+from gpuforge.gres import gpu_count
 from gpuforge.health import GpuVerdict, Verdict
 
 CORDON_ANNOTATION = "gpuforge.io/cordoned-reason"
@@ -66,7 +67,7 @@ class SlurmNode:
 
     @property
     def gpus(self) -> int:
-        return gres_gpus(self.gres)
+        return gpu_count(self.gres)
 
     @property
     def out_of_service(self) -> bool:
@@ -79,17 +80,6 @@ class SlurmNode:
     @property
     def by_gpuforge(self) -> bool:
         return self.reason.startswith(SLURM_REASON_PREFIX)
-
-
-def gres_gpus(gres: str) -> int:
-    """GPUs in a sinfo %G string: "gpu:8", "gpu:h100:8(S:0-1)", "gpu:4,shard:8" -> 8, 8, 4; else 0."""
-    total = 0
-    for part in re.split(r",(?![^(]*\))", gres or ""):
-        part = part.split("(")[0]
-        fields = part.split(":")
-        if fields and fields[0] == "gpu" and len(fields) >= 2 and fields[-1].isdigit():
-            total += int(fields[-1])
-    return total
 
 
 def slurm_state_class(state: str) -> str:

@@ -10,14 +10,14 @@ from __future__ import annotations
 import copy
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpuforge import pins
+from gpuforge import health, pins
 from gpuforge.config import Config, NamedNode, Role, _to_plain, parse_yaml
-from gpuforge.health import DEFAULT_THRESHOLDS
+from gpuforge.health import FAMILY_REGEX, Thresholds
 
 # Node labels gpuforge owns (drift compares only these keys plus the user's own `labels`).
 LABEL_PREFIX = "gpuforge.io/"
@@ -33,6 +33,9 @@ DASHBOARD_SIDECAR_LABEL = ("grafana_dashboard", "1")
 # dcgm-exporter's node label. It is spelled `Hostname` up to dcgm-exporter 4.5.x and `hostname` from 4.6.0-4.8.3,
 # the exporter GPU Operator v26.7.0 (gpuforge's pin) ships; health.node_of reads either spelling.
 DCGM_NODE_LABEL = "hostname"
+# dcgm-exporter's GPU model label (every release): the alert rules pick each GPU's thresholds by it, as the probe
+# and the fleet evaluation pick them by the model name.
+DCGM_MODEL_LABEL = "modelName"
 # Kubespray's local-path provisioner StorageClass, enabled in group_vars: a Kubespray cluster has no StorageClass
 # otherwise, and slurmctld's state volume (a PVC of the slurm chart) must bind.
 LOCAL_PATH_STORAGE_CLASS = "local-path"
@@ -361,13 +364,37 @@ def render_dcgm_counters() -> str:
 
 
 def render_alert_rules(config: Config) -> dict[str, Any]:
-    """A PrometheusRule with the GPU alerts: fatal XID, ECC DBE, row-remap failure, temperature, missing GPU."""
-    fatal = DEFAULT_THRESHOLDS["default"].fatal_xids
-    xid_expr = " or ".join(f"DCGM_FI_DEV_XID_ERRORS == {x}" for x in sorted(fatal))
-    max_temp = min(t.max_gpu_temp_c for t in DEFAULT_THRESHOLDS.values())
+    """A PrometheusRule with the GPU alerts: fatal XID, ECC DBE, row-remap failure, uncorrectable remapped rows,
+    GPU and memory temperature, missing GPU. Each limit is the config's effective one for the GPU's model
+    (:func:`gpuforge.health.resolve_thresholds`, as the probe and the fleet evaluation use), so an alert fires for
+    exactly the readings :func:`gpuforge.health.judge` calls unhealthy (critical) or degraded (warning) by these
+    rules; the temperatures wait 5 minutes first, so that a short peak pages nobody."""
+    table = health.resolve_thresholds(config.health.thresholds)
+    classes = _model_classes(table)
+    longest, _ = health.fleet_window(table)
     node = DCGM_NODE_LABEL
     gpu = "GPU {{ $labels.gpu }} on {{ $labels." + node + " }}"
     value = "{{ $value }}"
+    # Only the exact per-value form: the exporters gpuforge deploys (dcgm-exporter, its own probe) label each XID
+    # value's series with err_code; the fleet evaluation also reads exporters without it.
+    fatal_xid = _per_model(
+        classes,
+        lambda t: sorted(t.fatal_xids),
+        lambda xids, m: health.xid_values_expr(m, longest.xid_window, xids) if xids else "",
+    )
+    rows = _per_model(
+        classes,
+        lambda t: t.max_uncorrectable_remapped_rows,
+        lambda limit, m: f"{_selector('DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS', m)} > {limit}",
+    )
+    temp = _per_model(
+        classes, lambda t: t.max_gpu_temp_c, lambda limit, m: f"{_selector('DCGM_FI_DEV_GPU_TEMP', m)} > {limit:g}"
+    )
+    mem_temp = _per_model(
+        classes,
+        lambda t: t.max_memory_temp_c,
+        lambda limit, m: f"{_selector('DCGM_FI_DEV_MEMORY_TEMP', m)} > {limit:g}",
+    )
     missing = [
         f"count by ({node}) (DCGM_FI_DEV_GPU_TEMP{{{node}=~{promql_regex('(?i)', n.name)}}}) < {n.spec.gpu_count}"
         for n in config.gpu_nodes
@@ -376,9 +403,9 @@ def render_alert_rules(config: Config) -> dict[str, Any]:
     rules = [
         _alert(
             "GPUFatalXid",
-            f"max_over_time(({xid_expr})[10m:1m]) > 0",
+            fatal_xid,
             "critical",
-            f"{gpu} reported fatal XID {value}",
+            gpu + " reported fatal XID {{ $labels.err_code }} within " + longest.xid_window,
         ),
         _alert(
             "GPUEccDoubleBit",
@@ -392,13 +419,9 @@ def render_alert_rules(config: Config) -> dict[str, Any]:
             "critical",
             f"{gpu} failed to remap rows: replace it",
         ),
-        _alert(
-            "GPUTemperatureHigh",
-            f"DCGM_FI_DEV_GPU_TEMP > {max_temp:g}",
-            "warning",
-            f"{gpu} at {value} C",
-            for_="5m",
-        ),
+        _alert("GPURemappedRowsUncorrectable", rows, "critical", f"{gpu} has {value} uncorrectable remapped rows"),
+        _alert("GPUTemperatureHigh", temp, "warning", f"{gpu} at {value} C", for_="5m"),
+        _alert("GPUMemoryTemperatureHigh", mem_temp, "warning", f"{gpu} memory at {value} C", for_="5m"),
         _alert(
             "GPUMetricsTargetDown",
             'up{job=~".*dcgm.*|gpu-metrics"} == 0',
@@ -407,6 +430,7 @@ def render_alert_rules(config: Config) -> dict[str, Any]:
             for_="5m",
         ),
     ]
+    rules = [r for r in rules if r["expr"]]  # a fatal XID list left empty by the config: no XID alert
     if missing:
         rules.append(
             _alert(
@@ -434,10 +458,40 @@ def render_alert_rules(config: Config) -> dict[str, Any]:
 _RE2_META = re.compile(r"([\\.+*?()|\[\]{}^$])")
 
 
-def promql_regex(flags: str, literal: str) -> str:
-    """A PromQL string literal holding an RE2 regex that matches `literal` exactly (after `flags` such as "(?i)").
-    JSON's string syntax is a subset of PromQL's, so json.dumps doubles the backslashes the string needs."""
-    return json.dumps(flags + _RE2_META.sub(r"\\\1", literal))
+def promql_regex(flags: str, *literals: str) -> str:
+    """A PromQL string literal holding an RE2 regex that matches any of `literals` exactly (after `flags` such as
+    "(?i)"). JSON's string syntax is a subset of PromQL's, so json.dumps doubles the backslashes the string needs."""
+    return json.dumps(flags + "|".join(_RE2_META.sub(r"\\\1", literal) for literal in literals))
+
+
+def _model_classes(table: Mapping[str, Thresholds]) -> list[tuple[Thresholds, str]]:
+    """Each thresholds section of a resolved table with the model-label matchers of the GPUs it judges, picked as
+    :func:`gpuforge.health.thresholds_for` picks them: an exact model name (any case) first, then each family in
+    :data:`~gpuforge.health.FAMILY_REGEX` order, then the default for every other model (or none)."""
+    m = DCGM_MODEL_LABEL
+    exact = health.exact_model_keys(table)
+    classes = [(table[k], f"{m}=~{promql_regex('(?i)', k)}") for k in exact]
+    taken = [f"{m}!~{promql_regex('(?i)', *exact)}"] if exact else []
+    for family, regex in FAMILY_REGEX.items():
+        classes.append((table[family], ", ".join([f"{m}=~{json.dumps(regex)}", *taken])))
+        taken.append(f"{m}!~{json.dumps(regex)}")
+    classes.append((table["default"], ", ".join(taken)))
+    return classes
+
+
+def _per_model(
+    classes: list[tuple[Thresholds, str]], limit: Callable[[Thresholds], Any], expr: Callable[[Any, str], str]
+) -> str:
+    """One alert expression over every GPU: `expr(limit, matchers)` for each class of :func:`_model_classes`,
+    joined with `or` (an empty part is left out); one part with no model matcher where every class has the same
+    limit."""
+    if len({repr(limit(t)) for t, _ in classes}) == 1:
+        return expr(limit(classes[0][0]), "")
+    return " or ".join(f"({part})" for t, matchers in classes if (part := expr(limit(t), matchers)))
+
+
+def _selector(metric: str, matchers: str) -> str:
+    return f"{metric}{{{matchers}}}" if matchers else metric
 
 
 def _alert(name: str, expr: str, severity: str, summary: str, for_: str = "0m") -> dict[str, Any]:

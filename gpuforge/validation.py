@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from gpuforge.gres import GresError, gpu_count
 from gpuforge.health import node_of
 
 PASS, FAIL, SKIP, ERROR = "pass", "fail", "skipped", "error"
@@ -155,8 +156,13 @@ def slurm_node_results(nodes: dict[str, tuple[str, str]], expected: dict[str, in
         problems = []
         if state.rstrip("*~#!%$@^-") not in AVAILABLE_STATES:
             problems.append(f"state {state}")
-        if f"gpu:{gpus}" not in gres and not gres.startswith(f"gpu:{gpus}") and f":{gpus}" not in gres:
-            problems.append(f"gres {gres or 'none'}, expected gpu:{gpus}")
+        try:
+            found = gpu_count(gres)
+        except GresError as exc:
+            problems.append(str(exc))
+        else:
+            if found != gpus:
+                problems.append(f"gres {gres or 'none'} holds {found} GPUs, expected {gpus}")
         rows.append(
             CheckResult("slurm-node", node, FAIL if problems else PASS, "; ".join(problems) or f"{state}, gres {gres}")
         )

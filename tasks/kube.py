@@ -131,15 +131,31 @@ def nodes_ready_probe(kubeconfig: Path, names: list[str], version: str) -> Calla
     return probe
 
 
+class ClusterUnreachable(RuntimeError):
+    """The cluster's API server could not be read, so whether its nodes converged is unknown."""
+
+
 def nodes_converged(kubeconfig: Path, names: list[str], version: str) -> bool:
-    """Every named node is registered, Ready and at `version`; an unreachable cluster is not converged."""
+    """Every named node is registered, Ready and at `version`. No kubeconfig yet, or an API server that has no
+    nodes to list (404), is "not converged". An API server that does not answer (after the transient retries) or
+    refuses the request raises ClusterUnreachable: a cluster that may be fine, only unreachable from here, must not
+    get a full Kubespray run nobody asked for."""
     if not Path(kubeconfig).exists():
         return False
     try:
-        done, _ = nodes_ready_probe(kubeconfig, names, version)()
-    except Exception:  # noqa: BLE001 - whatever stops us reading the cluster means "not converged"
-        return False
-    return done
+        done, _ = retry_transient(nodes_ready_probe(kubeconfig, names, version), attempts=3)
+    except ApiException as exc:
+        if exc.status == 404:
+            return False
+        what = f"refused to list nodes ({exc.status} {exc.reason})"
+    except (HTTPError, OSError) as exc:
+        what = f"did not answer ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
+    else:
+        return done
+    raise ClusterUnreachable(
+        f"cannot tell whether the nodes converged: the Kubernetes API server of {kubeconfig} {what}. Bring it back "
+        "and run again, or re-run Kubespray on purpose with --force-phase kubespray"
+    )
 
 
 def get_custom(kubeconfig: Path, group: str, version: str, plural: str, name: str) -> dict[str, Any] | None:

@@ -22,15 +22,16 @@ from gpuforge.health import (
     health_queries,
     judge,
     judge_all,
-    merge_threshold_config,
     model_family,
     readings_from_query_results,
+    resolve_thresholds,
     summarize,
     table_rows,
     thresholds_for,
     verdicts_json,
     worst,
 )
+from tests.promtool import PROMTOOL, evaluate
 
 NOW = 1_800_000_000.0
 H100 = "NVIDIA H100 80GB HBM3"
@@ -125,37 +126,43 @@ def test_thresholds_forbid_unknown_fields_and_bad_windows() -> None:
 
 
 def test_thresholds_for_lookup_order() -> None:
-    exact = Thresholds(max_gpu_temp_c=70)
-    fam = Thresholds(max_gpu_temp_c=75)
-    dflt = Thresholds(max_gpu_temp_c=60)
     assert thresholds_for(H100) is DEFAULT_THRESHOLDS["H100"]
     assert thresholds_for("Tesla T4") is DEFAULT_THRESHOLDS["default"]
-    assert thresholds_for(H100, {"H100": fam}).max_gpu_temp_c == 75
-    assert thresholds_for(H100, {"h100": fam, H100.lower(): exact}).max_gpu_temp_c == 70  # exact beats family
-    # An override "default" reaches only GPUs of no known family ...
-    assert thresholds_for("Tesla T4", {"default": dflt}).max_gpu_temp_c == 60
-    assert thresholds_for(H100, {"default": dflt}) is DEFAULT_THRESHOLDS["H100"]
+    table = resolve_thresholds({"h100": {"max_gpu_temp_c": 75}, H100.lower(): {"max_gpu_temp_c": 70}})
+    assert thresholds_for(H100, table).max_gpu_temp_c == 70  # exact model name (any case) beats family
+    assert thresholds_for("NVIDIA H100 PCIe", table).max_gpu_temp_c == 75  # "h100" is the H100 family
+    assert health.exact_model_keys(table) == [H100.lower()]
 
 
-def test_merge_threshold_config_layers_default_then_family() -> None:
-    table = merge_threshold_config(
-        {"thresholds": {"default": {"stale_after_s": 300, "max_gpu_temp_c": 80}, "H200": {"max_gpu_temp_c": 10}}}
+def test_resolve_thresholds_layers_default_then_family() -> None:
+    table = resolve_thresholds(
+        {"default": {"stale_after_s": 300, "max_gpu_temp_c": 80}, "H200": {"max_gpu_temp_c": 10}}
     )
-    # ... while merge_threshold_config lays its "default" section over every family.
+    # The "default" section is laid over every family, then the family's own.
     assert thresholds_for("NVIDIA H200", table).max_gpu_temp_c == 10
     assert thresholds_for("NVIDIA H200", table).stale_after_s == 300
     assert thresholds_for(H100, table).max_gpu_temp_c == 80
     assert thresholds_for(H100, table).max_power_w == 700  # family value kept
     assert thresholds_for("NVIDIA A100-SXM4-80GB", table).max_power_w == 400
-    assert merge_threshold_config(None) == DEFAULT_THRESHOLDS
+    assert thresholds_for("Tesla T4", table).max_gpu_temp_c == 80
+    assert resolve_thresholds(None) == DEFAULT_THRESHOLDS
     with pytest.raises(ValidationError):
-        merge_threshold_config({"H100": {"no_such_field": 1}})
+        resolve_thresholds({"H100": {"no_such_field": 1}})
     with pytest.raises(ValueError):
-        merge_threshold_config({"H100": 90})
+        resolve_thresholds({"H100": 90})  # type: ignore[dict-item]
+
+
+def test_config_sections_count_only_the_fields_they_set() -> None:
+    # The config validates each section as a whole Thresholds: its unset fields must not reset a family's limits
+    # (an H100 judged at 85 °C with no power ceiling because "default" set only stale_after_s).
+    table = resolve_thresholds({"default": Thresholds(stale_after_s=300), "A100": Thresholds(max_power_w=350)})
+    assert thresholds_for(H100, table).max_gpu_temp_c == 87 and thresholds_for(H100, table).max_power_w == 700
+    assert thresholds_for(H100, table).stale_after_s == 300
+    assert thresholds_for("NVIDIA A100-SXM4-80GB", table).max_power_w == 350
 
 
 def test_threshold_override_per_model_changes_verdict() -> None:
-    table = merge_threshold_config({"H200": {"max_gpu_temp_c": 10}})
+    table = resolve_thresholds({"H200": {"max_gpu_temp_c": 10}})
     h200 = reading(model="NVIDIA H200")
     h100 = reading(model=H100)
     v200 = judge(h200, thresholds_for(h200.model, table))
@@ -353,7 +360,8 @@ def test_queries_are_fixed_fleet_wide_and_windowed() -> None:
         "nvlink_error_increase",
     }
     xid = HEALTH_QUERIES["xid_recent"]
-    assert "DCGM_FI_DEV_XID_ERRORS" in xid and "[2h:1m]" in xid and "offset 2h" in xid
+    assert 'max_over_time(DCGM_FI_DEV_XID_ERRORS{err_code!=""}[2h]) > 0' in xid  # per XID value: exact
+    assert 'DCGM_FI_DEV_XID_ERRORS{err_code=""}' in xid and "[2h:1m]" in xid and "offset 2h" in xid  # fallback
     assert "max_over_time(DCGM_EXP_XID_ERRORS_COUNT[2h])" in HEALTH_QUERIES["xid_count"]
     assert HEALTH_QUERIES["fresh"].startswith("timestamp(")
     for name in (
@@ -632,19 +640,19 @@ def test_health_module_values_are_finite_defaults() -> None:
 
 
 def test_fleet_queries_ask_only_for_what_the_rules_judge() -> None:
-    fleet = health.fleet_queries(health.merge_threshold_config(None))
+    fleet = health.fleet_queries(health.resolve_thresholds(None))
     assert len(fleet) == len(HEALTH_QUERIES) + 1  # + "faults"
     assert "DCGM_FI_DEV_GPU_TEMP" in fleet["values"] and "FB_USED" not in fleet["values"]
     assert "PCIE" not in fleet["values"] and "UUID" not in fleet["values"]  # identity comes with `fresh`
     assert "ECC_DBE_VOL_TOTAL" in fleet["faults"] and fleet["faults"].endswith("!= 0)")
     assert "ECC_SBE_VOL_TOTAL" not in fleet["values"] + fleet["faults"]  # judged by its increase only
     assert all(fleet[k].endswith("> 0") for k in ("ecc_sbe_increase", "remap_correctable_increase"))
-    with_pcie = health.fleet_queries(health.merge_threshold_config({"H100": {"pcie_width_degraded": True}}))
+    with_pcie = health.fleet_queries(health.resolve_thresholds({"H100": {"pcie_width_degraded": True}}))
     assert "DCGM_FI_DEV_PCIE_LINK_WIDTH" in with_pcie["values"] and len(with_pcie) == len(fleet)
 
 
 def test_fleet_reads_the_xid_gauge_once_and_asks_the_exact_question_only_about_nodes_that_showed_one() -> None:
-    table = health.merge_threshold_config(None)
+    table = health.resolve_thresholds(None)
     fleet = health.fleet_queries(table)
     assert "xid_recent" not in fleet and "count_values" not in fleet[health.XID_SEEN]
     assert "max_over_time(DCGM_FI_DEV_XID_ERRORS[7500s]) > 0" in fleet[health.XID_SEEN]  # 2 h + one lookback
@@ -656,9 +664,37 @@ def test_fleet_reads_the_xid_gauge_once_and_asks_the_exact_question_only_about_n
     ]
     exact = health.xid_recent_query(table, seen)
     assert exact is not None
-    assert 'DCGM_FI_DEV_XID_ERRORS{Hostname=~"node\\\\-0007|node\\\\-0100"}' in exact
-    assert 'DCGM_FI_DEV_XID_ERRORS{exported_hostname=~"gpu\\\\.rack1"}' in exact  # "." matches only a dot
+    assert 'DCGM_FI_DEV_XID_ERRORS{Hostname=~"node\\\\-0007|node\\\\-0100", err_code!=""}[2h]' in exact
+    assert 'DCGM_FI_DEV_XID_ERRORS{exported_hostname=~"gpu\\\\.rack1", err_code!=""}' in exact  # "." is a dot
     # The same expression as the unnarrowed one (window, step, offset), once per node label.
-    assert exact.count("[2h:1m]") == 2 and exact.count("offset 2h") == 2
-    narrowed = HEALTH_QUERIES["xid_recent"].replace("DCGM_FI_DEV_XID_ERRORS", 'DCGM_FI_DEV_XID_ERRORS{Hostname=~"x"}')
+    assert exact.count("[2h:1m]") == 2 and exact.count("offset 2h") == 4
+    narrowed = HEALTH_QUERIES["xid_recent"].replace("DCGM_FI_DEV_XID_ERRORS{", 'DCGM_FI_DEV_XID_ERRORS{Hostname=~"x", ')
     assert health.xid_recent_query(table, [_series(None, {"Hostname": "x"}, 1)]) == f"({narrowed})"
+
+
+@pytest.mark.skipif(not PROMTOOL.is_file(), reason="needs promtool (Debian's prometheus package)")
+@pytest.mark.parametrize(("at", "reported"), [("2m", True), ("1h", True), ("2h1m", True), ("2h2m", False)])
+def test_an_xid_visible_for_20_s_is_reported_for_the_whole_window(at: str, reported: bool, tmp_path) -> None:
+    # dcgm-exporter's series: XID 79 on its own err_code series at 80 s and 90 s (visible 20 s at a 10 s scrape,
+    # between two of the old subquery's minute steps), then the gauge back to 0. Prometheus's engine evaluates.
+    labels = 'hostname="node-a", gpu="0", UUID="GPU-a", modelName="NVIDIA H100 80GB HBM3"'
+    series = {
+        f'DCGM_FI_DEV_XID_ERRORS{{{labels}, err_code="0"}}': "0x7 stale stale 0x800",
+        f'DCGM_FI_DEV_XID_ERRORS{{{labels}, err_code="79"}}': "_x8 79 79 stale",
+        f"DCGM_FI_DEV_GPU_TEMP{{{labels}}}": "40x810",
+    }
+    table = health.resolve_thresholds(None)
+    fleet = health.fleet_queries(table)
+    seen = evaluate(tmp_path, series, [fleet[health.XID_SEEN]], at, interval="10s")[0][fleet[health.XID_SEEN]]
+    exact = health.xid_recent_query(table, seen)
+    if not reported:
+        assert exact is None or not evaluate(tmp_path, series, [exact], at, interval="10s")[0][exact]
+        return
+    assert exact is not None
+    # The subquery over the same series, as every exporter's XIDs were read before: it never saw the XID.
+    subquery = 'max_over_time((count_values without() ("xid", DCGM_FI_DEV_XID_ERRORS > 0))[2h:1m])'
+    answers = evaluate(tmp_path, series, [exact, subquery], at, interval="10s")[0]
+    assert answers[subquery] == []
+    readings = health.readings_from_query_results({"xid_recent": answers[exact]}, {}, now=0)
+    assert [(r.node, r.gpu, r.xids) for r in readings] == [("node-a", 0, [79])]
+    assert judge(readings[0], T).reasons == ["XID 79 (GPU has fallen off the bus) within 2h"]

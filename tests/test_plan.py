@@ -149,11 +149,13 @@ def test_alert_rules_and_dashboard_cover_the_gpu_faults():
         "GPUFatalXid",
         "GPUEccDoubleBit",
         "GPURowRemapFailure",
+        "GPURemappedRowsUncorrectable",
         "GPUTemperatureHigh",
+        "GPUMemoryTemperatureHigh",
         "GPUMetricsTargetDown",
         "GPUMissing",
     ]
-    assert "DCGM_FI_DEV_XID_ERRORS == 79" in rule["spec"]["groups"][0]["rules"][0]["expr"]
+    assert "|79|" in rule["spec"]["groups"][0]["rules"][0]["expr"]  # err_code=~"48|...|79|..."
     missing = rule["spec"]["groups"][0]["rules"][-1]["expr"]
     # dcgm-exporter 4.6.0-4.8.3 (GPU Operator v26.7.0) spells its node label `hostname`
     assert missing.count("count by (hostname)") == 3 and "< 4" in missing

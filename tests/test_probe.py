@@ -92,7 +92,7 @@ def test_canonical_values_convert_units() -> None:
 
 
 def test_config_override_turns_gpu_degraded() -> None:
-    cold = {"thresholds": {"default": {"max_gpu_temp_c": 10}}}
+    cold = {"default": {"max_gpu_temp_c": 10}}
     verdicts = probe_table(cold, reader=RecordedReader(A100), node="n")
     assert [(v.verdict, v.reasons) for v in verdicts] == [(Verdict.DEGRADED, ["GPU temp 34 °C > 10 °C"])] * 2
     assert [v.verdict for v in probe_table(reader=RecordedReader(A100), node="n")] == [Verdict.HEALTHY] * 2

@@ -240,13 +240,6 @@ def test_slurm_state_class(state, cls):
     assert remediation.slurm_state_class(state) == cls
 
 
-def test_gres_gpus():
-    assert remediation.gres_gpus("gpu:8") == 8
-    assert remediation.gres_gpus("gpu:h100:4(S:0),gpu:a100:2") == 6
-    assert remediation.gres_gpus("shard:8") == 0
-    assert remediation.gres_gpus("") == 0
-
-
 def test_slurm_name_map_prefers_same_name_then_pod():
     slurm_nodes = {"gpu-1": 1, "gpu-8-1": 1}
     pods = [{"name": "slurm-worker-gpu-8-1", "hostname": "gpu-8-1", "node": "gpu-2"}]
