@@ -28,7 +28,7 @@ else
 fi
 FIX=()
 if [ -n "${GPUFORGE_FIXTURE:-}" ]; then FIX=(--fixture "$GPUFORGE_FIXTURE"); fi
-probe() { $PY -m gpuforge.probe "${FIX[@]}" "$@"; }
+probe() { $PY -m gpuforge_probe "${FIX[@]}" "$@"; }
 step() { echo; echo "=== $* ==="; }
 T0=$(date +%s)
 

@@ -17,7 +17,7 @@
 #   GPUFORGE_CONFIG         thresholds/cluster config passed as --config
 #   GPUFORGE_EXPECTED_GPUS  expected GPU count passed as --expected-gpus (a missing GPU then drains);
 #                           "gres" reads it from this node's Gres=gpu:...:N. Needs a CLI with that flag
-#                           (`python3 -m gpuforge.probe` has it).
+#                           (`python3 -m gpuforge_probe` has it).
 #   GPUFORGE_TIMEOUT        seconds before the probe counts as hung, default 45
 set -u
 NODE=${SLURMD_NODENAME:-$(hostname -s)}

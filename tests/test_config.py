@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from ruamel.yaml import YAML
 
 from gpuforge import pins
-from gpuforge.cli import app
 from gpuforge.config import ConfigError, Role, load_config, node_access_problems, parse_config
+from gpuforge_cli.app import app
 
 REPO = Path(__file__).resolve().parents[1]
 UPSTREAM = REPO.parent / "shared" / "upstream"

@@ -15,7 +15,7 @@ import pytest
 from gpuforge import health, render
 from gpuforge.config import Config, parse_config
 from gpuforge.health import Verdict
-from gpuforge.probe import Probe, RecordedReader
+from gpuforge_probe.probe import Probe, RecordedReader
 from tests.promtool import PROMTOOL, evaluate
 
 pytestmark = pytest.mark.skipif(not PROMTOOL.is_file(), reason="needs promtool (Debian's prometheus package)")

@@ -1,4 +1,4 @@
-"""gpuforge.probe on CPU: recorded NVML readings (tests/fixtures/nvml), a fake pynvml for the reader's error
+"""gpuforge_probe on CPU: recorded NVML readings (tests/fixtures/nvml), a fake pynvml for the reader's error
 handling, the /metrics exposition over a real HTTP server, the Slurm health check. The ``real_nvml`` tests
 run only where an NVIDIA driver answers (bench/device_check.sh runs them on the GPU machine)."""
 
@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from gpuforge import probe as probe_mod
 from gpuforge.health import DCGM_METRICS, HEALTH_QUERIES, Verdict, judge_all, readings_from_query_results
-from gpuforge.probe import (
+from gpuforge_probe import probe as probe_mod
+from gpuforge_probe.probe import (
     NvmlReader,
     Probe,
     ProbeError,
@@ -100,7 +100,7 @@ def test_config_override_turns_gpu_degraded() -> None:
 
 def test_unsupported_fields_are_omitted_and_logged_once(caplog: pytest.LogCaptureFixture) -> None:
     p = Probe(RecordedReader(A100), node="n", clock=Clock()).open()
-    with caplog.at_level(logging.INFO, logger="gpuforge.probe"):
+    with caplog.at_level(logging.INFO, logger="gpuforge_probe.probe"):
         p.refresh()
         p.refresh()
     logged = [r.getMessage() for r in caplog.records if "not supported" in r.getMessage()]
@@ -779,7 +779,7 @@ def slurm_env(tmp_path: Path) -> dict[str, Any]:
         "PATH": f"{bindir}:{os.environ['PATH']}",
         "SLURMD_NODENAME": "gn1",
         "PYTHONPATH": str(REPO),
-        "GPUFORGE_CMD": f"{sys.executable} -m gpuforge.probe --fixture {A100}",
+        "GPUFORGE_CMD": f"{sys.executable} -m gpuforge_probe --fixture {A100}",
     }
     return {"env": env, "log": log_file, "node": node_file}
 
@@ -801,7 +801,7 @@ def run_hc(slurm_env: dict[str, Any], **env: str) -> tuple[int, list[str]]:
 def test_slurm_script_drains_with_gpuforge_reason(slurm_env: dict[str, Any]) -> None:
     import sys
 
-    rc, calls = run_hc(slurm_env, GPUFORGE_CMD=f"{sys.executable} -m gpuforge.probe --fixture {SYNTH}")
+    rc, calls = run_hc(slurm_env, GPUFORGE_CMD=f"{sys.executable} -m gpuforge_probe --fixture {SYNTH}")
     assert rc == 1
     (call,) = calls
     assert call.startswith("update|NodeName=gn1|State=DRAIN|Reason=gpuforge: GPU1 unhealthy: ECC DBE volatile 2 > 0;")

@@ -1,6 +1,6 @@
-"""Day-2 commands: `gpuforge health` and `gpuforge drift` (registered on gpuforge.cli.app).
+"""Day-2 commands: `gpuforge health` and `gpuforge drift` (registered on gpuforge_cli.app.app).
 
-Same conventions as gpuforge.cli: the config is loaded first (a bad config: one line per problem, exit 2 for
+Same conventions as gpuforge_cli.app: the config is loaded first (a bad config: one line per problem, exit 2 for
 these checks), the flow runs in this process, `--json` prints the report on stdout.
 
     health  exit 0 every GPU healthy, 1 unhealthy/degraded found (or --release kept the node out),
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import click
 
-from gpuforge.cli import _run_flow, config_option, fail, json_option, report_of
 from gpuforge.config import ConfigError, load_config
+from gpuforge_cli.common import config_option, fail, json_option, report_of, run_flow
 
 
 def _check_config(config_path: Path, code: int) -> None:
@@ -45,7 +45,7 @@ def health(config_path: Path, release: str | None, as_json: bool) -> None:
     _check_config(config_path, 2)
     from flows.gpu_health import HealthCheckFailed, HealthParams, gpu_health
 
-    state = _run_flow(gpu_health, HealthParams(config=str(config_path), release=release))
+    state = run_flow(gpu_health, HealthParams(config=str(config_path), release=release))
     report = report_of(state, HealthCheckFailed, "gpu-health", 2)
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
@@ -102,7 +102,7 @@ def drift(config_path: Path, as_json: bool) -> None:
     from flows.drift import DriftFound
     from flows.drift import drift as drift_flow
 
-    state = _run_flow(drift_flow, ClusterParams(config=str(config_path)))
+    state = run_flow(drift_flow, ClusterParams(config=str(config_path)))
     report = report_of(state, DriftFound, "drift", 1)
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))

@@ -1,4 +1,4 @@
-"""The `gpuforge` command line.
+"""The `gpuforge` command line (console script `gpuforge`, or `python -m gpuforge_cli`).
 
 Each command loads the config first (a bad config prints one line per problem and exits 1 before
 anything is touched), then hands over to a flow or to the lab. Usage errors print one line and exit 2.
@@ -7,39 +7,14 @@ anything is touched), then hands over to a flow or to the lab. Usage errors prin
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import click
 
-from gpuforge.config import Config, ConfigError, load_config, node_access_problems
-
-config_option = click.option(
-    "--config",
-    "-c",
-    "config_path",
-    required=True,
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="The cluster's config.yml (DeepOps format plus gpuforge keys).",
-)
-json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
-
-
-def fail(message: str, code: int = 1) -> None:
-    click.echo(message, err=True)
-    sys.exit(code)
-
-
-def load(path: Path, *, connects: bool = False) -> Config:
-    """Load and validate the config; `connects` also checks what reaching the nodes needs (the SSH key)."""
-    try:
-        config = load_config(path)
-    except ConfigError as exc:
-        fail(str(exc))
-    if connects and (problems := node_access_problems(config)):
-        fail("\n".join(str(p) for p in problems))
-    return config
+from gpuforge.config import ConfigError, load_config
+from gpuforge_cli.common import config_option, fail, json_option, load, report_of, run_flow, state_error
+from gpuforge_cli.day2 import drift, health
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -172,7 +147,7 @@ def probe(config_path, serve_addr, slurm_healthcheck, expected_gpus, node, as_js
     Exit 0 healthy (or only degraded), 1 a GPU is unhealthy or cannot be judged, 2 no NVIDIA driver.
     """
     from gpuforge import health
-    from gpuforge import probe as gpu_probe
+    from gpuforge_probe import probe as gpu_probe
 
     # The config's sections as written (only the fields each sets): the probe resolves them as the fleet does.
     thresholds = load(config_path).health.thresholds if config_path else None
@@ -193,43 +168,6 @@ def probe(config_path, serve_addr, slurm_healthcheck, expected_gpus, node, as_js
     sys.exit(1 if any(v.verdict in bad for v in verdicts) else 0)
 
 
-def _prefect_defaults() -> None:
-    """Quiet, offline-friendly Prefect defaults; an explicit environment always wins."""
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pyhelm3")
-    # Each CLI run starts its own temporary server on the shared database. Leases kept in memory would die
-    # with a killed run while its cluster-lock slot stays taken forever; on disk, the next run expires them.
-    os.environ.setdefault(
-        "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", "prefect.server.concurrency.lease_storage.filesystem"
-    )
-
-
-def _run_flow(flow, params):
-    """Run a flow in this process (an ephemeral Prefect server when no PREFECT_API_URL is set)."""
-    _prefect_defaults()
-    return flow(params, return_state=True)
-
-
-def _state_error(state) -> BaseException | None:
-    if state.is_completed():
-        return None
-    result = state.result(raise_on_failure=False)
-    return result if isinstance(result, BaseException) else RuntimeError(state.message or state.name)
-
-
-def report_of(state, finding: type[BaseException], what: str, error_code: int) -> dict:
-    """The report a checking flow returned, or carried by its `finding` exception (checks that found
-    something fail their run); any other failure means the check could not run: exit `error_code`."""
-    error = _state_error(state)
-    if isinstance(error, finding):
-        return error.report
-    if error is not None:
-        fail(f"{what} could not run: {error}", error_code)
-    return state.result()
-
-
 PHASE_CHOICE = click.Choice(["preflight", "kubespray", "monitoring", "gpu-operator", "slurm", "dashboard", "validate"])
 
 
@@ -248,10 +186,10 @@ def install(config_path: Path, only, from_phase, force_phase, as_json: bool) -> 
     params = InstallParams(
         config=str(config_path), only=list(only), from_phase=from_phase, force_phases=list(force_phase)
     )
-    state = _run_flow(install_flow, params)
+    state = run_flow(install_flow, params)
     rows = state.result(raise_on_failure=False)
     rows = rows if isinstance(rows, list) else getattr(state.data, "result", None) or []
-    error = _state_error(state)
+    error = state_error(state)
     if as_json:
         click.echo(
             json.dumps(
@@ -287,7 +225,7 @@ def validate(config_path: Path, keep: bool, as_json: bool) -> None:
     from flows.validate import ValidateParams, ValidationFailed
     from flows.validate import validate as validate_flow
 
-    state = _run_flow(validate_flow, ValidateParams(config=str(config_path), keep=keep))
+    state = run_flow(validate_flow, ValidateParams(config=str(config_path), keep=keep))
     report = report_of(state, ValidationFailed, "validate", 2)
     if as_json:
         click.echo(json.dumps({k: report[k] for k in ("ok", "failures", "checks")}, indent=2))
@@ -297,15 +235,8 @@ def validate(config_path: Path, keep: bool, as_json: bool) -> None:
     sys.exit(report["exit_code"])
 
 
-def _add_day2_commands() -> None:
-    # gpuforge.cli_day2 builds on the helpers above, so it is imported once they exist.
-    from gpuforge.cli_day2 import drift, health
-
-    app.add_command(health)
-    app.add_command(drift)
-
-
-_add_day2_commands()
+app.add_command(health)
+app.add_command(drift)
 
 
 def main() -> None:

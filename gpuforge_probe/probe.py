@@ -8,7 +8,8 @@ Layers, so that everything but the NVML calls runs on a CPU in tests:
 * :class:`Probe` turns records into :class:`~gpuforge.health.GpuReading` objects (units, missing and lost
   GPUs, XID window, windowed increases) and into exposition samples;
 * :func:`probe_table`, :func:`serve`, :func:`slurm_healthcheck` are what the CLI calls; ``python -m
-  gpuforge.probe`` is a small stand-alone entry (no Prefect, no CLI module) used by bench/device_check.sh.
+  gpuforge_probe`` (:func:`main`) is a small stand-alone entry (no Prefect, no CLI module) used by
+  bench/device_check.sh.
 
 ``pynvml`` (package nvidia-ml-py) is imported inside :class:`NvmlReader` only, ``prometheus_client`` inside
 the functions that serve or parse, so importing this module needs neither.
@@ -55,7 +56,7 @@ from gpuforge.health import (
     verdicts_json,
 )
 
-log = logging.getLogger("gpuforge.probe")
+log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 
@@ -943,8 +944,8 @@ def load_config(path: str | Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m gpuforge.probe``: a stand-alone entry for nodes and the device check."""
-    ap = argparse.ArgumentParser(prog="python -m gpuforge.probe", description=__doc__.splitlines()[0])
+    """``python -m gpuforge_probe``: a stand-alone entry for nodes and the device check."""
+    ap = argparse.ArgumentParser(prog="python -m gpuforge_probe", description=__doc__.splitlines()[0])
     ap.add_argument("--serve", metavar="ADDR:PORT", help="serve /metrics (default address 127.0.0.1)")
     ap.add_argument("--config", metavar="FILE", help="thresholds config (JSON or YAML)")
     ap.add_argument("--json", action="store_true", help="print verdicts as JSON")
@@ -1001,7 +1002,3 @@ def _scrape(url: str, config: Mapping[str, Any] | None, as_json: bool) -> int:
     verdicts = [judge(r, thresholds_for(r.model, table)) for r in readings_from_exposition(text, now=now)]
     print(verdicts_json(verdicts) if as_json else format_table(verdicts))
     return 0 if all(v.verdict in (Verdict.HEALTHY, Verdict.DEGRADED) for v in verdicts) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,3 @@
+from gpuforge_cli.app import main
+
+main()

@@ -1,0 +1,5 @@
+import sys
+
+from gpuforge_probe.probe import main
+
+sys.exit(main())
