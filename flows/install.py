@@ -1,15 +1,13 @@
-"""install: the runbook. Each phase is a subflow, run in order; a converged phase skips itself.
-
-preflight -> kubespray -> monitoring -> gpu-operator -> slurm -> dashboard -> validate
-(monitoring comes before the GPU Operator so the ServiceMonitor CRD exists when dcgm-exporter needs it)
-"""
+"""install: the runbook. Each phase of the catalogue (gpuforge.phases.INSTALL_PHASES) is a subflow, run in
+catalogue order; a converged phase skips itself, a phase whose service is disabled in the config is skipped."""
 
 from __future__ import annotations
 
 import time
-from typing import Literal
+from collections.abc import Callable
 
 from prefect import flow, get_run_logger
+from prefect.client.schemas.objects import State
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from prefect.states import Failed
 
@@ -22,45 +20,32 @@ from flows.notify import notify_failure
 from flows.preflight import preflight
 from flows.slurm import slurm
 from flows.validate import ValidateParams, validate
+from gpuforge.phases import PhaseName, selected_phases
 from tasks.kube import nodes_converged
-
-Phase = Literal["preflight", "kubespray", "monitoring", "gpu-operator", "slurm", "dashboard", "validate"]
-PHASES: list[str] = ["preflight", "kubespray", "monitoring", "gpu-operator", "slurm", "dashboard", "validate"]
-SERVICE = {
-    "monitoring": "monitoring_stack",
-    "gpu-operator": "gpu-operator",
-    "slurm": "slurm",
-    "dashboard": "k8s-dashboard",
-}
 
 
 class InstallParams(ClusterParams):
-    only: list[Phase] = []
-    from_phase: Phase | None = None
-    force_phases: list[Phase] = []
+    only: list[PhaseName] = []
+    from_phase: PhaseName | None = None
+    force_phases: list[PhaseName] = []
 
 
-def _run_phase(phase: str, params: InstallParams):
-    base = {"config": params.config}
-    calls = {
-        "preflight": lambda: preflight(ClusterParams(**base), return_state=True),
-        "kubespray": lambda: kubespray(
-            KubesprayParams(**base, force="kubespray" in params.force_phases), return_state=True
-        ),
-        "monitoring": lambda: monitoring(ClusterParams(**base), return_state=True),
-        "gpu-operator": lambda: gpu_operator(ClusterParams(**base), return_state=True),
-        "slurm": lambda: slurm(ClusterParams(**base), return_state=True),
-        "dashboard": lambda: dashboard(ClusterParams(**base), return_state=True),
-        "validate": lambda: validate(ValidateParams(**base), return_state=True),
-    }
-    return calls[phase]()
+def _cluster(params: InstallParams) -> ClusterParams:
+    return ClusterParams(config=params.config)
 
 
-def selected_phases(params: InstallParams) -> list[str]:
-    if params.only:
-        return [p for p in PHASES if p in params.only]
-    start = PHASES.index(params.from_phase) if params.from_phase else 0
-    return PHASES[start:]
+# The flow that runs each phase of the catalogue, given the install's parameters; it returns the phase's state.
+RUNBOOKS: dict[str, Callable[[InstallParams], State]] = {
+    "preflight": lambda p: preflight(_cluster(p), return_state=True),
+    "kubespray": lambda p: kubespray(
+        KubesprayParams(config=p.config, force="kubespray" in p.force_phases), return_state=True
+    ),
+    "monitoring": lambda p: monitoring(_cluster(p), return_state=True),
+    "gpu-operator": lambda p: gpu_operator(_cluster(p), return_state=True),
+    "slurm": lambda p: slurm(_cluster(p), return_state=True),
+    "dashboard": lambda p: dashboard(_cluster(p), return_state=True),
+    "validate": lambda p: validate(ValidateParams(config=p.config), return_state=True),
+}
 
 
 @flow(name="install", flow_run_name=run_name("install"), on_failure=[notify_failure], on_crashed=[notify_failure])
@@ -73,32 +58,32 @@ def install(params: InstallParams) -> list[dict]:
         config.kubeconfig_path(), [n.name for n in config.nodes], config.kubespray.kube_version
     )
     with cluster_lock(config.cluster_name, "install"):
-        for phase in selected_phases(params):
+        for phase in selected_phases(params.only, params.from_phase):
             skip = None
-            if phase in SERVICE and not config.enabled(SERVICE[phase]):
-                skip = f"{SERVICE[phase]} is disabled in the config"
-            elif phase == "preflight" and nodes_done and not params.only:
+            if phase.service and not config.enabled(phase.service):
+                skip = f"{phase.service} is disabled in the config"
+            elif phase.name == "preflight" and nodes_done and not params.only:
                 skip = "skipped: every node is Ready at the pinned version; Kubespray will not run"
             if skip:
-                rows.append({"phase": phase, "result": "skipped", "seconds": 0, "detail": skip})
+                rows.append({"phase": phase.name, "result": "skipped", "seconds": 0, "detail": skip})
                 continue
             started = time.monotonic()
             # A phase runs in install's own process, whose heartbeat already shows it alive. Prefect joins a
             # flow run's heartbeat thread when the run ends, and that thread sleeps in 1 s steps: ~0.8 s a phase.
             with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-                state = _run_phase(phase, params)
+                state = RUNBOOKS[phase.name](params)
             detail = _one_line(state.result(raise_on_failure=False))
             failed = state.is_failed() or state.is_crashed()
             result = "failed" if failed else ("skipped" if str(detail).startswith("skipped") else "ran")
             rows.append(
                 {
-                    "phase": phase,
+                    "phase": phase.name,
                     "result": result,
                     "seconds": round(time.monotonic() - started, 1),
                     "detail": str(detail)[:500],
                 }
             )
-            logger.info("phase %s %s: %s", phase, result, rows[-1]["detail"])
+            logger.info("phase %s %s: %s", phase.name, result, rows[-1]["detail"])
             if failed:
                 break
     publish_table("install-summary", rows, f"install of {config.cluster_name}: a row per phase")

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from gpuforge.config import ConfigError, load_config
+from gpuforge.phases import PHASE_NAMES
 from gpuforge_cli.common import config_option, fail, json_option, load, report_of, run_flow, state_error
 from gpuforge_cli.day2 import drift, health
 
@@ -168,7 +169,7 @@ def probe(config_path, serve_addr, slurm_healthcheck, expected_gpus, node, as_js
     sys.exit(1 if any(v.verdict in bad for v in verdicts) else 0)
 
 
-PHASE_CHOICE = click.Choice(["preflight", "kubespray", "monitoring", "gpu-operator", "slurm", "dashboard", "validate"])
+PHASE_CHOICE = click.Choice(PHASE_NAMES)
 
 
 @app.command()
