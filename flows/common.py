@@ -1,10 +1,11 @@
-"""What every flow shares: its one parameter model, loading the config, and publishing artifacts."""
+"""What every flow shares: its one parameter model, loading the config, publishing artifacts, the cluster lock,
+and acting on both sides of a node (Kubernetes and Slurm) at once."""
 
 from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -15,7 +16,10 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel
 
 from gpuforge.config import Config, ConfigError, load_config, node_access_problems
+from gpuforge.remediation import CORDON, DRAIN_SLURM, UNCORDON, Change, Step
 from gpuforge.state import cluster_state_dir
+from tasks import kube
+from tasks.slurm import Slurm
 
 
 class ClusterParams(BaseModel):
@@ -138,3 +142,47 @@ def _holder_dead(holder) -> bool:
     except (PermissionError, KeyError, TypeError, ValueError):
         return False
     return False
+
+
+def change_node(kubeconfig: Path, slurm: Slurm) -> Callable[[Change], None]:
+    """Carries out one Change on its side of the node: the Kubernetes cordon, or the Slurm node's state."""
+
+    def apply(change: Change) -> None:
+        if change.kind in (CORDON, UNCORDON):
+            kube.set_cordon(kubeconfig, change.target, change.kind == CORDON, change.note)
+        else:
+            slurm.update(change.target, "drain" if change.kind == DRAIN_SLURM else "resume", change.note)
+
+    return apply
+
+
+def act_on_both_sides(steps: Sequence[Step], apply: Callable[[Change], None], log: Callable[[str], None]) -> bool:
+    """Carry out one node's steps in order, so that both sides end in the same state: when a step fails, the
+    later ones are skipped and the ones done are undone, last first. Returns whether every step was done.
+
+    Every step's Action says what happened: done; failed, with the error; skipped; undone. An undo that fails
+    too leaves its Action done, with both errors and "fix by hand": the original error stays on its own Action.
+    """
+    done: list[Step] = []
+    for index, step in enumerate(steps):
+        try:
+            apply(step.change)
+        except Exception as exc:  # noqa: BLE001 - recorded on the Action, and the steps done are undone
+            step.action.status, step.action.detail = "failed", f"{step.action.detail}; {exc}"
+            why = f"{step.change.kind} failed"
+            for later in steps[index + 1 :]:
+                later.action.status, later.action.detail = "skipped", f"{later.action.detail}; not done: {why}"
+            for earlier in reversed(done):
+                try:
+                    apply(earlier.undo)
+                except Exception as undo_exc:  # noqa: BLE001 - recorded next to the original error
+                    earlier.action.detail += f"; {why} and undoing this failed too ({undo_exc}): fix by hand"
+                    log(f"could not undo '{earlier.change}' after {why}: {undo_exc}")
+                else:
+                    earlier.action.status, earlier.action.detail = "undone", f"{earlier.action.detail}; undone: {why}"
+                    log(f"{earlier.undo} (undone: {why})")
+            return False
+        step.action.status = "done"
+        done.append(step)
+        log(str(step.change))
+    return True

@@ -2,7 +2,7 @@
 Kubernetes and the Slurm side, and (opt-in) take nodes with unhealthy GPUs out on both sides.
 
     nodes (1 list) -> fleet PromQL (fleet_queries, + 1 for nodes with an XID, whatever the GPU count) -> verdicts
-    -> Slurm (1 sinfo, 1 slurmd pod list) -> remediation.decide -> cordon + scontrol drain -> artifacts
+    -> Slurm (1 sinfo, 1 slurmd pod list) -> remediation.decide -> scontrol drain, then cordon -> artifacts
 
 `release=NODE` instead returns one node to service: see flows/gpu_release.py.
 
@@ -15,12 +15,18 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Callable
-from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from flows.common import ClusterParams, load, publish_markdown, publish_table, run_name
+from flows.common import (
+    ClusterParams,
+    act_on_both_sides,
+    change_node,
+    load,
+    publish_markdown,
+    publish_table,
+    run_name,
+)
 from flows.gpu_release import release_node
 from flows.notify import notify_failure
 from gpuforge import health, remediation
@@ -89,7 +95,9 @@ def _check(config: Config) -> dict:
     if prom_error is None and kube_error is None:
         decision = remediation.decide(config, verdicts, nodes, slurm_nodes, slurm_names, dt.datetime.now(dt.UTC))
         actions = decision.actions
-        _carry_out(config, kubeconfig, actions, logger.info)
+        apply = change_node(kubeconfig, slurm_tasks.Slurm(config, kubeconfig))
+        for steps in remediation.steps_per_node(actions).values():
+            act_on_both_sides(steps, apply, logger.info)
         if any(a.status in ("done", "undone") for a in actions):  # report the state the actions left
             nodes, _ = _gpu_state(config)
             slurm_nodes, slurm_names, slurm_error = slurm_tasks.slurm_state(config, kubeconfig)
@@ -119,39 +127,3 @@ def _check(config: Config) -> dict:
     if code != EXIT_HEALTHY:
         raise HealthCheckFailed(report, failure_message(report))
     return report
-
-
-def _carry_out(config: Config, kubeconfig: Path, actions: list[Action], log: Callable[[str], None]) -> None:
-    """Planned actions, per node: drain Slurm first, then cordon; a failed cordon resumes the Slurm node again
-    (and a failed drain means no cordon), so both sides always end in the same state."""
-    slurm = slurm_tasks.Slurm(config, kubeconfig)
-    by_node: dict[str, list[Action]] = {}
-    for a in actions:
-        if a.status == "planned":
-            by_node.setdefault(a.node, []).append(a)
-    for node, todo in by_node.items():
-        drain = next((a for a in todo if a.kind == remediation.DRAIN_SLURM), None)
-        cordon = next((a for a in todo if a.kind == remediation.CORDON), None)
-        if drain:
-            try:
-                slurm.update(drain.slurm_node, "drain", drain.slurm_reason)
-                drain.status = "done"
-                log(f"drained Slurm node {drain.slurm_node}: {drain.slurm_reason}")
-            except Exception as exc:  # noqa: BLE001 - recorded in the report
-                drain.status, drain.detail = "failed", f"{drain.detail}; {exc}"
-                if cordon:
-                    cordon.status, cordon.detail = "skipped", f"not cordoned: the Slurm drain failed ({exc})"
-                continue
-        if cordon:
-            try:
-                kube.set_cordon(kubeconfig, node, True, cordon.annotation)
-                cordon.status = "done"
-                log(f"cordoned {node}: {cordon.annotation}")
-            except Exception as exc:  # noqa: BLE001
-                cordon.status, cordon.detail = "failed", f"{cordon.detail}; {exc}"
-                if drain and drain.status == "done":
-                    try:
-                        slurm.update(drain.slurm_node, "resume")
-                        drain.status, drain.detail = "undone", f"{drain.detail}; resumed again: the cordon failed"
-                    except Exception as exc2:  # noqa: BLE001
-                        drain.detail += f"; cordon failed and resuming failed too ({exc2}): fix by hand"

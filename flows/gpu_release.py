@@ -4,8 +4,8 @@
 2. A re-validation on the node itself: a CUDA smoke pod pinned to it (tolerating the cordon) or, for a node in
    a Slurm NodeSet (whose GPUs the slurmd pod holds), a 1-GPU Slurm job pinned to it (`sbatch -w NODE
    --gres=gpu:1`) inside a maintenance reservation, so no user job lands there meanwhile.
-3. Only then the Slurm node is resumed and the Kubernetes node uncordoned. A failed re-validation keeps (or
-   puts back) both sides out and says why.
+3. Only then the Slurm node is resumed and the Kubernetes node uncordoned (flows.common.act_on_both_sides). A
+   failed re-validation keeps (or puts back) both sides out and says why.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import time
 
 from prefect import get_run_logger
 
-from flows.common import PreconditionFailed, publish_markdown, publish_table
+from flows.common import PreconditionFailed, act_on_both_sides, change_node, publish_markdown, publish_table
 from gpuforge import checks, health, remediation
 from gpuforge.config import Config
 from gpuforge.health import Verdict
@@ -76,41 +76,25 @@ def release_node(config: Config, node: str) -> dict:
         how = f"CUDA smoke pod pinned to {node} (tolerating the cordon)"
         ok, detail = kube.revalidate_with_smoke_pod(config, kubeconfig, node)
 
-    # 3. Decide, then act: Slurm side first (already resumed by the job path), then the cordon.
+    # 3. Decide, then act: the Slurm side first (already resumed by the job path), then the cordon. A step that
+    #    fails puts back the ones done, so that both sides stay out together.
     slurm = slurm_tasks.Slurm(config, kubeconfig)
     if in_slurm and snode is not None:
         snode = slurm.nodes().get(sname, snode)
     decision = remediation.release_decision(node, ok, detail, verdicts, nodes[node], snode, sname, in_slurm)
     when = remediation.stamp(dt.datetime.now(dt.UTC), config.timezone)
     if decision.ok:
-        done: list[Action] = []
-        for a in decision.actions:
-            if any(x.status == "failed" for x in decision.actions):
-                a.status, a.detail = "skipped", f"{a.detail}; not done: an earlier step failed"
-                continue
-            try:
-                if a.kind == remediation.RESUME_SLURM:
-                    slurm.update(a.slurm_node, "resume")
-                elif a.kind == remediation.UNCORDON:
-                    kube.set_cordon(kubeconfig, node, False, None)
-                a.status = "done"
-                done.append(a)
-            except Exception as exc:  # noqa: BLE001
-                a.status, a.detail = "failed", f"{a.detail}; {exc}"
-        failed = [a.detail for a in decision.actions if a.status == "failed"]
-        if failed:
+        put_back = ["returning the node to service failed half-way: put back out"]
+        steps = remediation.steps_per_node(
+            decision.actions,
+            cordon_note=nodes[node].annotations.get(remediation.CORDON_ANNOTATION)
+            or remediation.annotation_text(put_back, when),
+            drain_reason=remediation.slurm_reason(put_back, when),
+        )
+        if not act_on_both_sides(steps.get(node, []), change_node(kubeconfig, slurm), logger.info):
             decision.ok = False
+            failed = [a.detail for a in decision.actions if a.status == "failed"]
             decision.reasons.append("returning the node failed: " + "; ".join(failed))
-            for a in done:  # undo, so that both sides stay out together
-                if a.kind == remediation.UNCORDON:
-                    note = nodes[node].annotations.get(remediation.CORDON_ANNOTATION) or remediation.annotation_text(
-                        decision.reasons, when
-                    )
-                    kube.set_cordon(kubeconfig, node, True, note)
-                    a.status = "undone"
-                elif a.kind == remediation.RESUME_SLURM:
-                    slurm.update(a.slurm_node, "drain", remediation.slurm_reason(decision.reasons, when))
-                    a.status = "undone"
         actions += decision.actions
     if not decision.ok and in_slurm and sname and snode is not None:
         # The job path may have resumed a drained node for the job: put it back, with the reason. A node that

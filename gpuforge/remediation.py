@@ -23,6 +23,8 @@ Policy
   Candidates are taken worst first (most unhealthy GPUs), then by name; the rest are listed as skipped.
 * Returning a node (``gpuforge health --release NODE``) is :func:`release_decision`: only after a passing
   re-validation and healthy fresh metrics is the node uncordoned and its Slurm node resumed.
+* Both directions act on both sides through the same plan, :func:`steps_per_node`: the Slurm side first, then
+  Kubernetes, each change with the change that takes it back, so that a failure half-way can be undone.
 """
 
 from __future__ import annotations
@@ -367,3 +369,61 @@ def release_decision(
     if in_slurm and slurm is not None and slurm.out_of_service:
         actions.append(Action(node, RESUME_SLURM, f"Slurm node {slurm_name}: {slurm.state} -> resume", slurm_name))
     return ReleaseDecision(node, True, [], actions)
+
+
+# ------------------------------------------------------------------------------------ acting on both sides
+
+
+@dataclass(frozen=True)
+class Change:
+    """One change on one side of a node: cordon or uncordon it in Kubernetes, drain or resume it in Slurm."""
+
+    kind: str  # cordon | uncordon | drain-slurm | resume-slurm
+    target: str  # the Kubernetes node (cordon, uncordon) or the Slurm node (drain, resume)
+    note: str | None = None  # the cordon annotation, or the Slurm reason of a drain
+
+    def __str__(self) -> str:
+        what = {
+            CORDON: f"cordoned {self.target}",
+            UNCORDON: f"uncordoned {self.target}",
+            DRAIN_SLURM: f"drained Slurm node {self.target}",
+            RESUME_SLURM: f"resumed Slurm node {self.target}",
+        }[self.kind]
+        return f"{what}: {self.note}" if self.note else what
+
+
+@dataclass
+class Step:
+    """A change, the change that takes it back, and the Action whose status and detail report on both."""
+
+    action: Action
+    change: Change
+    undo: Change
+
+
+def _step(action: Action, cordon_note: str | None, drain_reason: str | None) -> Step:
+    if action.kind == CORDON:
+        return Step(action, Change(CORDON, action.node, action.annotation), Change(UNCORDON, action.node))
+    if action.kind == UNCORDON:
+        return Step(action, Change(UNCORDON, action.node), Change(CORDON, action.node, cordon_note))
+    slurm_node = action.slurm_node or action.node
+    if action.kind == DRAIN_SLURM:
+        return Step(action, Change(DRAIN_SLURM, slurm_node, action.slurm_reason), Change(RESUME_SLURM, slurm_node))
+    return Step(action, Change(RESUME_SLURM, slurm_node), Change(DRAIN_SLURM, slurm_node, drain_reason))
+
+
+def steps_per_node(
+    actions: Iterable[Action], *, cordon_note: str | None = None, drain_reason: str | None = None
+) -> dict[str, list[Step]]:
+    """The planned actions as steps, per node: the Slurm side first, then Kubernetes.
+
+    Taking a node out drains Slurm before the cordon and returning it resumes Slurm before the uncordon, so a
+    failed Slurm change stops before Kubernetes is touched. Undoing an uncordon cordons again with
+    `cordon_note`; undoing a resume drains again with `drain_reason` (only returning a node needs them)."""
+    per_node: dict[str, list[Step]] = {}
+    for action in actions:
+        if action.status == "planned":
+            per_node.setdefault(action.node, []).append(_step(action, cordon_note, drain_reason))
+    for steps in per_node.values():
+        steps.sort(key=lambda s: s.change.kind not in (DRAIN_SLURM, RESUME_SLURM))
+    return per_node
