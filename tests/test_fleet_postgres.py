@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 from ruamel.yaml import YAML
@@ -110,8 +111,22 @@ def test_deploy_all_registers_one_set_per_cluster(server, deployed, client):
             expected = {"gpu-health": "0 2 * * *", "drift": "0 * * * *"}.get(flow)
             assert crons == ([(expected, cluster.timezone, True)] if expected else []), (flow, env)
     assert envs["edge"].timezone == "Asia/Tokyo" and envs["prod"].config == "deployments/prod/config.yml"
+    # the server's scheduler turns the schedule into runs at 02:00 Tokyo time (17:00 UTC)
+    health = client.read_deployment_by_name("gpu-health/edge")
+    deadline = time.monotonic() + 90
+    while not (scheduled := client.read_flow_runs(deployment_filter=by_id(health.id))):
+        assert time.monotonic() < deadline, "no scheduled gpu-health/edge run after 90 s"
+        time.sleep(1)
+    starts = {r.expected_start_time.astimezone(ZoneInfo("Asia/Tokyo")).strftime("%H:%M") for r in scheduled}
+    assert starts == {"02:00"}, starts
     # stored in PostgreSQL, 4 per cluster
     assert server.pg.psql("select count(*) from deployment") == str(4 * len(envs))
+
+
+def by_id(deployment_id):
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    return DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
 
 
 def fleet_tag(flow: str) -> str:
@@ -119,17 +134,17 @@ def fleet_tag(flow: str) -> str:
 
 
 def test_a_run_through_a_process_worker(server, deployed, client):
-    from prefect.client.schemas.filters import (
-        ArtifactFilter,
-        ArtifactFilterFlowRunId,
-        DeploymentFilter,
-        DeploymentFilterId,
-    )
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
+    # No scheduled run may reach the worker (drift/lab would read the developer's lab): pausing a schedule
+    # also deletes its future runs.
+    for d in client.read_deployments():
+        for schedule in d.schedules:
+            client.update_deployment_schedule(d.id, schedule.id, active=False)
     deployment = client.read_deployment_by_name("validate/edge")
     t0 = time.monotonic()
     server.cli("deployment", "run", "validate/edge")
-    (run,) = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])))
+    (run,) = client.read_flow_runs(deployment_filter=by_id(deployment.id))
     with server.worker("w1"):
         deadline = time.monotonic() + 300
         while not (run := client.read_flow_run(run.id)).state.is_final():
