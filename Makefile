@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv/bin
 LAB_CONFIG ?= deployments/lab/config.yml
 
-.PHONY: setup lint test demo lab-up lab-down plan bench
+.PHONY: setup lint test demo lab-up lab-down plan bench deployments
 
 setup:
 	@bash scripts/setup.sh
@@ -14,6 +14,10 @@ lint: setup
 
 test: setup lint
 	$(VENV)/python -m pytest -q -p no:cacheprovider
+
+# prefect.yaml from deployments/*/config.yml (one deployment set per cluster folder)
+deployments: setup
+	$(VENV)/python -m gpuforge.fleet
 
 plan: setup
 	$(VENV)/gpuforge plan --config deployments/prod/config.yml --out out/plan-prod

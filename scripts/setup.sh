@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Installs everything gpuforge and its lab need on a fresh Debian 12 machine; cheap when already done.
-#   - Debian packages: the lab's real daemons (Slurm, munge, Prometheus, sshd, etcd) and iproute2
+#   - Debian packages: the lab's real daemons (Slurm, munge, Prometheus, sshd, etcd), iproute2, and PostgreSQL
+#     (the tests start a private one for a production-shaped Prefect server)
 #   - .venv with gpuforge and its dev tools
 #   - the lab's binaries built from Go modules (Kubernetes control plane, kwok, Helm), cached by version
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(slurm-wlm munge prometheus openssh-server iproute2 etcd-server)
+packages=(slurm-wlm munge prometheus openssh-server iproute2 etcd-server postgresql)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,5 +1,6 @@
 """prefect.yaml as a user runs it: deploy, then `prefect deployment run validate/lab` picked up by a
-process worker, against the test session's lab."""
+process worker, against the test session's lab. What prefect.yaml declares is checked in tests/test_fleet.py
+(it is generated from deployments/*/config.yml), on a PostgreSQL-backed server in tests/test_fleet_postgres.py."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from pathlib import Path
 
 import pytest
 from prefect import get_client
-from ruamel.yaml import YAML
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).parent / "prefect")
@@ -23,30 +23,6 @@ def prefect(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str
     # The test server lives in this process's settings context; hand its URL to the CLI explicitly.
     env = {**os.environ, "PREFECT_CLI_PROMPT": "false", "PREFECT_API_URL": PREFECT_API_URL.value() or ""}
     return subprocess.run([PREFECT, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def test_prefect_yaml_declares_every_workflow_once():
-    data = YAML(typ="safe").load((REPO / "prefect.yaml").read_text())
-    declared = {(d["entrypoint"].split(":")[1], d["name"]) for d in data["deployments"]}
-    assert declared == {
-        ("install", "prod"),
-        ("install", "lab"),
-        ("validate", "prod"),
-        ("validate", "lab"),
-        ("gpu_health", "nightly"),
-        ("drift", "hourly"),
-    }
-    for d in data["deployments"]:
-        module, func = d["entrypoint"].split(":")
-        assert (REPO / module).exists(), d["entrypoint"]
-        assert d["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
-    nightly = next(d for d in data["deployments"] if d["name"] == "nightly")
-    assert nightly["schedules"][0]["cron"] == "0 2 * * *"
-    # 02:00 in the cluster's own time zone
-    from gpuforge.config import load_config
-
-    prod = load_config(REPO / nightly["parameters"]["params"]["config"])
-    assert nightly["schedules"][0]["timezone"] == prod.timezone
 
 
 @pytest.mark.usefixtures("prefect_server")
