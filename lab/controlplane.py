@@ -418,11 +418,12 @@ class ControlPlane:
         if netns_exists(self._ns_host) and state.get("address"):
             return
         address = state.get("address")
-        try:
-            if not address:
-                raise ValueError("no address yet")
-            make_namespace(self.workdir, self._ns_host, address)
-        except ValueError:
+        if address:
+            try:  # the recorded address: kubeconfigs and certificates already name it
+                make_namespace(self.workdir, self._ns_host, address)
+            except ValueError:
+                address = None  # a live lab took it meanwhile
+        if not address:
             address = free_lab_ips(1, first=FIRST_ADDRESS)[0]
             make_namespace(self.workdir, self._ns_host, address)
         state["address"] = address

@@ -827,7 +827,7 @@ class Reconciler:
                 if present and _owned_by(present, policy):
                     self._delete(f"/apis/apps/v1/namespaces/{namespace}/daemonsets/{ds_name}", "operand disabled")
                 continue
-            component = spec.get(key) or {} if key else spec.get("validator") or {}
+            component = (spec.get(key) if key else spec.get("validator")) or {}
             image = "/".join(p for p in (component.get("repository"), component.get("image")) if p) or ds_name
             pod_labels = {"app": ds_name, **(daemonsets.get("labels") or {})}
             body = {
