@@ -14,7 +14,16 @@ import click
 
 from gpuforge.config import ConfigError, load_config
 from gpuforge.phases import PHASE_NAMES
-from gpuforge_cli.common import config_option, fail, json_option, load, report_of, run_flow, state_error
+from gpuforge_cli.common import (
+    config_option,
+    fail,
+    json_option,
+    load,
+    prefect_defaults,
+    report_of,
+    run_flow,
+    state_error,
+)
 from gpuforge_cli.day2 import drift, health
 
 
@@ -242,6 +251,8 @@ app.add_command(drift)
 
 def main() -> None:
     """Console entry point: one-line usage errors instead of click's multi-line usage block."""
+    # Before any command imports Prefect: it reads its settings from the environment once, at import.
+    prefect_defaults()
     try:
         app.main(prog_name="gpuforge", standalone_mode=False)
     except click.exceptions.NoArgsIsHelpError as exc:

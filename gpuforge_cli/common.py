@@ -38,8 +38,9 @@ def load(path: Path, *, connects: bool = False) -> Config:
     return config
 
 
-def _prefect_defaults() -> None:
-    """Quiet, offline-friendly Prefect defaults; an explicit environment always wins."""
+def prefect_defaults() -> None:
+    """Quiet, offline-friendly Prefect defaults; an explicit environment always wins. Prefect reads them when it is
+    first imported, so the console entry point sets them before any command runs."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
@@ -53,7 +54,7 @@ def _prefect_defaults() -> None:
 
 def run_flow(flow, params):
     """Run a flow in this process (an ephemeral Prefect server when no PREFECT_API_URL is set)."""
-    _prefect_defaults()
+    prefect_defaults()  # for callers that bypass the entry point (click's test runner)
     return flow(params, return_state=True)
 
 
