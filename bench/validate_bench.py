@@ -53,14 +53,15 @@ def gpuforge_smoke(kubeconfig: Path, names: list[str]) -> float:
 
 def floor_smoke(kubeconfig: Path, names: list[str]) -> float:
     """The floor: a bare kubernetes client in this process that creates the same pods (tasks.kube.smoke_pod, the
-    oversized one included) in a fresh namespace, 16 at a time, waits for all of them with ONE watch (resumed
-    from its resourceVersion if the server ends it; each smoke pod finished, the oversized one refused by the
-    scheduler), reads each log as its pod finishes (asking again while the kubelet does not serve it yet, as
-    any client must: tasks.kube.read_pod_log), and deletes the namespace. No verdicts, no node or GPU
-    bookkeeping."""
+    oversized one included) in a fresh namespace, 16 at a time, lists them and waits for all of them with ONE
+    watch from the list's resourceVersion (list and watch again if the server ends it): each smoke pod finished,
+    the oversized one refused by the scheduler. It reads each log as its pod finishes (asking again while the
+    kubelet does not serve it yet, as any client must: tasks.kube.read_pod_log), and deletes the namespace. No
+    verdicts, no node or GPU bookkeeping."""
     from concurrent.futures import ThreadPoolExecutor
 
     from kubernetes import client, watch
+    from kubernetes.client.exceptions import ApiException
 
     started = time.perf_counter()
     namespace = f"floor-{uuid.uuid4().hex[:6]}"
@@ -72,23 +73,35 @@ def floor_smoke(kubeconfig: Path, names: list[str]) -> float:
         list(pool.map(lambda pod: core.create_namespaced_pod(namespace, pod), pods))
         waiting = {p["metadata"]["name"] for p in pods}
         logs = {}
-        deadline, since = time.monotonic() + 120, None
-        while waiting and time.monotonic() < deadline:  # one watch, resumed where it stopped if the server ends it
-            w = watch.Watch()
-            for event in w.stream(core.list_namespaced_pod, namespace, resource_version=since, timeout_seconds=60):
-                pod = event["object"]
-                name, since = pod.metadata.name, pod.metadata.resource_version
-                if name not in waiting:
-                    continue
-                if name == "cuda-oversized":
-                    conditions = pod.status.conditions or []
-                    if any(c.type == "PodScheduled" and c.reason == "Unschedulable" for c in conditions):
-                        waiting.discard(name)
-                elif pod.status.phase in ("Succeeded", "Failed"):
+
+        def settle(pod) -> None:
+            name = pod.metadata.name
+            if name not in waiting:
+                return
+            if name == "cuda-oversized":
+                if any(c.type == "PodScheduled" and c.reason == "Unschedulable" for c in pod.status.conditions or []):
                     waiting.discard(name)
-                    logs[name] = pool.submit(kube.read_pod_log, core, namespace, name)
-                if not waiting:
-                    w.stop()
+            elif pod.status.phase in ("Succeeded", "Failed"):
+                waiting.discard(name)
+                logs[name] = pool.submit(kube.read_pod_log, core, namespace, name)
+
+        deadline = time.monotonic() + 120
+        while waiting and time.monotonic() < deadline:  # list, then one watch from there; again if the server ends it
+            listed = core.list_namespaced_pod(namespace)
+            for pod in listed.items:
+                settle(pod)
+            w = watch.Watch()
+            try:
+                for event in w.stream(
+                    core.list_namespaced_pod, namespace, resource_version=listed.metadata.resource_version,
+                    timeout_seconds=60,
+                ):  # fmt: skip
+                    settle(event["object"])
+                    if not waiting:
+                        w.stop()
+            except ApiException as exc:  # the watch cache behind the list (504) or compacted past it (410)
+                if exc.status not in (410, 504):
+                    raise
         passed = sum("Test PASSED" in future.result() for future in logs.values())
         core.delete_namespace(namespace)
     elapsed = time.perf_counter() - started
