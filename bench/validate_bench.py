@@ -1,10 +1,12 @@
 """Validation at scale, measured side by side in one run (prints ratios; asserts nothing about time).
 
-1. CUDA smoke: all pods started at once and watched, on 64 kwok GPU nodes vs on 1 node (goal: ratio <= 1.5).
+1. CUDA smoke on 1, 64 and 256 kwok GPU nodes: gpuforge's cuda_smoke vs its floor, a bare client creating the
+   same pods, waiting with one watch and reading their logs; alternating runs, ratio per size (goal <= 1.2) and
+   the per-node cost (goal: flat from 64 to 256).
 2. DCGM coverage on 1,024 nodes x 8 GPUs served by the lab's simulator and scraped by a real Prometheus:
    the number of PromQL queries (constant) and the wall time of the check.
 
-Run: .venv/bin/python bench/validate_bench.py [--part smoke|dcgm]
+Run: .venv/bin/python bench/validate_bench.py [--part smoke|dcgm] [--sizes 1,64,256] [--runs 3]
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import statistics
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -30,32 +33,93 @@ from tasks import kube  # noqa: E402
 BIN = Path("~/.cache/gpuforge/bin").expanduser()
 
 
-def smoke_round(kubeconfig: Path, names: list[str], round_no: int) -> float:
-    """validate's own CUDA smoke check (tasks.kube.cuda_smoke: a pod per node + the oversized pod, logs, cleanup)."""
+CUDA_IMAGE = parse_config('k8s_cluster_nodes: [{ip: "10.0.0.1", role: [control-plane, etcd]}]\n').validation.cuda_image
+
+
+def gpuforge_smoke(kubeconfig: Path, names: list[str]) -> float:
+    """validate's own CUDA smoke check, called as the validate flow calls it (tasks.kube.cuda_smoke: a pod per
+    node + the oversized pod, logs, verdicts, cleanup); the node list it is given is read before the clock starts."""
     config = parse_config('k8s_cluster_nodes: [{ip: "10.0.0.1", role: [control-plane, etcd]}]\n')
-    nodes = kube.list_nodes(kubeconfig)
+    cluster_nodes = kube.list_nodes(kubeconfig)
     started = time.perf_counter()
-    results = kube.cuda_smoke.fn(config, kubeconfig, nodes, {n: 8 for n in names}, keep=False)
+    results = kube.cuda_smoke.fn(config, kubeconfig, cluster_nodes, {n: 8 for n in names}, keep=False)
     elapsed = time.perf_counter() - started
     passed = sum(r.result == validation.PASS for r in results if r.check == "cuda-smoke")
-    refused = [r for r in results if r.check == "gpu-scheduling" and r.result == validation.PASS]
-    print(f"  {len(names):>2} nodes: {passed} passed (Test PASSED in the log), oversized pod refused: "
-          f"{bool(refused)}, {elapsed:.2f}s")  # fmt: skip
+    refused = any(r.check == "gpu-scheduling" and r.result == validation.PASS for r in results)
     if passed != len(names) or not refused:
         raise AssertionError([r for r in results if r.result != validation.PASS])
     return elapsed
 
 
-def bench_smoke(work: Path) -> None:
+def floor_smoke(kubeconfig: Path, names: list[str]) -> float:
+    """The floor: a bare kubernetes client in this process that creates the same pods (tasks.kube.smoke_pod, the
+    oversized one included) in a fresh namespace, 16 at a time, lists them and waits for all of them with ONE
+    watch from the list's resourceVersion (list and watch again if the server ends it): each smoke pod finished,
+    the oversized one refused by the scheduler. It reads each log as its pod finishes (asking again while the
+    kubelet does not serve it yet, as any client must: tasks.kube.read_pod_log), and deletes the namespace. No
+    verdicts, no node or GPU bookkeeping."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kubernetes import client, watch
+    from kubernetes.client.exceptions import ApiException
+
+    started = time.perf_counter()
+    namespace = f"floor-{uuid.uuid4().hex[:6]}"
+    oversized = kube.smoke_pod("cuda-oversized", "", CUDA_IMAGE, 9)
+    pods = [kube.smoke_pod(f"cuda-smoke-{n}", n, CUDA_IMAGE) for n in names] + [oversized]
+    with kube.api_client(kubeconfig) as api, ThreadPoolExecutor(max_workers=16) as pool:
+        core = client.CoreV1Api(api)
+        core.create_namespace({"metadata": {"name": namespace}})
+        list(pool.map(lambda pod: core.create_namespaced_pod(namespace, pod), pods))
+        waiting = {p["metadata"]["name"] for p in pods}
+        logs = {}
+
+        def settle(pod) -> None:
+            name = pod.metadata.name
+            if name not in waiting:
+                return
+            if name == "cuda-oversized":
+                if any(c.type == "PodScheduled" and c.reason == "Unschedulable" for c in pod.status.conditions or []):
+                    waiting.discard(name)
+            elif pod.status.phase in ("Succeeded", "Failed"):
+                waiting.discard(name)
+                logs[name] = pool.submit(kube.read_pod_log, core, namespace, name)
+
+        deadline = time.monotonic() + 120
+        while waiting and time.monotonic() < deadline:  # list, then one watch from there; again if the server ends it
+            listed = core.list_namespaced_pod(namespace)
+            for pod in listed.items:
+                settle(pod)
+            w = watch.Watch()
+            try:
+                for event in w.stream(
+                    core.list_namespaced_pod, namespace, resource_version=listed.metadata.resource_version,
+                    timeout_seconds=60,
+                ):  # fmt: skip
+                    settle(event["object"])
+                    if not waiting:
+                        w.stop()
+            except ApiException as exc:  # the watch cache behind the list (504) or compacted past it (410)
+                if exc.status not in (410, 504):
+                    raise
+        passed = sum("Test PASSED" in future.result() for future in logs.values())
+        core.delete_namespace(namespace)
+    elapsed = time.perf_counter() - started
+    if waiting or passed != len(names):
+        raise AssertionError(f"floor: still waiting for {sorted(waiting)[:5]}, {passed}/{len(names)} logs passed")
+    return elapsed
+
+
+def bench_smoke(work: Path, sizes: list[int], runs: int) -> None:
     cp = ControlPlane(work, BIN)
     cp.up()
     try:
-        names = [f"bench-gpu-{i}" for i in range(64)]
+        names = [f"bench-gpu-{i}" for i in range(max(sizes))]
         nodes.register_nodes(
             cp.kubeconfig,
             [nodes.node_manifest(n, labels={}, taints=[], kubelet_version="1.35.4", gpus=8) for n in names],
         )
-        nodes.wait_nodes_ready(cp.kubeconfig, names, timeout=120)
+        nodes.wait_nodes_ready(cp.kubeconfig, names, timeout=300)
         inventory = work / "inv.json"
         inventory.write_text(json.dumps({n: {"gpus": 8, "model": "NVIDIA H100 80GB HBM3"} for n in names}))
         procs.start_daemon(
@@ -64,17 +128,23 @@ def bench_smoke(work: Path) -> None:
             [sys.executable, "-m", "lab.reconciler", "--kubeconfig", str(cp.kubeconfig), "--inventory", str(inventory)],
         )
         time.sleep(2)
-        one, many = [], []
-        for r in range(3):  # interleaved, so both sizes see the same machine load
-            one.append(smoke_round(cp.kubeconfig, names[:1], r))
-            many.append(smoke_round(cp.kubeconfig, names, r))
-        t1, t64 = statistics.median(one), statistics.median(many)
-        print(f"cuda smoke: 1 node {t1:.2f}s, 64 nodes {t64:.2f}s (medians of 3) -> ratio {t64 / t1:.2f} (goal <= 1.5)")
-        # Lab pods finish the moment they run, so what grows with the node count is the control plane's own work
-        # per pod (create, bind, two status writes, a Logs object, a log read), all on this machine's cores.
-        print(f"  each extra node adds {1000 * (t64 - t1) / (len(names) - 1):.0f} ms of control-plane work "
-              f"(the lab's pods take no time to run); one node after another would take {len(names) * t1:.2f}s "
-              f"({len(names) * t1 / t64:.1f}x the parallel run)")  # fmt: skip
+        per_node = {}
+        for size in sizes:
+            ours, floor = [], []
+            for _ in range(runs):  # alternating, so both see the same machine load
+                ours.append(gpuforge_smoke(cp.kubeconfig, names[:size]))
+                floor.append(floor_smoke(cp.kubeconfig, names[:size]))
+            t_ours, t_floor = statistics.median(ours), statistics.median(floor)
+            per_node[size] = (t_ours / size, t_floor / size)
+            print(f"cuda smoke, {size:>3} nodes: gpuforge {t_ours:.2f} s, floor {t_floor:.2f} s (medians of {runs}) "
+                  f"-> ratio {t_ours / t_floor:.2f} (goal <= 1.2); per node: gpuforge {1000 * t_ours / size:.0f} ms, "
+                  f"floor {1000 * t_floor / size:.0f} ms; raw gpuforge {', '.join(f'{t:.2f}' for t in ours)}, "
+                  f"floor {', '.join(f'{t:.2f}' for t in floor)}", flush=True)  # fmt: skip
+        big = [s for s in sizes if s >= 64]
+        if len(big) >= 2:
+            lo, hi = big[0], big[-1]
+            print(f"per-node cost {lo} -> {hi} nodes: gpuforge x{per_node[hi][0] / per_node[lo][0]:.2f}, "
+                  f"floor x{per_node[hi][1] / per_node[lo][1]:.2f} (goal: flat)")  # fmt: skip
     finally:
         procs.stop_daemon(work, "reconciler")
         cp.down(purge=True)
@@ -127,9 +197,12 @@ def bench_dcgm(work: Path) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=["smoke", "dcgm", "all"], default="all")
-    part = parser.parse_args().part
+    parser.add_argument("--sizes", default="1,64,256", help="kwok GPU node counts for the CUDA smoke")
+    parser.add_argument("--runs", type=int, default=3, help="CUDA smoke runs per size and side")
+    args = parser.parse_args()
+    part = args.part
     with tempfile.TemporaryDirectory(prefix="gpuforge-bench-") as tmp:
         if part in ("smoke", "all"):
-            bench_smoke(Path(tmp) / "cp")
+            bench_smoke(Path(tmp) / "cp", [int(n) for n in args.sizes.split(",")], args.runs)
         if part in ("dcgm", "all"):
             bench_dcgm(Path(tmp) / "metrics")
