@@ -19,8 +19,8 @@ def preflight(params: ClusterParams) -> str:
 
     host_keys = verify_host_keys(config)
     refused = [name for name, verdict in host_keys.items() if verdict.refused]
-    facts = collect_preflight_facts(config, inventory_dir / "hosts.yaml", skip=refused)
-    results = rules.judge_preflight(config, facts, host_keys)
+    facts, why_unreachable = collect_preflight_facts(config, inventory_dir / "hosts.yaml", skip=refused)
+    results = rules.judge_preflight(config, facts, host_keys, why_unreachable)
     publish_table("preflight-report", rules.table_rows(results), f"Preflight of {config.cluster_name}: a row per node")
 
     unreachable = [name for name, f in facts.items() if f is None and name not in refused]

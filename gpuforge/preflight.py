@@ -42,13 +42,15 @@ def judge_node(
     facts: dict[str, Any] | None,
     hostnames: Counter,
     host_key: HostKeyVerdict | None = None,
+    why_unreachable: str = "",
 ) -> dict[str, Check]:
     node = next(n for n in config.nodes if n.name == name).spec
     key = {"host_key": Check(not host_key.refused, host_key.detail, True)} if host_key else {}
     if host_key and host_key.refused:
         return key  # nothing ran on this host
     if facts is None:
-        return {**key, "reachable": Check(False, "unreachable over SSH", True)}
+        detail = f"unreachable over SSH ({why_unreachable})" if why_unreachable else "unreachable over SSH"
+        return {**key, "reachable": Check(False, detail, True)}
 
     def check(key: str, ok: bool, detail: str) -> Check:
         return Check(ok, detail, key in BLOCKING)
@@ -107,12 +109,27 @@ def judge_preflight(
     config: Config,
     facts: dict[str, dict[str, Any] | None],
     host_keys: dict[str, HostKeyVerdict] | None = None,
+    unreachable: dict[str, str] | None = None,
 ) -> dict[str, dict[str, Check]]:
     """Node name -> check -> result. `facts[name]` is None for a node that could not be reached (or was not tried:
-    its host key was refused)."""
+    its host key was refused); `unreachable[name]` is what SSH said about it (unreachable_reason)."""
     hostnames = Counter(f.get("hostname", "") for f in facts.values() if f)
     keys = host_keys or {}
-    return {n.name: judge_node(config, n.name, facts.get(n.name), hostnames, keys.get(n.name)) for n in config.nodes}
+    why = unreachable or {}
+    return {
+        n.name: judge_node(config, n.name, facts.get(n.name), hostnames, keys.get(n.name), why.get(n.name, ""))
+        for n in config.nodes
+    }
+
+
+def unreachable_reason(message: str) -> str:
+    """Ansible's unreachable message in a few words: "Task failed: Failed to connect to the host via ssh:
+    Connection timed out during banner exchange" -> "Connection timed out during banner exchange"."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    text = lines[-1] if lines else ""
+    for prefix in ("Task failed:", "Failed to connect to the host via ssh:"):
+        text = text.removeprefix(prefix).strip()
+    return text[:200]
 
 
 def table_rows(results: dict[str, dict[str, Check]]) -> list[dict[str, str]]:

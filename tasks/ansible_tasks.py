@@ -12,6 +12,7 @@ from prefect.cache_policies import NO_CACHE
 
 from gpuforge.config import Config
 from gpuforge.hostkeys import HostKeyVerdict
+from gpuforge.preflight import unreachable_reason
 from tasks.ansible import PlaybookRun, describe_event, run_playbook
 from tasks.hostkeys import check_host_keys, known_hosts_files
 from tasks.kubespray import kubespray_venv, resolve_checkout
@@ -50,13 +51,14 @@ def ssh_host_keys(config: Config) -> dict[str, Any]:
 @task(name="preflight-facts", cache_policy=NO_CACHE)
 def collect_preflight_facts(
     config: Config, inventory: Path, skip: list[str] | None = None
-) -> dict[str, dict[str, Any] | None]:
-    """Node name -> facts the preflight playbook reported, None for a node it could not reach or was told to
-    `skip` (nothing runs there)."""
+) -> tuple[dict[str, dict[str, Any] | None], dict[str, str]]:
+    """(node name -> facts the preflight playbook reported, None for a node it could not reach or was told to
+    `skip` (nothing runs there); node name -> why SSH could not reach it)."""
     logger = get_run_logger()
     facts: dict[str, dict[str, Any] | None] = {n.name: None for n in config.nodes}
+    unreachable: dict[str, str] = {}
     if skip and set(skip) >= set(facts):
-        return facts
+        return facts, unreachable
     with ssh_key_extravars(config) as key_vars:
         run = run_playbook(
             playbook=PLAYBOOKS / "preflight.yml",
@@ -71,6 +73,8 @@ def collect_preflight_facts(
         for result in results:
             if result.task == "Report preflight facts" and "gpuforge_preflight" in result.result:
                 facts[host] = result.result["gpuforge_preflight"]
+            if result.status == "unreachable":
+                unreachable.setdefault(host, unreachable_reason(result.message))
     logger.info(
         "preflight playbook %s (rc %s); facts from %d/%d nodes",
         run.status,
@@ -78,7 +82,7 @@ def collect_preflight_facts(
         sum(f is not None for f in facts.values()),
         len(facts),
     )
-    return facts
+    return facts, unreachable
 
 
 def count_plays(playbook: Path, variables: dict[str, str] | None = None) -> int:

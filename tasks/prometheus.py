@@ -45,7 +45,8 @@ def query(pc: PrometheusConnect, promql: str) -> list[dict]:
     try:
         return pc.custom_query(promql)
     except (requests.RequestException, PrometheusApiClientException) as exc:
-        raise PrometheusUnreachable(f"Prometheus at {_safe(pc.url)} did not answer {promql[:60]!r}: {exc}") from None
+        what = f"Prometheus at {_safe(pc.url)} did not answer {promql[:60]!r}"
+        raise PrometheusUnreachable(f"{what}: {why(exc)}") from None
 
 
 def scrape_interval_s(pc: PrometheusConnect, default: float = 15.0) -> float:
@@ -60,10 +61,21 @@ def scrape_interval_s(pc: PrometheusConnect, default: float = 15.0) -> float:
         )
         targets = resp.json()["data"]["activeTargets"]
     except (requests.RequestException, KeyError, ValueError) as exc:
-        raise PrometheusUnreachable(f"Prometheus at {_safe(pc.url)} did not list its targets: {exc}") from None
+        raise PrometheusUnreachable(f"Prometheus at {_safe(pc.url)} did not list its targets: {why(exc)}") from None
     intervals = [_seconds(t.get("scrapeInterval", "")) for t in targets]
     intervals = [i for i in intervals if i]
     return max(intervals) if intervals else default
+
+
+def why(exc: BaseException) -> str:
+    """The cause of a failed request in a few words: the OS error (`[Errno 111] Connection refused`) or a
+    timeout, not urllib3's "Max retries exceeded with url: <the whole URL-encoded query>"."""
+    text = str(exc)
+    if errno := re.search(r"\[Errno -?\d+\] [^'\")]+", text):
+        return errno.group(0).strip()
+    if isinstance(exc, requests.Timeout) or "timed out" in text:
+        return f"timed out ({type(exc).__name__})"
+    return re.sub(r" with url: \S+", "", text).splitlines()[0][:200] if text else type(exc).__name__
 
 
 def _seconds(duration: str) -> float | None:

@@ -698,3 +698,21 @@ def test_an_xid_visible_for_20_s_is_reported_for_the_whole_window(at: str, repor
     readings = health.readings_from_query_results({"xid_recent": answers[exact]}, {}, now=0)
     assert [(r.node, r.gpu, r.xids) for r in readings] == [("node-a", 0, [79])]
     assert judge(readings[0], T).reasons == ["XID 79 (GPU has fallen off the bus) within 2h"]
+
+
+def test_prometheus_unreachable_says_why_in_a_few_words():
+    """The user reads this once per unknown GPU: the OS error, not urllib3's retry text with the whole query."""
+    import requests
+
+    from tasks.prometheus import why
+
+    refused = requests.ConnectionError(
+        "HTTPConnectionPool(host='127.0.0.1', port=38193): Max retries exceeded with url: /api/v1/query?query=max"
+        "+by+%28__name__%29 (Caused by NewConnectionError(\"HTTPConnection(host='127.0.0.1', port=38193): Failed to"
+        ' establish a new connection: [Errno 111] Connection refused"))'
+    )
+    assert why(refused) == "[Errno 111] Connection refused"
+    assert why(requests.ReadTimeout("HTTPConnectionPool(...): Read timed out. (read timeout=10)")).startswith(
+        "timed out"
+    )
+    assert why(ValueError("no JSON")) == "no JSON"

@@ -183,3 +183,17 @@ def test_ansible_ssh_settings_per_policy(tmp_path):
     assert {"StrictHostKeyChecking=no", "UserKnownHostsFile=/dev/null"} <= set(shlex.split(off["ANSIBLE_SSH_ARGS"]))
     with pytest.raises(ValueError):
         host_key_env("strict")
+
+
+def test_preflight_says_why_a_host_was_unreachable():
+    """A host that accepts TCP and never sends its banner: the row says what ssh said, not only "unreachable"."""
+    config = parse_config(NODES + '  - { ip: "10.0.0.2", name: cpu-1, role: [cpu-worker] }\n')
+    why = rules.unreachable_reason(
+        "Task failed: Failed to connect to the host via ssh: Connection timed out during banner exchange"
+    )
+    assert why == "Connection timed out during banner exchange"
+    results = rules.judge_preflight(config, {"cp-1": None, "cpu-1": None}, None, {"cpu-1": why})
+    assert rules.blocking_failures(results) == [
+        "cp-1: reachable: unreachable over SSH",
+        "cpu-1: reachable: unreachable over SSH (Connection timed out during banner exchange)",
+    ]

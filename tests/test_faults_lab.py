@@ -1,0 +1,296 @@
+"""Faults against the lab while a flow runs (issue 18, "Faults"): each one leaves a clear state for the user,
+loses nothing, and the next run recovers.
+
+Uses the session lab of tests/conftest.py (installed once). Every fault is undone before its test ends. What the
+user sees (the failed run's message) is written to $GPUFORGE_FAULTS_SEEN (a folder) when that is set.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.test_day2_lab import _variant, node_state, not_healthy, run_health, sinfo, verdicts_now
+
+pytestmark = [pytest.mark.timeout(900), pytest.mark.usefixtures("prefect_server")]
+
+
+def seen(name: str, text: str) -> None:
+    """Keep what the user saw, for the report."""
+    folder = os.environ.get("GPUFORGE_FAULTS_SEEN")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        Path(folder, f"{name}.txt").write_text(text)
+
+
+@pytest.fixture(scope="module")
+def installed(lab, first_install):
+    assert first_install.is_completed(), first_install.message
+    return lab
+
+
+@pytest.fixture(scope="module")
+def configs(lab_config):
+    return {
+        "off": _variant(lab_config, "faults-off", remediate="off"),
+        "on": _variant(lab_config, "faults-on", remediate="cordon+drain-slurm", remediation_max_fraction=0.5),
+    }
+
+
+@pytest.fixture(scope="module")
+def cfg(configs):
+    from gpuforge.config import load_config
+
+    return load_config(configs["off"])
+
+
+def wait_healthy(cfg, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = not_healthy(verdicts_now(cfg))
+            if not last:
+                return
+        except Exception as exc:  # noqa: BLE001 - Prometheus still coming back
+            last = exc
+        time.sleep(1)
+    raise AssertionError(f"not healthy after {timeout}s: {last}")
+
+
+# ------------------------------------------------------------------------------ 1. Prometheus restarted
+
+
+def test_prometheus_restarted_during_health_is_unknown_never_healthy(installed, configs, cfg, monkeypatch):
+    """Prometheus goes down after the flow's first fleet queries were answered and while the others are on
+    their way (a real stop of the real server, then a start 3 s later): every GPU is `unknown`, exit 2."""
+    from tasks import prometheus
+
+    wait_healthy(cfg)
+    real_query = prometheus.query
+    lock = threading.Lock()
+    calls = {"n": 0}
+    restarter: list[threading.Thread] = []
+
+    def query_then_restart(pc, promql):
+        with lock:
+            calls["n"] += 1
+            if calls["n"] == 3:  # two queries answered; now the restart
+                installed.prometheus.stop()
+
+                def start_later():
+                    time.sleep(3)
+                    installed.prometheus.start()
+
+                restarter.append(threading.Thread(target=start_later))
+                restarter[0].start()
+        return real_query(pc, promql)
+
+    monkeypatch.setattr(prometheus, "query", query_then_restart)
+    try:
+        report, state = run_health(configs["off"])
+    finally:
+        for t in restarter:
+            t.join()
+        installed.prometheus.start()
+        monkeypatch.undo()
+    seen("prometheus-restart", f"{state.message}\n\nerrors: {report['errors']}\ncounts: {report['counts']}\n")
+    assert calls["n"] >= 3 and restarter, "the restart did not overlap the evaluation"
+    total = sum(n.spec.gpu_count for n in cfg.gpu_nodes)
+    assert state.is_failed() and report["exit_code"] == 2
+    assert report["counts"] == {"healthy": 0, "degraded": 0, "unhealthy": 0, "unknown": total}
+    assert all(g["verdict"] == "unknown" for g in report["gpus"])
+    assert "did not answer" in report["errors"][0]
+
+    # Recovered: the next run is healthy.
+    wait_healthy(cfg)
+    report, state = run_health(configs["off"])
+    assert state.is_completed() and report["exit_code"] == 0
+    assert report["counts"]["healthy"] == total
+
+
+# ------------------------------------------------------------------------------ 2. SSH host hangs
+
+
+HANG = """
+import socket, sys, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 22))
+s.listen(64)
+print("listening", flush=True)
+held = []
+while True:
+    held.append(s.accept())  # accept, never write a banner
+"""
+
+
+def test_ssh_host_that_accepts_and_hangs_is_named_within_the_timeouts(installed, lab_config):
+    from flows.common import ClusterParams
+    from flows.preflight import preflight
+    from gpuforge.config import load_config
+    from lab.sshhosts import netns_name
+    from tests.test_install_lab import table
+
+    config = load_config(lab_config)
+    name = "tcpu-1"
+    ip = next(n.spec.ip for n in config.nodes if n.name == name)
+    installed.hosts.kill(name)
+    hang = subprocess.Popen(
+        ["ip", "netns", "exec", netns_name(name), sys.executable, "-c", HANG, ip],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert hang.stdout.readline().strip() == "listening"
+        started = time.monotonic()
+        state = preflight(ClusterParams(config=str(lab_config)), return_state=True)
+        took = time.monotonic() - started
+    finally:
+        hang.terminate()
+        hang.wait(10)
+        installed.hosts.revive(name)
+    message = str(state.result(raise_on_failure=False))
+    rows = {r["node"]: r for r in table("preflight-report")}
+    seen("ssh-hang", f"{message}\n\nrow {name}: {rows.get(name)}\ntook {took:.1f}s\n")
+    assert state.is_failed()
+    # What ssh said: "Connection timed out during banner exchange" or "Connection to <ip> port 22 timed out".
+    assert re.search(rf"{name}: reachable: unreachable over SSH \([^)]*timed out[^)]*\)", message), message
+    assert rows[name]["reachable"].startswith("FAIL")
+    for other in ("tgpu-1", "tgpu-2", "tcp-1"):
+        assert "FAIL" not in rows[other].get("reachable", "ok"), rows[other]
+    # ssh-keyscan -T 5 and ssh's ConnectTimeout 5 (which covers the banner), not the phase timeout.
+    assert took < 90, took
+
+    # Revived: the next preflight passes.
+    state = preflight(ClusterParams(config=str(lab_config)), return_state=True)
+    assert state.is_completed(), state.message
+
+
+# ------------------------------------------------------------------------------ 3. slurmctld restarted
+
+
+def test_slurmctld_restarted_during_release(installed, configs, cfg):
+    from tasks.kube import set_cordon
+
+    node = cfg.slurm_gpu_nodes[0].name
+    installed.dcgm.set_value(node, 2, "ECC_DBE_VOL_TOTAL", 1)
+    deadline = time.monotonic() + 40
+    while not_healthy(verdicts_now(cfg)).get((node, 2), ("",))[0] != "unhealthy":
+        assert time.monotonic() < deadline
+        time.sleep(1)
+    report, _ = run_health(configs["on"])
+    assert node_state(cfg, node).unschedulable and sinfo(installed)[node].drained
+    installed.dcgm.reset()
+    wait_healthy(cfg)
+
+    restarted = threading.Event()
+    stop = threading.Event()
+
+    def restart_when_reserved():
+        # The release's maintenance reservation is the moment it has started on the Slurm side.
+        while not stop.is_set():
+            out = installed.slurm.run("scontrol", "show", "reservation", check=False).stdout
+            if "gpuforge-release" in out:
+                installed.slurm.stop_controller()
+                time.sleep(3)
+                installed.slurm.start_controller()
+                restarted.set()
+                return
+            time.sleep(0.2)
+
+    helper = threading.Thread(target=restart_when_reserved)
+    helper.start()
+    try:
+        report, state = run_health(configs["on"], release=node)
+    finally:
+        stop.set()
+        helper.join()
+        installed.slurm.start_controller()
+    k8s_out = node_state(cfg, node).unschedulable
+    slurm_out = sinfo(installed)[node].out_of_service
+    seen(
+        "slurmctld-restart",
+        f"{state.message}\n\nreleased={report['released']} exit={report['exit_code']} reasons={report['reasons']}\n"
+        f"validation={report['validation']}\nactions={report['actions']}\n"
+        f"after: kubernetes cordoned={k8s_out} slurm out={slurm_out} (restart overlapped: {restarted.is_set()})\n",
+    )
+    try:
+        assert restarted.is_set(), "the restart did not overlap the release"
+        assert k8s_out == slurm_out, "one side in service, the other out"
+        if report["released"]:
+            assert state.is_completed() and not k8s_out
+        else:
+            assert state.is_failed() and k8s_out and report["reasons"]
+        # Re-run: the node comes back.
+        report, state = run_health(configs["on"], release=node)
+        assert state.is_completed() and report["released"], state.message
+        assert not node_state(cfg, node).unschedulable and sinfo(installed)[node].state == "idle"
+        assert "gpuforge-release" not in installed.slurm.run("scontrol", "show", "reservation").stdout
+    finally:
+        if node_state(cfg, node).unschedulable:
+            set_cordon(cfg.kubeconfig_path(), node, False, None)
+        if sinfo(installed)[node].out_of_service:
+            installed.slurm.run("scontrol", "update", f"nodename={node}", "state=resume")
+
+
+# ------------------------------------------------------------------------------ 4. etcd restarted
+
+
+def test_etcd_restarted_during_an_install_phase(installed, lab_config):
+    """A Helm upgrade made behind gpuforge's back makes the gpu-operator phase upgrade again; etcd goes down for
+    5 s two seconds into it. The phase completes or fails saying so; the next install converges."""
+    from flows.install import InstallParams, install
+    from gpuforge.config import load_config
+    from gpuforge.render import chart_archive, chart_mirror, render_releases
+    from tasks.helm import helm_executable, release_records
+    from tests.test_install_lab import table
+
+    config = load_config(lab_config)
+    kubeconfig = config.kubeconfig_path()
+    release = next(r for r in render_releases(config) if r.name == "gpu-operator")
+    archive = chart_archive(release, chart_mirror(config, os.environ))
+    subprocess.run(
+        [helm_executable(), "upgrade", "gpu-operator", str(archive), "-n", "gpu-operator", "--reuse-values",
+         "--set", "dcgmExporter.serviceMonitor.honorLabels=false", "--kubeconfig", str(kubeconfig)],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+
+    window: dict[str, float] = {}
+
+    def restart_etcd():
+        time.sleep(2)
+        window["down"] = time.monotonic()
+        installed.cp.restart("etcd", downtime=5)
+        window["up"] = time.monotonic()
+
+    helper = threading.Thread(target=restart_etcd)
+    started = time.monotonic()
+    helper.start()
+    try:
+        state = install(InstallParams(config=str(lab_config), only=["gpu-operator"]), return_state=True)
+    finally:
+        ended = time.monotonic()
+        helper.join()
+    took = ended - started
+    assert window.get("down", ended) < ended, "etcd went down after the phase had ended: no overlap"
+    rows = table("install-summary")
+    seen(
+        "etcd-restart",
+        f"{state.type}: {state.message}\n\nsummary: {rows}\ntook {took:.1f}s; etcd down at"
+        f" {window['down'] - started:.1f}s, back at {window.get('up', 0) - started:.1f}s\n",
+    )
+    if state.is_failed():
+        assert rows[0]["result"] == "failed" and rows[0]["detail"], rows
+
+    again = install(InstallParams(config=str(lab_config), only=["gpu-operator"]), return_state=True)
+    assert again.is_completed(), again.message
+    record = release_records(kubeconfig)[("gpu-operator", "gpu-operator")]
+    assert record.values == release.values and record.status == "deployed"
