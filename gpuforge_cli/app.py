@@ -25,6 +25,7 @@ from gpuforge_cli.common import (
     state_error,
 )
 from gpuforge_cli.day2 import drift, health
+from gpuforge_cli.fleet import fleet
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -247,6 +248,7 @@ def validate(config_path: Path, keep: bool, as_json: bool) -> None:
 
 app.add_command(health)
 app.add_command(drift)
+app.add_command(fleet)
 
 
 def main() -> None:
