@@ -240,11 +240,12 @@ def revalidate_with_job(
         )  # fmt: skip
         if not res.ok:
             return False, f"could not reserve {sname}: {(res.stderr or res.stdout).strip()}"
-        slurm.update(sname, "resume")
-        actions.append(Action(sname, remediation.RESUME_SLURM, f"resumed inside reservation {resv} for the job",
-                              sname, status="done"))  # fmt: skip
-        log(f"Slurm node {sname} resumed inside reservation {resv}")
-    try:
+    try:  # from here on the reservation exists: it goes whatever happens, a failed resume included
+        if snode.out_of_service:
+            slurm.update(sname, "resume")
+            actions.append(Action(sname, remediation.RESUME_SLURM, f"resumed inside reservation {resv} for the job",
+                                  sname, status="done"))  # fmt: skip
+            log(f"Slurm node {sname} resumed inside reservation {resv}")
         argv = [
             "sbatch",
             "--parsable",
