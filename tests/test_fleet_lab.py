@@ -85,8 +85,12 @@ def test_two_clusters_at_once_through_two_workers(lab, lab_config, first_install
     drift = next(states[i] for n, i in runs if n.startswith("drift/"))
     assert drift.state.is_failed() and "DriftFound: gpuforge-test-b" in drift.state.message, report
     assert "/helm/slurm/values/clusterName" in drift.state.message, report
+    # gpu-health judges every GPU of the lab under the second name; an earlier test's fault injection may still
+    # be inside the health window on this shared lab, so its verdict may fail the run, but it must be a verdict.
+    health = next(states[i] for n, i in runs if n.startswith("gpu-health/"))
+    assert health.state.is_completed() or "HealthCheckFailed: gpuforge-test-b: 12 GPUs:" in health.state.message, report
     for n, i in runs:
-        if not n.startswith(("install/", "drift/")):
+        if not n.startswith(("install/", "drift/", "gpu-health/")):
             assert states[i].state.is_completed(), report
 
     # every run carries its cluster's tags and name, and its artifacts belong to it
