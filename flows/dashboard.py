@@ -10,7 +10,8 @@ from tasks.helm import converge_service, outcome_rows, phase_summary
 
 @flow(name="dashboard", flow_run_name=run_name("dashboard"))
 def dashboard(params: ClusterParams) -> str:
-    config = load(params)
-    outcomes = converge_service(config, "k8s-dashboard", config.kubeconfig_path(), config.timeouts.dashboard)
+    state = load(params)
+    config = state.config
+    outcomes = converge_service(state, "k8s-dashboard", config.kubeconfig_path(), config.timeouts.dashboard)
     publish_table("dashboard-status", outcome_rows(outcomes), "Kubernetes dashboard release")
     return phase_summary(outcomes)

@@ -22,14 +22,15 @@ class KubesprayParams(ClusterParams):
 @flow(name="kubespray", flow_run_name=run_name("kubespray"))
 def kubespray(params: KubesprayParams) -> str:
     logger = get_run_logger()
-    config = load(params, connects=True)
+    state = load(params, connects=True)
+    config = state.config
     names, version = [n.name for n in config.nodes], config.kubespray.kube_version
     kubeconfig = config.kubeconfig_path()
     if not params.force and nodes_converged(kubeconfig, names, version):
         return f"skipped: all {len(names)} nodes Ready at {version} (use --force-phase kubespray to re-run)"
 
     inventory_dir = state_dir(config) / "inventory"
-    write_plan(config, inventory_dir)
+    write_plan(state, inventory_dir)
     # A host whose SSH key changed gets no CA keys, certificates or kubeconfigs: refuse before Kubespray runs.
     if refused := [v.message for v in verify_host_keys(config).values() if v.refused]:
         raise RuntimeError("; ".join(refused))

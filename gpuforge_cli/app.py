@@ -45,12 +45,12 @@ def app() -> None:
 @json_option
 def plan(config_path: Path, out: Path, as_json: bool) -> None:
     """Render inventory, group_vars, Helm values, dashboard and alert rules; change nothing else."""
-    from gpuforge import render
-    from gpuforge.plan import write_plan
+    from gpuforge import desired, render
+    from gpuforge.plan import render_summary, write_plan
 
-    cfg = load(config_path)
-    written = write_plan(cfg, out)
-    summary = render.render_summary(cfg)
+    state = desired.build(load(config_path))
+    written = write_plan(state, out)
+    summary = render_summary(state)
     if as_json:
         click.echo(json.dumps({**summary, "files": [str(p) for p in written]}, indent=2, ensure_ascii=False))
     else:

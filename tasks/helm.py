@@ -18,6 +18,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pyhelm3 import Client, errors
 
+from gpuforge.desired import DesiredState
 from gpuforge.render import Release, chart_archive, chart_mirror, mirror_file
 from tasks import kube
 from tasks.retry import is_transient
@@ -214,15 +215,13 @@ def unchanged(release: Release, record: ReleaseRecord | None) -> bool:
     )
 
 
-def converge_service(config, service: str, kubeconfig: Path, timeout_s: int, learned=None) -> list[ReleaseOutcome]:
-    """Converge every release of one service, in order (CRDs before what uses them).
+def converge_service(state: DesiredState, service: str, kubeconfig: Path, timeout_s: int) -> list[ReleaseOutcome]:
+    """Converge every release of one service as the desired state has it, in order (CRDs before what uses them).
 
     A release whose stored record already matches is reported unchanged without running helm (one API call for
     the whole service instead of several helm processes per release); any other goes through pyhelm3."""
-    from gpuforge.render import render_releases
-
-    releases = [r for r in render_releases(config, learned) if r.service == service]
-    mirror = chart_mirror(config, os.environ)
+    releases = state.service_releases(service)
+    mirror = chart_mirror(state.config, os.environ)
     records = release_records(kubeconfig)
     outcomes = []
     for r in releases:

@@ -6,6 +6,7 @@ until its own deadline.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from urllib3.exceptions import HTTPError
 
 from gpuforge import checks, validation
 from gpuforge.config import Config
+from gpuforge.desired import GPU_OPERATOR_RELEASE, DesiredState
 from gpuforge.remediation import CORDON_ANNOTATION
 from gpuforge.validation import FAIL, PASS, SKIP, CheckResult
 from tasks.retry import is_transient_error, retry_transient
@@ -57,26 +59,37 @@ class NodeState:
     taints: list[str] = field(default_factory=list)
 
 
-def _node_state(node: client.V1Node) -> NodeState:
-    conditions = {c.type: c.status for c in (node.status.conditions or [])}
-    alloc = (node.status.allocatable or {}).get(GPU, "0")
-    taints = [f"{t.key}={t.value}:{t.effect}" if t.value else f"{t.key}:{t.effect}" for t in (node.spec.taints or [])]
-    return NodeState(
-        name=node.metadata.name,
-        ready=conditions.get("Ready") == "True",
-        kubelet_version=(node.status.node_info.kubelet_version if node.status.node_info else "").lstrip("v"),
-        allocatable_gpus=int(alloc),
-        unschedulable=bool(node.spec.unschedulable),
-        labels=dict(node.metadata.labels or {}),
-        annotations=dict(node.metadata.annotations or {}),
-        taints=taints,
-    )
+def node_fields(node: dict[str, Any]) -> dict[str, Any]:
+    """A node as the API server sends it (JSON) -> the fields of NodeState: the one mapping of a node."""
+    meta, spec, status = node.get("metadata") or {}, node.get("spec") or {}, node.get("status") or {}
+    conditions = {c.get("type"): c.get("status") for c in status.get("conditions") or []}
+    taints = [
+        f"{t['key']}={t['value']}:{t['effect']}" if t.get("value") else f"{t['key']}:{t['effect']}"
+        for t in spec.get("taints") or []
+    ]
+    return {
+        "name": meta["name"],
+        "ready": conditions.get("Ready") == "True",
+        "kubelet_version": ((status.get("nodeInfo") or {}).get("kubeletVersion") or "").lstrip("v"),
+        "allocatable_gpus": int((status.get("allocatable") or {}).get(GPU, "0")),
+        "unschedulable": bool(spec.get("unschedulable")),
+        "labels": dict(meta.get("labels") or {}),
+        "annotations": dict(meta.get("annotations") or {}),
+        "taints": taints,
+    }
+
+
+def list_node_fields(kubeconfig: Path) -> list[dict[str, Any]]:
+    """Every node in one list call, as node_fields, read from the raw JSON: building the client's typed models
+    for a thousand nodes costs more than the call itself."""
+    with api_client(kubeconfig) as api:
+        resp = client.CoreV1Api(api).list_node(_preload_content=False)
+        return [node_fields(item) for item in json.loads(resp.data).get("items") or []]
 
 
 def list_nodes(kubeconfig: Path) -> dict[str, NodeState]:
     """Every node, in one list call."""
-    with api_client(kubeconfig) as api:
-        return {n.metadata.name: _node_state(n) for n in client.CoreV1Api(api).list_node().items}
+    return {fields["name"]: NodeState(**fields) for fields in list_node_fields(kubeconfig)}
 
 
 def wait_for(
@@ -314,10 +327,10 @@ def _unschedulable_for(pod: client.V1Pod) -> float:
     return 0.0
 
 
-def cluster_checks(config: Config, kubeconfig: Path, nodes: dict[str, NodeState]) -> list[CheckResult]:
-    """Every node Ready; the GPU Operator's ClusterPolicy ready, allocatable GPUs as configured, its pods up."""
+def cluster_checks(state: DesiredState, kubeconfig: Path, nodes: dict[str, NodeState]) -> list[CheckResult]:
+    """Every node Ready; the GPU Operator's ClusterPolicy ready, allocatable GPUs as expected, its pods up."""
     results = []
-    for node in config.nodes:
+    for node in state.nodes:
         state = nodes.get(node.name)
         ok = bool(state and state.ready)
         results.append(
@@ -328,13 +341,15 @@ def cluster_checks(config: Config, kubeconfig: Path, nodes: dict[str, NodeState]
                 "Ready" if ok else ("not registered" if state is None else "not Ready"),
             )
         )
-    if config.enabled("gpu-operator"):
-        policy = get_custom(kubeconfig, "nvidia.com", "v1", "clusterpolicies", "cluster-policy")
-        rows, _ = checks.gpu_node_rows(config, nodes, policy)
-        state = ((policy or {}).get("status") or {}).get("state")
+    if state.config.enabled("gpu-operator"):
+        policy = get_custom(kubeconfig, *checks.CLUSTER_POLICY_API, checks.CLUSTER_POLICY)
+        rows, _ = checks.gpu_node_rows(state.expected_gpus(), nodes, policy)
         results.append(
             CheckResult(
-                "cluster-policy", "cluster-policy", PASS if state == "ready" else FAIL, f"state {state or 'missing'}"
+                "cluster-policy",
+                checks.CLUSTER_POLICY,
+                PASS if checks.cluster_policy_ready(policy) else FAIL,
+                f"state {checks.cluster_policy_state(policy) or 'missing'}",
             )
         )
         for row in rows:
@@ -348,14 +363,15 @@ def cluster_checks(config: Config, kubeconfig: Path, nodes: dict[str, NodeState]
                     else row["result"],
                 )
             )
+        namespace = state.namespace(GPU_OPERATOR_RELEASE)
         bad = [
             f"{p.metadata.name} {p.status.phase}"
-            for p in list_pods(kubeconfig, "gpu-operator")
+            for p in list_pods(kubeconfig, namespace)
             if p.status.phase not in ("Running", "Succeeded")
         ]
         results.append(
             CheckResult(
-                "gpu-operator-pods", "gpu-operator", FAIL if bad else PASS, ", ".join(bad) or "all Running/Succeeded"
+                "gpu-operator-pods", namespace, FAIL if bad else PASS, ", ".join(bad) or "all Running/Succeeded"
             )
         )
     return results

@@ -16,6 +16,7 @@ from prefect.cache_policies import NO_CACHE
 
 from gpuforge import remediation, validation
 from gpuforge.config import Config
+from gpuforge.desired import SLURM_RELEASE, release_namespace
 from gpuforge.remediation import Action, SlurmNode
 from gpuforge.validation import FAIL, PASS, CheckResult
 from tasks.kube import api_client, pod_phase, slurm_pods
@@ -100,7 +101,7 @@ class Slurm:
     """The Slurm side of one run: `sinfo` once, then scontrol/sbatch through the controller pod."""
 
     def __init__(self, config: Config, kubeconfig: Path):
-        self.kubeconfig, self.namespace = kubeconfig, config.validation.slurm_namespace
+        self.kubeconfig, self.namespace = kubeconfig, release_namespace(SLURM_RELEASE)
 
     def run(self, *argv: str, timeout: float = 20) -> ExecResult:
         return slurm_exec(self.kubeconfig, self.namespace, list(argv), timeout_s=timeout)
@@ -150,7 +151,7 @@ def slurm_state(config: Config, kubeconfig: Path) -> tuple[dict[str, SlurmNode] 
         return None, {}, None
     try:
         nodes = Slurm(config, kubeconfig).nodes()
-        pods = slurm_pods(kubeconfig, config.validation.slurm_namespace)
+        pods = slurm_pods(kubeconfig, release_namespace(SLURM_RELEASE))
     except Exception as exc:  # noqa: BLE001 - reported; no Slurm action (and no cordon of Slurm nodes) follows
         return None, {}, f"Slurm could not be read: {str(exc).splitlines()[0][:300]}"
     names = remediation.slurm_name_map([n.name for n in config.gpu_nodes], nodes, pods)
@@ -168,8 +169,7 @@ def validate_slurm(config: Config, kubeconfig: Path, expected: dict[str, int]) -
             CheckResult("slurm-controller", "slurmctld", FAIL, (ping.stdout + ping.stderr).strip() or f"rc {ping.rc}")
         ]
     results = [CheckResult("slurm-controller", "slurmctld", PASS, ping.stdout.strip())]
-    sinfo = slurm.run("sinfo", "-h", "-N", "-o", "%N %T %G")
-    results += validation.slurm_node_results(validation.sinfo_nodes(sinfo.stdout), expected)
+    results += validation.slurm_node_results(slurm.nodes(), expected)
     job = slurm.run(
         "sbatch", "--parsable", "--gres=gpu:1", "--output=/dev/null", "--wrap", 'test -n "$CUDA_VISIBLE_DEVICES"'
     )

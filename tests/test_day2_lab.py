@@ -74,13 +74,13 @@ def names(cfg):
 
 
 def verdicts_now(cfg):
-    from gpuforge.drift import expected_gpu_counts
+    from gpuforge.desired import expected_gpu_counts, learned_gpu_counts
     from gpuforge.health import resolve_thresholds
     from tasks import kube, prometheus
 
     nodes = kube.list_nodes(cfg.kubeconfig_path())
     verdicts, _ = prometheus.evaluate_fleet(
-        prometheus.prometheus(cfg), expected_gpu_counts(cfg, nodes), resolve_thresholds(cfg.health.thresholds)
+        prometheus.prometheus(cfg), expected_gpu_counts(cfg, learned_gpu_counts(cfg, nodes)), resolve_thresholds(cfg.health.thresholds)
     )
     return verdicts
 
