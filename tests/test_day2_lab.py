@@ -80,7 +80,9 @@ def verdicts_now(cfg):
 
     nodes = kube.list_nodes(cfg.kubeconfig_path())
     verdicts, _ = prometheus.evaluate_fleet(
-        prometheus.prometheus(cfg), expected_gpu_counts(cfg, learned_gpu_counts(cfg, nodes)), resolve_thresholds(cfg.health.thresholds)
+        prometheus.prometheus(cfg),
+        expected_gpu_counts(cfg, learned_gpu_counts(cfg, nodes)),
+        resolve_thresholds(cfg.health.thresholds),
     )
     return verdicts
 
