@@ -149,7 +149,11 @@ def lab_status(config_path: Path, as_json: bool) -> None:
     help="Serve the readings as Prometheus series with dcgm-exporter names (e.g. 127.0.0.1:9400).",
 )
 @click.option("--slurm-healthcheck", is_flag=True, help="One line and a non-zero exit when a GPU is unhealthy.")
-@click.option("--expected-gpus", type=int, help="GPUs this node must have (a missing one is unhealthy).")
+@click.option(
+    "--expected-gpus",
+    type=int,
+    help="GPUs this node must have (a missing one is unhealthy); default: the --node's gpu_count in --config.",
+)
 @click.option("--node", help="Node name for the Hostname label (default: this host's name).")
 @json_option
 def probe(config_path, serve_addr, slurm_healthcheck, expected_gpus, node, as_json) -> None:
@@ -161,7 +165,15 @@ def probe(config_path, serve_addr, slurm_healthcheck, expected_gpus, node, as_js
     from gpuforge_probe import probe as gpu_probe
 
     # The config's sections as written (only the fields each sets): the probe resolves them as the fleet does.
-    thresholds = load(config_path).health.thresholds if config_path else None
+    thresholds = None
+    if config_path:
+        from gpuforge import desired
+
+        cfg = load(config_path)
+        thresholds = cfg.health.thresholds
+        # A node of the config gets the GPU count the config gives it, unless told otherwise.
+        if expected_gpus is None and node:
+            expected_gpus = desired.expected_gpu_counts(cfg).get(node)
     try:
         if serve_addr:
             host, port = gpu_probe.parse_addr(serve_addr)
