@@ -33,7 +33,7 @@ def cluster_policy_ready(policy: Mapping[str, Any] | None) -> bool:
 
 
 def gpu_node_rows(
-    expected: Mapping[str, int | None], nodes: Mapping[str, Any], cluster_policy: dict | None
+    expected: Mapping[str, int | None], nodes: Mapping[str, NodeView], cluster_policy: dict | None
 ) -> tuple[list[dict], list[str]]:
     """A row per GPU node (labels, allocatable vs expected) and the list of what is still missing. `expected`
     maps each GPU node to the GPUs it must offer (None: at least one), as the desired state has it."""

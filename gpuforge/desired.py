@@ -12,7 +12,8 @@ Where each fact is computed (the one place):
     roles, Kubespray groups        config.Node (is_control_plane, is_etcd, is_worker, is_gpu)
     expected GPUs per node         expected_gpu_counts: the configured gpu_count, else the count recorded on the
                                    node at install (INSTALLED_GPU_COUNT), else None ("at least one")
-    Slurm membership, NodeSets     render.nodeset_name, render.gpu_nodesets
+    Slurm membership               desired_nodes (in_slurm: slurm enabled, a GPU node, not `slurm: false`)
+    Slurm NodeSets                 render.nodeset_name, render.gpu_nodesets
     labels and taints gpuforge owns render.node_labels, render.node_taints
     releases (chart, version, namespace, values)   render.render_releases (pins + config overrides)
     health thresholds per GPU family               health.resolve_thresholds
