@@ -21,7 +21,8 @@ from flows.notify import notify_failure
 from gpuforge import checks, desired
 from gpuforge import drift as core
 from gpuforge.config import Config
-from gpuforge.desired import SLURM_RELEASE, release_namespace
+from gpuforge.desired import SLURM_RELEASE
+from gpuforge.pins import release_namespace
 from tasks import kube
 from tasks import slurm as slurm_tasks
 
@@ -63,7 +64,7 @@ def read_live(config: Config, *, nodes_reader=_node_dicts) -> tuple[core.LiveSta
     if not ok:
         return core.LiveState(nodes={}), calls, errors
     live = core.LiveState(nodes=nodes)
-    if any(config.enabled(s) for s in ("monitoring_stack", "gpu-operator", "slurm", "k8s-dashboard")):
+    if any(config.enabled(service) for service in config.deepops_services.by_key()):
         from tasks.helm import read_releases
 
         # One list of Helm's release records (the Secrets Helm stores them in) answers every release.

@@ -6,7 +6,8 @@ from prefect import flow, get_run_logger
 
 from flows.common import ClusterParams, load, publish_table, run_name
 from gpuforge import desired
-from gpuforge.desired import SLURM_RELEASE, release_namespace
+from gpuforge.desired import SLURM_RELEASE
+from gpuforge.pins import release_namespace
 from tasks.helm import converge_service, outcome_rows, phase_summary
 from tasks.kube import list_custom, list_nodes, wait_for
 from tasks.slurm import controller_answers

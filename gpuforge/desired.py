@@ -31,21 +31,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gpuforge import health, pins, render
+from gpuforge import health, render
 from gpuforge.config import Config, NamedNode
 from gpuforge.health import Thresholds
+from gpuforge.pins import release_namespace
 
 # The GPU count the gpu-operator phase found on a node whose config leaves it open, recorded on the node.
 INSTALLED_GPU_COUNT = "gpuforge.io/installed-gpu-count"
 MONITORING_RELEASE = render.MONITORING_RELEASE
 GPU_OPERATOR_RELEASE = "gpu-operator"
 SLURM_RELEASE = "slurm"
-
-
-def release_namespace(release: str) -> str:
-    """The namespace a release of gpuforge's lives in, its service enabled or not: its pin's (render places every
-    release there; the config cannot move one)."""
-    return next(ns for charts in pins.CHARTS.values() for name, ns, *_ in charts if name == release)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ from prefect.cache_policies import NO_CACHE
 
 from gpuforge import remediation, validation
 from gpuforge.config import Config
-from gpuforge.desired import SLURM_RELEASE, release_namespace
+from gpuforge.desired import SLURM_RELEASE
+from gpuforge.pins import release_namespace
 from gpuforge.remediation import Action, SlurmNode
 from gpuforge.validation import FAIL, PASS, CheckResult
 from tasks.kube import api_client, pod_phase, slurm_pods
