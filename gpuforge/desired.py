@@ -8,15 +8,20 @@ needs one fact without the rest.
 
 Where each fact is computed (the one place):
 
-    node names                     config.name_nodes
-    roles, Kubespray groups        config.Node (is_control_plane, is_etcd, is_worker, is_gpu)
-    expected GPUs per node         expected_gpu_counts: the configured gpu_count, else the count recorded on the
-                                   node at install (INSTALLED_GPU_COUNT), else None ("at least one")
-    Slurm membership               desired_nodes (in_slurm: slurm enabled, a GPU node, not `slurm: false`)
-    Slurm NodeSets                 render.nodeset_name, render.gpu_nodesets
-    labels and taints gpuforge owns render.node_labels, render.node_taints
-    releases (chart, version, namespace, values)   render.render_releases (pins + config overrides)
-    health thresholds per GPU family               health.resolve_thresholds
+    node names                        config.name_nodes
+    roles, Kubespray groups           config.Node (is_control_plane, is_etcd, is_worker, is_gpu)
+    expected GPUs per node            expected_gpu_counts: the configured gpu_count, else the count recorded
+                                      on the node at install (INSTALLED_GPU_COUNT, read by
+                                      learned_gpu_counts), else None ("at least one")
+    Slurm membership                  desired_nodes (in_slurm: slurm enabled, a GPU node, not `slurm: false`)
+    Slurm NodeSets                    render.nodeset_name, render.gpu_nodesets
+    labels, taints gpuforge owns      render.node_labels, render.node_taints
+    releases: chart, version, values  render.render_releases (pins + the config's overrides)
+    release namespaces                pins.release_namespace (the config cannot move a release)
+    thresholds per GPU family         health.resolve_thresholds
+    the GPU alert rules               plan.alert_rules (thresholds, namespace, expected GPUs of one state)
+    "the GPU Operator is ready"       checks.cluster_policy_ready
+    install phases                    phases.INSTALL_PHASES
 
 Why the recorded count, not the live allocatable one, for a node the config leaves open: the gpu-operator phase
 records what it found when the node first offered its GPUs; that is the count install rendered Slurm's NodeSet
