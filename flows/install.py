@@ -56,7 +56,7 @@ def install(params: InstallParams) -> list[dict]:
     rows: list[dict] = []
     # Preflight guards what Kubespray does to the nodes; when Kubespray has nothing to do, neither has it.
     nodes_done = "kubespray" not in params.force_phases and nodes_converged(
-        config.kubeconfig_path(), [n.name for n in config.nodes], config.kubespray.kube_version
+        config.kubeconfig_path(), [n.name for n in state.nodes], config.kubespray.kube_version
     )
     with cluster_lock(config.cluster_name, "install"), handing_down(params, state):
         for phase in selected_phases(params.only, params.from_phase):

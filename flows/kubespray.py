@@ -24,7 +24,7 @@ def kubespray(params: KubesprayParams) -> str:
     logger = get_run_logger()
     state = load(params, connects=True)
     config = state.config
-    names, version = [n.name for n in config.nodes], config.kubespray.kube_version
+    names, version = [n.name for n in state.nodes], config.kubespray.kube_version
     kubeconfig = config.kubeconfig_path()
     if not params.force and nodes_converged(kubeconfig, names, version):
         return f"skipped: all {len(names)} nodes Ready at {version} (use --force-phase kubespray to re-run)"
