@@ -47,7 +47,7 @@ def _parse(path: str) -> Config:
         raise PreconditionFailed(str(exc)) from None
 
 
-def load(params: ClusterParams, *, connects: bool = False) -> DesiredState:
+def desired_state(params: ClusterParams, *, connects: bool = False) -> DesiredState:
     """The run's desired state: the one handed down by the run this flow is a phase of, else built from the
     config file (GPU counts learned at install are added by the phases that read the nodes)."""
     handed = _HANDED_DOWN.get()
@@ -74,7 +74,7 @@ def run_name(prefix: str) -> Any:
         params = flow_run.parameters.get("params") or {}
         path = params.get("config") if isinstance(params, dict) else getattr(params, "config", None)
         try:
-            cluster = load(ClusterParams(config=path or ClusterParams().config)).cluster
+            cluster = desired_state(ClusterParams(config=path or ClusterParams().config)).cluster
         except PreconditionFailed:
             cluster = "bad-config"
         return f"{prefix}-{cluster}"

@@ -16,7 +16,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.common import ClusterParams, load, publish_markdown, publish_table, run_name
+from flows.common import ClusterParams, desired_state, publish_markdown, publish_table, run_name
 from flows.notify import notify_failure
 from gpuforge import checks, desired
 from gpuforge import drift as core
@@ -111,7 +111,7 @@ def evaluate(config: Config, **kwargs) -> dict[str, Any]:
 @flow(name="drift", flow_run_name=run_name("drift"), on_failure=[notify_failure], on_crashed=[notify_failure])
 def drift(params: ClusterParams) -> dict:
     logger = get_run_logger()
-    config = load(params).config
+    config = desired_state(params).config
     report = evaluate(config)
     publish_table(
         "drift-report", core.table_rows(report["items"]), f"Drift of {config.cluster_name}: {report['summary']}"

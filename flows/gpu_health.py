@@ -22,7 +22,7 @@ from flows.common import (
     ClusterParams,
     act_on_both_sides,
     change_node,
-    load,
+    desired_state,
     publish_markdown,
     publish_table,
     run_name,
@@ -60,7 +60,7 @@ class HealthParams(ClusterParams):
     on_crashed=[notify_failure],
 )
 def gpu_health(params: HealthParams) -> dict:
-    config = load(params).config
+    config = desired_state(params).config
     if params.release:
         return release_node(config, params.release)
     return _check(config)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from flows.common import ClusterParams, load, publish_table, run_name
+from flows.common import ClusterParams, desired_state, publish_table, run_name
 from gpuforge import checks, desired, render
 from gpuforge.desired import GPU_OPERATOR_RELEASE
 from tasks.helm import converge_service, phase_summary
@@ -24,7 +24,7 @@ from tasks.kube import (
 @flow(name="gpu-operator", flow_run_name=run_name("gpu-operator"))
 def gpu_operator(params: ClusterParams) -> str:
     logger = get_run_logger()
-    state = load(params)
+    state = desired_state(params)
     config = state.config
     kubeconfig = config.kubeconfig_path()
     namespace = state.namespace(GPU_OPERATOR_RELEASE)

@@ -34,15 +34,15 @@ from tasks import slurm as slurm_tasks
 
 def release_node(config: Config, node: str) -> dict:
     logger = get_run_logger()
+    if node not in {n.name for n in config.gpu_nodes}:
+        raise PreconditionFailed(f"{node} is not a GPU node of cluster {config.cluster_name}")
     kubeconfig = config.kubeconfig_path()
     started = time.monotonic()
     nodes = kube.list_nodes(kubeconfig)
-    state = desired.build(config, desired.learned_gpu_counts(config, nodes))
-    wanted = state.node(node)
-    if wanted is None or not wanted.is_gpu:
-        raise PreconditionFailed(f"{node} is not a GPU node of cluster {config.cluster_name}")
     if node not in nodes:
         raise PreconditionFailed(f"node {node} is not registered in Kubernetes")
+    state = desired.build(config, desired.learned_gpu_counts(config, nodes))
+    wanted = state.node(node)
     in_slurm = wanted.in_slurm
     slurm_nodes, slurm_names, slurm_error = (
         slurm_tasks.slurm_state(config, kubeconfig) if in_slurm else (None, {}, None)

@@ -7,7 +7,7 @@ import shutil
 
 from prefect import flow, get_run_logger
 
-from flows.common import ClusterParams, load, publish_markdown, publish_table, run_name, state_dir
+from flows.common import ClusterParams, desired_state, publish_markdown, publish_table, run_name, state_dir
 from gpuforge.plan import write_plan
 from gpuforge.render import CONTAINERD_IMPORTS
 from tasks.ansible_tasks import prepare_kubespray, run_kubespray, verify_host_keys
@@ -22,7 +22,7 @@ class KubesprayParams(ClusterParams):
 @flow(name="kubespray", flow_run_name=run_name("kubespray"))
 def kubespray(params: KubesprayParams) -> str:
     logger = get_run_logger()
-    state = load(params, connects=True)
+    state = desired_state(params, connects=True)
     config = state.config
     names, version = [n.name for n in state.nodes], config.kubespray.kube_version
     kubeconfig = config.kubeconfig_path()

@@ -9,7 +9,7 @@ import json
 
 from prefect import flow
 
-from flows.common import ClusterParams, load, publish_table, run_name
+from flows.common import ClusterParams, desired_state, publish_table, run_name
 from gpuforge import render
 from gpuforge.desired import MONITORING_RELEASE
 from gpuforge.plan import alert_rules
@@ -19,7 +19,7 @@ from tasks.kube import apply, config_map
 
 @flow(name="monitoring", flow_run_name=run_name("monitoring"))
 def monitoring(params: ClusterParams) -> str:
-    state = load(params)
+    state = desired_state(params)
     config = state.config
     kubeconfig = config.kubeconfig_path()
     outcomes = converge_service(state, "monitoring_stack", kubeconfig, config.timeouts.monitoring)

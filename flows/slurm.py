@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from flows.common import ClusterParams, load, publish_table, run_name
+from flows.common import ClusterParams, desired_state, publish_table, run_name
 from gpuforge import desired
 from gpuforge.desired import SLURM_RELEASE
 from gpuforge.pins import release_namespace
@@ -16,7 +16,7 @@ from tasks.slurm import controller_answers
 @flow(name="slurm", flow_run_name=run_name("slurm"))
 def slurm(params: ClusterParams) -> str:
     logger = get_run_logger()
-    config = load(params).config
+    config = desired_state(params).config
     kubeconfig, namespace = config.kubeconfig_path(), release_namespace(SLURM_RELEASE)
     # GPU counts the config leaves open: the ones the gpu-operator phase recorded on the nodes.
     state = desired.build(config, desired.learned_gpu_counts(config, list_nodes(kubeconfig)))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from flows.common import ClusterParams, load, publish_markdown, publish_table, run_name
+from flows.common import ClusterParams, desired_state, publish_markdown, publish_table, run_name
 from flows.notify import notify_failure
 from gpuforge import desired, validation
 from gpuforge.validation import ERROR, FAIL, SKIP, CheckResult
@@ -23,7 +23,7 @@ class ValidateParams(ClusterParams):
 @flow(name="validate", flow_run_name=run_name("validate"), on_failure=[notify_failure])
 def validate(params: ValidateParams) -> dict:
     logger = get_run_logger()
-    config = load(params).config
+    config = desired_state(params).config
     kubeconfig = config.kubeconfig_path()
     try:
         nodes = kube.list_nodes(kubeconfig)

@@ -331,14 +331,14 @@ def cluster_checks(state: DesiredState, kubeconfig: Path, nodes: dict[str, NodeS
     """Every node Ready; the GPU Operator's ClusterPolicy ready, allocatable GPUs as expected, its pods up."""
     results = []
     for node in state.nodes:
-        state = nodes.get(node.name)
-        ok = bool(state and state.ready)
+        live = nodes.get(node.name)
+        ok = bool(live and live.ready)
         results.append(
             CheckResult(
                 "node-ready",
                 node.name,
                 PASS if ok else FAIL,
-                "Ready" if ok else ("not registered" if state is None else "not Ready"),
+                "Ready" if ok else ("not registered" if live is None else "not Ready"),
             )
         )
     if state.config.enabled("gpu-operator"):

@@ -1,4 +1,4 @@
-"""flows.common.load: a run parses its config once and hands the desired state down to the phases it runs."""
+"""flows.common.desired_state: a run parses its config once and hands the desired state down to the phases it runs."""
 
 from __future__ import annotations
 
@@ -27,13 +27,13 @@ def parses(monkeypatch) -> list[str]:
 
 def test_a_phase_inside_a_run_reads_the_handed_down_state_without_parsing(parses):
     params = common.ClusterParams(config=REPO_SEED)
-    state = common.load(params)
+    state = common.desired_state(params)
     assert parses == [REPO_SEED] and isinstance(state, desired.DesiredState)
     with common.handing_down(params, state):
-        assert common.load(common.ClusterParams(config=REPO_SEED)) is state
+        assert common.desired_state(common.ClusterParams(config=REPO_SEED)) is state
         assert parses == [REPO_SEED]
     # Outside the run (a phase run on its own), the file is read again: nothing is cached across runs.
-    assert common.load(params) is not state and parses == [REPO_SEED, REPO_SEED]
+    assert common.desired_state(params) is not state and parses == [REPO_SEED, REPO_SEED]
 
 
 def test_a_different_config_inside_a_run_is_parsed_not_mixed_up(parses, tmp_path):
@@ -42,8 +42,8 @@ def test_a_different_config_inside_a_run_is_parsed_not_mixed_up(parses, tmp_path
         'cluster_name: other\nk8s_cluster_nodes:\n  - { ip: "198.51.100.7", role: [control-plane, etcd] }\n'
     )
     params = common.ClusterParams(config=REPO_SEED)
-    with common.handing_down(params, common.load(params)):
-        assert common.load(common.ClusterParams(config=str(other))).cluster == "other"
+    with common.handing_down(params, common.desired_state(params)):
+        assert common.desired_state(common.ClusterParams(config=str(other))).cluster == "other"
     assert parses == [REPO_SEED, str(other)]
 
 
@@ -51,4 +51,4 @@ def test_a_bad_config_is_a_precondition_failure(tmp_path):
     bad = tmp_path / "config.yml"
     bad.write_text("k8s_cluster_nodes: []\n")
     with pytest.raises(common.PreconditionFailed, match="k8s_cluster_nodes"):
-        common.load(common.ClusterParams(config=str(bad)))
+        common.desired_state(common.ClusterParams(config=str(bad)))
