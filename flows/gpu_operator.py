@@ -35,7 +35,7 @@ def gpu_operator(params: ClusterParams) -> str:
 
     def probe() -> tuple[bool, str]:
         nodes = list_nodes(kubeconfig)
-        expected = desired.build(config, desired.learned_gpu_counts(config, nodes)).expected_gpus()
+        expected = desired.expected_gpu_counts(config, desired.learned_gpu_counts(config, nodes))
         policy = get_custom(kubeconfig, *checks.CLUSTER_POLICY_API, checks.CLUSTER_POLICY)
         rows, missing = checks.gpu_node_rows(expected, nodes, policy)
         probe.rows = rows
