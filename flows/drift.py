@@ -26,8 +26,6 @@ from gpuforge.pins import release_namespace
 from tasks import kube
 from tasks import slurm as slurm_tasks
 
-SLURM_GROUP, SLURM_VERSION = "slinky.slurm.net", "v1beta1"
-
 
 class DriftFound(RuntimeError):
     """Drift was found (exit 2) or something could not be read (exit 1); `report` is the full report."""
@@ -80,7 +78,7 @@ def read_live(config: Config, *, nodes_reader=_node_dicts) -> tuple[core.LiveSta
         live.nodesets, _ = attempt(
             "kubernetes",
             "list NodeSets",
-            lambda: kube.list_custom(kubeconfig, SLURM_GROUP, SLURM_VERSION, "nodesets", ns),
+            lambda: kube.list_custom(kubeconfig, *slurm_tasks.NODESET_API, ns),
         )
         pods, ok = attempt("kubernetes", "list slurmd pods", lambda: _slurmd_pods(kubeconfig, ns))
         live.slurm_pods = pods or []

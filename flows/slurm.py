@@ -10,7 +10,7 @@ from gpuforge.desired import SLURM_RELEASE
 from gpuforge.pins import release_namespace
 from tasks.helm import converge_service, outcome_rows, phase_summary
 from tasks.kube import list_custom, list_nodes, wait_for
-from tasks.slurm import controller_answers
+from tasks.slurm import NODESET_API, controller_answers
 
 
 @flow(name="slurm", flow_run_name=run_name("slurm"))
@@ -23,7 +23,7 @@ def slurm(params: ClusterParams) -> str:
     outcomes = converge_service(state, "slurm", kubeconfig, config.timeouts.slurm)
 
     def nodesets_ready() -> tuple[bool, str]:
-        sets = list_custom(kubeconfig, "slinky.slurm.net", "v1beta1", "nodesets", namespace)
+        sets = list_custom(kubeconfig, *NODESET_API, namespace)
         pending = [
             f"{s['metadata']['name']} {(s.get('status') or {}).get('readyReplicas', 0)}/{s['spec'].get('replicas', 0)}"
             for s in sets

@@ -24,6 +24,8 @@ from tasks.kube import api_client, pod_phase, slurm_pods
 
 CONTROLLER_POD = "slurm-controller-0"
 CONTROLLER_CONTAINER = "slurmctld"
+# Slinky's NodeSet custom resource (group, version, plural), as the slurm-operator 1.2 chart serves it.
+NODESET_API = ("slinky.slurm.net", "v1beta1", "nodesets")
 
 
 @dataclass(frozen=True)
