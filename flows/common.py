@@ -47,11 +47,24 @@ def _parse(path: str) -> Config:
         raise PreconditionFailed(str(exc)) from None
 
 
+def _handed_down(params: ClusterParams) -> DesiredState | None:
+    handed = _HANDED_DOWN.get()
+    return handed[1] if handed and handed[0] == params.config else None
+
+
+def _build(config: Config) -> DesiredState:
+    try:
+        return desired.build(config)
+    except ConfigError as exc:  # a values_file that is not YAML
+        raise PreconditionFailed(str(exc)) from None
+    except OSError as exc:  # a values_file that cannot be read
+        raise PreconditionFailed(f"{config.source}: a file the config names cannot be read: {exc}") from None
+
+
 def desired_state(params: ClusterParams, *, connects: bool = False) -> DesiredState:
     """The run's desired state: the one handed down by the run this flow is a phase of, else built from the
     config file (GPU counts learned at install are added by the phases that read the nodes)."""
-    handed = _HANDED_DOWN.get()
-    state = handed[1] if handed and handed[0] == params.config else desired.build(_parse(params.config))
+    state = _handed_down(params) or _build(_parse(params.config))
     if connects and (problems := node_access_problems(state.config)):
         raise PreconditionFailed("\n".join(str(p) for p in problems))
     return state
@@ -73,8 +86,10 @@ def run_name(prefix: str) -> Any:
     def name() -> str:
         params = flow_run.parameters.get("params") or {}
         path = params.get("config") if isinstance(params, dict) else getattr(params, "config", None)
+        cluster_params = ClusterParams(config=path or ClusterParams().config)
         try:
-            cluster = desired_state(ClusterParams(config=path or ClusterParams().config)).cluster
+            handed = _handed_down(cluster_params)
+            cluster = handed.cluster if handed else _parse(cluster_params.config).cluster_name
         except PreconditionFailed:
             cluster = "bad-config"
         return f"{prefix}-{cluster}"

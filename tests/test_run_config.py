@@ -52,3 +52,17 @@ def test_a_bad_config_is_a_precondition_failure(tmp_path):
     bad.write_text("k8s_cluster_nodes: []\n")
     with pytest.raises(common.PreconditionFailed, match="k8s_cluster_nodes"):
         common.desired_state(common.ClusterParams(config=str(bad)))
+
+
+def test_a_values_file_that_cannot_be_read_is_a_precondition_failure_naming_it(tmp_path):
+    config = tmp_path / "config.yml"
+    config.write_text(
+        "k8s_cluster_nodes:\n"
+        '  - { ip: "198.51.100.7", role: [control-plane, etcd, gpu-worker] }\n'
+        "deepops_services:\n"
+        "  gpu-operator:\n"
+        "    enabled: true\n"
+        "    releases: { gpu-operator: { values_file: missing.yaml } }\n"
+    )
+    with pytest.raises(common.PreconditionFailed, match="cannot be read.*missing.yaml"):
+        common.desired_state(common.ClusterParams(config=str(config)))
