@@ -180,6 +180,18 @@ def contract_for(image_tag: str) -> Contract:
     return CONTRACTS[version]
 
 
+def for_gpu_operator(chart_version: str) -> Contract:
+    """The contract of the exporter a GPU Operator release's chart pins (its default `dcgmExporter.version`):
+    what the readers use unless the config overrides that value (then: :func:`contract_for` of the override)."""
+    for contract in CONTRACTS.values():
+        if chart_version in contract.gpu_operator:
+            return contract
+    raise UnknownExporter(
+        f"no metric contract for the dcgm-exporter of GPU Operator {chart_version}: read its chart's "
+        "dcgmExporter.version and add that exporter to gpuforge/metric_contract.py"
+    )
+
+
 @dataclass(frozen=True)
 class Change:
     """One difference between two contracts; `role` is the value or label role."""

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gpuforge import health, render, validation
+from gpuforge import health, pins, render, validation
 from gpuforge import metric_contract as mc
 
 UPSTREAM = Path(__file__).resolve().parents[2] / "shared" / "upstream"
@@ -30,6 +30,14 @@ def test_each_gpu_operator_chart_pins_an_exporter_with_a_contract(operator):
     contract = mc.contract_for(exporter_tag(GPU_OPERATOR_CHARTS[operator]))
     assert contract.verified and contract.gpu_operator == (operator,)
     assert exporter_tag(GPU_OPERATOR_CHARTS[operator]).startswith(contract.tag)
+    assert mc.for_gpu_operator(operator) is contract
+
+
+def test_the_pinned_gpu_operator_has_a_contract_and_an_unknown_one_is_refused():
+    gpu_operator = next(chart[4] for chart in pins.CHARTS["gpu-operator"] if chart[0] == "gpu-operator")
+    assert mc.for_gpu_operator(gpu_operator).exporter == "4.8.3"
+    with pytest.raises(mc.UnknownExporter, match="GPU Operator v99.1.0: read its chart's dcgmExporter.version"):
+        mc.for_gpu_operator("v99.1.0")
 
 
 def test_the_contracts_cover_every_metric_and_label_gpuforge_reads_today():

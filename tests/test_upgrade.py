@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import dataclasses
+import re
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -14,6 +17,7 @@ from gpuforge import pins
 from gpuforge import upgrade as up
 from gpuforge.config import load_config
 from gpuforge.render import render_releases
+from tests.conftest import config_variant
 
 REPO = Path(__file__).resolve().parents[1]
 UPSTREAM = REPO.parent / "shared" / "upstream"
@@ -243,3 +247,25 @@ def test_an_unreadable_chart_archive_is_a_plan_error(tmp_path):
     broken.write_bytes(b"not a tarball")
     with pytest.raises(up.PlanError, match="not a readable chart archive"):
         up.chart_facts(broken)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "gpuforge_cli", "upgrade", "plan", *args], capture_output=True, text=True, cwd=REPO
+    )
+
+
+def test_cli_refuses_a_bad_config_in_one_line_exit_1(tmp_path):
+    bad = config_variant(LAB_CONFIG, tmp_path, lambda d: d["deepops_services"]["gpu-operator"].update(enabled="yes"))
+    proc = run_cli("--config", str(bad))
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert re.fullmatch(r".*config\.yml:\d+:\d+: deepops_services\.gpu-operator\.enabled: .*\n", proc.stderr)
+
+
+def test_cli_without_a_reachable_cluster_says_so_exit_1(tmp_path):
+    gone = tmp_path / "missing-kubeconfig"
+    cfg = config_variant(LAB_CONFIG, tmp_path, lambda d: d.update(kubeconfig=str(gone)))
+    proc = run_cli("--config", str(cfg))
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr == f"upgrade plan: cannot read the cluster ({gone}): kubeconfig {gone} does not exist; " \
+        "run the kubespray phase or set kubeconfig\n"  # fmt: skip
