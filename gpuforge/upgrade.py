@@ -475,17 +475,17 @@ def plan(
     """The upgrade plan from `live` to the targets (pure: everything it needs is in its arguments)."""
     p = UpgradePlan()
     # Kubernetes: the server first, then every kubelet (a kubelet newer than the server is unsupported skew).
-    if live.server_version is None:
-        p.errors.append("Kubernetes server version unknown")
+    try:
+        server = _plain(kube_version(live.server_version or ""))
+    except PlanError as exc:
+        p.errors.append(f"Kubernetes server version: {exc}")
     else:
-        server = _plain(kube_version(live.server_version))
         p.components.append(Component("kubernetes", server, kube_target, f"Kubespray {kubespray}"))
         try:
             p.kube_path = kube_path(server, kube_target, kubespray)
         except PlanError as exc:
             p.errors.append(str(exc))
-        behind = {n: _plain(kube_version(v)) for n, v in sorted(live.kubelets.items())}
-        stale = {n: v for n, v in behind.items() if v != kube_target}
+        stale = {n: v.lstrip("v") for n, v in sorted(live.kubelets.items()) if v.lstrip("v") != kube_target}
         if stale and not p.kube_path:
             p.components.append(
                 Component("kubelets", ", ".join(f"{n} {v}" for n, v in stale.items()), kube_target, "nodes behind")

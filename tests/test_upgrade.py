@@ -269,3 +269,13 @@ def test_cli_without_a_reachable_cluster_says_so_exit_1(tmp_path):
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr == f"upgrade plan: cannot read the cluster ({gone}): kubeconfig {gone} does not exist; " \
         "run the kubespray phase or set kubeconfig\n"  # fmt: skip
+
+
+def test_kubelets_behind_a_server_at_the_pin_are_a_change(targets):
+    live = live_from(targets)
+    live.kubelets["gpu-1"] = "v1.34.7"
+    p = up.plan(live, targets, pins.KUBE_VERSION)
+    assert [(c.component, c.live, c.target) for c in p.components if c.changes] == [
+        ("kubelets", "gpu-1 1.34.7", pins.KUBE_VERSION)
+    ]
+    assert p.exit_code == 2
