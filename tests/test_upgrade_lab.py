@@ -118,7 +118,7 @@ def test_fresh_lab_has_nothing_to_do_and_plan_writes_nothing(installed, lab_conf
     assert revisions(cfg) == before
 
 
-def test_previous_pins_are_listed_with_crd_and_contract_diffs(installed, lab_config, cfg):
+def test_previous_pins_are_listed_with_crd_and_contract_diffs(installed, lab_config, cfg, tmp_path):
     from gpuforge.render import chart_archive, chart_mirror, render_releases
 
     releases = {r.name: r for r in render_releases(cfg)}
@@ -128,7 +128,13 @@ def test_previous_pins_are_listed_with_crd_and_contract_diffs(installed, lab_con
     try:
         put_crds(cfg, previous, remove=sorted(set(current) - set(previous)))
         for name, archive in PREVIOUS_CHARTS.items():
-            helm(cfg, "upgrade", name, str(archive), "-n", releases[name].namespace, "--reuse-values")
+            # The values gpuforge renders, as an install at the previous pins passed them; --reuse-values would
+            # carry the current chart's coalesced defaults (its driver and exporter versions) into the release.
+            values = tmp_path / f"{name}.json"
+            values.write_text(json.dumps(releases[name].values))
+            helm(
+                cfg, "upgrade", name, str(archive), "-n", releases[name].namespace, "--reset-values", "-f", str(values)
+            )
         moved = revisions(cfg)
         code, report = run_plan(lab_config)
         assert revisions(cfg) == moved  # the plan itself wrote nothing
