@@ -243,6 +243,24 @@ def diff(old: Contract, new: Contract) -> ContractDiff:
     return ContractDiff(old.exporter, new.exporter, tuple(changes))
 
 
+# How many of the second unit make one of the first: what a reader needs to keep its thresholds (written in the
+# units of RULE_UNITS) when the exporter serves another unit.
+_FACTORS: dict[tuple[str, str], float] = {(BYTE, MIB): 1 / 2**20, (MIB, BYTE): float(2**20)}
+
+#: The units gpuforge's rules are written in (health thresholds, alert expressions, dashboard panels): 4.8's.
+RULE_UNITS: dict[str, str] = {role: m.unit for role, m in _METRICS_4_8.items()}
+
+
+def in_rule_units(role: str, value: float, contract: Contract) -> float:
+    """A value `contract`'s exporter served for `role`, in the unit the rules are written in."""
+    have, want = contract.metrics[role].unit, RULE_UNITS[role]
+    if have == want:
+        return value
+    if (have, want) not in _FACTORS:
+        raise UnknownExporter(f"{role}: no conversion from {have} to {want} (dcgm-exporter {contract.exporter})")
+    return value * _FACTORS[(have, want)]
+
+
 def _by_version(versions: Iterable[str]) -> list[str]:
     return sorted(versions, key=lambda v: tuple(int(p) for p in v.split(".")))
 

@@ -145,3 +145,12 @@ def test_an_exporter_without_a_contract_is_refused_with_what_to_do():
         mc.contract_for("4.4.2-4.7.1-ubuntu22.04")
     with pytest.raises(mc.UnknownExporter, match="is not <dcgm>-<exporter>"):
         mc.contract_for("latest")
+
+
+def test_values_in_another_unit_are_brought_to_the_rules_units():
+    assert mc.in_rule_units("fb_used", 80 * 2**30, mc.CONTRACTS["4.9.0"]) == 80 * 1024  # bytes -> MiB
+    assert mc.in_rule_units("fb_used", 81920, mc.CONTRACTS["4.8.3"]) == 81920
+    assert mc.in_rule_units("gpu_temp", 71, mc.CONTRACTS["4.9.0"]) == 71
+    odd = mc.Contract("9.9.9", "9.9.9", (), {}, {"gpu_util": mc.Metric("DCGM_FI_DEV_GPU_UTIL", "gauge", "ratio 0-1")})
+    with pytest.raises(mc.UnknownExporter, match="gpu_util: no conversion from ratio 0-1 to %"):
+        mc.in_rule_units("gpu_util", 0.5, odd)
