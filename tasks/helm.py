@@ -254,3 +254,34 @@ def phase_summary(outcomes: list[ReleaseOutcome], extra: str = "") -> str:
     changed = [f"{o.release} {o.action} (revision {o.revision})" for o in outcomes if o.action != "unchanged"]
     head = ", ".join(changed) if changed else f"skipped: {len(outcomes)} release(s) unchanged"
     return f"{head}; {extra}" if extra else head
+
+
+# --- upgrade plan: what each release deployed, beyond its version (read-only) ---
+
+
+def release_details(kubeconfig: Path) -> dict[str, dict[str, Any]]:
+    """Every release's deployed revision by name, from Helm's storage in one API call: namespace, chart, version,
+    status, the chart's own values.yaml as Helm stored it with the release (defaults the user did not override,
+    such as the GPU Operator's driver and dcgm-exporter versions), the user-supplied values, and the
+    (apiVersion, kind, name) of every object of its manifest."""
+    with kube.api_client(kubeconfig) as api:
+        secrets = client.CoreV1Api(api).list_secret_for_all_namespaces(label_selector="owner=helm,status=deployed")
+    out: dict[str, dict[str, Any]] = {}
+    for secret in secrets.items:
+        raw = json.loads(gzip.decompress(base64.b64decode(base64.b64decode(secret.data["release"]))))
+        chart = raw.get("chart") or {}
+        objects = [
+            (doc.get("apiVersion", ""), doc.get("kind", ""), (doc.get("metadata") or {}).get("name", ""))
+            for doc in yaml.safe_load_all(raw.get("manifest") or "")
+            if isinstance(doc, dict)
+        ]
+        out[raw["name"]] = {
+            "namespace": raw.get("namespace", secret.metadata.namespace),
+            "chart": (chart.get("metadata") or {}).get("name", ""),
+            "version": (chart.get("metadata") or {}).get("version", ""),
+            "status": (raw.get("info") or {}).get("status", ""),
+            "chart_values": chart.get("values") or {},
+            "values": raw.get("config") or {},
+            "objects": objects,
+        }
+    return out

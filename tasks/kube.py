@@ -581,3 +581,22 @@ def slurm_pods(kubeconfig: Path, namespace: str) -> list[dict[str, str]]:
         if labels.get("app.kubernetes.io/name") == "slurmd":
             out.append({"name": pod.metadata.name, "hostname": pod.spec.hostname or "", "node": pod.spec.node_name})
     return out
+
+
+# --- upgrade plan: the live versions it compares with the pins (read-only) ---
+
+
+def server_version(kubeconfig: Path) -> str:
+    """The API server's gitVersion (e.g. v1.35.4)."""
+    with api_client(kubeconfig) as api:
+        return client.VersionApi(api).get_code().git_version
+
+
+def list_crds(kubeconfig: Path) -> list[dict[str, Any]]:
+    """Every CustomResourceDefinition as the API server returns it (plain JSON: served/storage versions, schemas,
+    status.storedVersions), in one list call."""
+    import json
+
+    with api_client(kubeconfig) as api:
+        resp = client.ApiextensionsV1Api(api).list_custom_resource_definition(_preload_content=False)
+        return json.loads(resp.data).get("items") or []
