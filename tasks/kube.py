@@ -260,12 +260,14 @@ def run_pods_to_completion(
     unschedulable_grace_s: float = 30,
     on_done: Callable[[client.V1Pod], None] | None = None,
     refusal_expected: frozenset[str] = frozenset(),
+    refusal_wait_s: float = 60,
 ) -> dict[str, client.V1Pod]:
     """Create all pods at once and follow the namespace with one watch until each pod is settled: terminal, or,
     for the pods named in `refusal_expected`, given the scheduler's verdict (refused, or bound to a node).
 
     A pod the scheduler keeps refusing for `unschedulable_grace_s` counts as done too (a verdict, not a reason
-    to wait out the timeout); a refusal that clears sooner (a node still settling) is waited for. `on_done` is
+    to wait out the timeout); a refusal that clears sooner (a node still settling) is waited for. A pod whose
+    refusal is expected gets `refusal_wait_s` for the scheduler's verdict, then is settled as it is. `on_done` is
     called with each pod as it is settled (e.g. to read its log while the others still run).
     The watch resumes from the last resourceVersion it saw (no pod is sent twice); only when the server has
     compacted past it (410) is the namespace listed again.
@@ -292,7 +294,8 @@ def run_pods_to_completion(
             if on_done:
                 on_done(pod)
 
-    deadline = time.monotonic() + timeout_s
+    started = time.monotonic()
+    deadline = started + timeout_s
     resource_version = None
     while names - final.keys() and time.monotonic() < deadline:
         try:
@@ -320,7 +323,8 @@ def run_pods_to_completion(
             time.sleep(1)
         for name in names - final.keys():
             refused_s = _unschedulable_for(latest[name]) if name in latest else None
-            if refused_s is not None and refused_s >= unschedulable_grace_s:
+            no_verdict = name in refusal_expected and time.monotonic() - started >= refusal_wait_s
+            if name in latest and (no_verdict or (refused_s is not None and refused_s >= unschedulable_grace_s)):
                 final[name] = latest[name]
                 if on_done:
                     on_done(latest[name])
