@@ -59,6 +59,8 @@ class Measured:
     client_cpu_s: float
     floor_prom_cpu_s: float
     floor_wall_s: float
+    serial_wall_s: float
+    serial_prom_cpu_s: float
     peak_mb: float
     unhealthy: list
 
@@ -75,9 +77,11 @@ def floor_query(fleet: dict[str, str]) -> str:
     return 'count({__name__=~"' + "|".join(names) + '"})'
 
 
-def gpuforge_evaluation(pc: PrometheusConnect, expected: dict[str, int], table, queries: dict[str, str]):
+def gpuforge_evaluation(
+    pc: PrometheusConnect, expected: dict[str, int], table, queries: dict[str, str], concurrency: int | None = None
+):
     """What the gpu-health flow does with Prometheus's answers: the fleet evaluation and the report rows."""
-    verdicts, sent = prom_tasks.evaluate_fleet(pc, expected, table, queries)
+    verdicts, sent = prom_tasks.evaluate_fleet(pc, expected, table, queries, concurrency)
     report = {
         "counts": {k.value: n for k, n in health.summarize(verdicts).items()},
         "gpus": [v.model_dump(mode="json") for v in verdicts],
@@ -161,9 +165,9 @@ def measure(tmp: Path, node_count: int, gpus: int, runs: int, scrape: str, idle_
         time.sleep(idle_s)
         scraping_rate = (prometheus_cpu_s(prom.url) - prom0) / (time.monotonic() - idle_start)
 
-        walls, client_cpu, prom_cpu, floor_walls, floor_cpu = [], [], [], [], []
+        walls, client_cpu, prom_cpu, floor_walls, floor_cpu, serial_walls, serial_cpu = [], [], [], [], [], [], []
         verdicts, sent = [], 0
-        for _ in range(runs):  # alternating: gpuforge's evaluation, then the floor
+        for _ in range(runs):  # alternating: gpuforge's evaluation, the floor, the evaluation one query at a time
             prom0, cpu0, start = prometheus_cpu_s(prom.url), time.process_time(), time.monotonic()
             verdicts, sent, _ = gpuforge_evaluation(pc, expected, table, queries)
             walls.append(time.monotonic() - start)
@@ -173,6 +177,10 @@ def measure(tmp: Path, node_count: int, gpus: int, runs: int, scrape: str, idle_
             prom_tasks.query(pc, floor_query(queries))
             floor_walls.append(time.monotonic() - start)
             floor_cpu.append(prometheus_cpu_s(prom.url) - prom0 - scraping_rate * floor_walls[-1])
+            prom0, start = prometheus_cpu_s(prom.url), time.monotonic()
+            gpuforge_evaluation(pc, expected, table, queries, concurrency=1)
+            serial_walls.append(time.monotonic() - start)
+            serial_cpu.append(prometheus_cpu_s(prom.url) - prom0 - scraping_rate * serial_walls[-1])
 
         if profile:
             where_the_time_goes(pc, prom.url, expected, table, queries, scraping_rate, runs)
@@ -188,6 +196,8 @@ def measure(tmp: Path, node_count: int, gpus: int, runs: int, scrape: str, idle_
             client_cpu_s=statistics.median(client_cpu),
             floor_prom_cpu_s=statistics.median(floor_cpu),
             floor_wall_s=statistics.median(floor_walls),
+            serial_wall_s=statistics.median(serial_walls),
+            serial_prom_cpu_s=statistics.median(serial_cpu),
             peak_mb=peak / 2**20,
             unhealthy=[(v.node, v.gpu, v.verdict.value) for v in verdicts if v.verdict != Verdict.HEALTHY],
         )
@@ -225,6 +235,9 @@ def main() -> int:
                   f"{m.floor_wall_s:.2f} s -> gpuforge/floor in Prometheus CPU "
                   f"{m.prom_cpu_s / m.floor_prom_cpu_s:.2f}x (goal <= 1.5), in wall "
                   f"{m.wall_s / m.floor_wall_s:.2f}x (medians of {args.runs})")  # fmt: skip
+            print(f"  the same evaluation, queries one at a time: Prometheus CPU {m.serial_prom_cpu_s:.2f} s "
+                  f"({m.serial_prom_cpu_s / m.floor_prom_cpu_s:.2f}x the floor), "
+                  f"wall {m.serial_wall_s:.2f} s")  # fmt: skip
             print(f"  injected XID 79 on {SICK[0]} GPU {SICK[1]}; not healthy: {m.unhealthy}", flush=True)
     if len(results) >= 2:
         small, big = results[0], results[-1]

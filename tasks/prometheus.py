@@ -23,20 +23,10 @@ class PrometheusUnreachable(RuntimeError):
     """Prometheus could not be asked; callers report this as "could not check", never as healthy."""
 
 
-# Answers uncompressed: a fleet's answer is megabytes of JSON that Prometheus would gzip and this process gunzip,
-# CPU on both sides for bytes that cross one cluster network once a night (measured in bench/health_bench.py).
-IDENTITY_ENCODING = {"Accept-Encoding": "identity"}
-
-
 def prometheus(config: Config, timeout_s: float = 10) -> PrometheusConnect:
     """The config's prometheus_url, else kube-prometheus-stack's Service through the API server proxy."""
     if config.prometheus_url:
-        return PrometheusConnect(
-            url=config.prometheus_url,
-            headers=IDENTITY_ENCODING,
-            retry=Retry(total=1, backoff_factor=0.2),
-            timeout=timeout_s,
-        )
+        return PrometheusConnect(url=config.prometheus_url, retry=Retry(total=1, backoff_factor=0.2), timeout=timeout_s)
     from tasks.kube import api_client
 
     conf = api_client(config.kubeconfig_path()).configuration
@@ -44,9 +34,7 @@ def prometheus(config: Config, timeout_s: float = 10) -> PrometheusConnect:
     if conf.cert_file:
         session.cert = (conf.cert_file, conf.key_file)
     session.verify = conf.ssl_ca_cert or True
-    headers = dict(IDENTITY_ENCODING)
-    if conf.api_key.get("authorization"):
-        headers["Authorization"] = conf.api_key["authorization"]
+    headers = {"Authorization": conf.api_key["authorization"]} if conf.api_key.get("authorization") else {}
     proxy = f"{conf.host}/api/v1/namespaces/monitoring/services/{PROMETHEUS_SERVICE}:9090/proxy"
     return PrometheusConnect(
         url=proxy, headers=headers, session=session, timeout=timeout_s, retry=Retry(total=1, backoff_factor=0.2)
@@ -119,13 +107,15 @@ def evaluate_fleet(
     expected: dict[str, int | None],
     table: dict[str, Thresholds],
     queries: dict[str, str] | None = None,
+    concurrency: int | None = None,
 ) -> tuple[list[GpuVerdict], int]:
-    """Every GPU's verdict from the fixed fleet queries (sent concurrently), then, where any GPU showed an XID,
-    one more query for the exact XIDs of those GPUs' nodes; returns (verdicts, queries sent).
+    """Every GPU's verdict from the fixed fleet queries (`concurrency` at a time, default all at once), then,
+    where any GPU showed an XID, one more query for the exact XIDs of those GPUs' nodes; returns (verdicts,
+    queries sent).
 
     Raises PrometheusUnreachable when any query cannot be answered."""
     queries = queries or health.fleet_queries(table)
-    with ThreadPoolExecutor(max_workers=len(queries)) as pool:
+    with ThreadPoolExecutor(max_workers=concurrency or len(queries)) as pool:
         futures = {name: pool.submit(query, pc, q) for name, q in queries.items()}
         results = {name: f.result() for name, f in futures.items()}
     sent = len(queries)
