@@ -107,13 +107,15 @@ def evaluate_fleet(
     expected: dict[str, int | None],
     table: dict[str, Thresholds],
     queries: dict[str, str] | None = None,
+    concurrency: int | None = None,
 ) -> tuple[list[GpuVerdict], int]:
-    """Every GPU's verdict from the fixed fleet queries (sent concurrently), then, where any GPU showed an XID,
-    one more query for the exact XIDs of those GPUs' nodes; returns (verdicts, queries sent).
+    """Every GPU's verdict from the fixed fleet queries (`concurrency` at a time, default all at once), then,
+    where any GPU showed an XID, one more query for the exact XIDs of those GPUs' nodes; returns (verdicts,
+    queries sent).
 
     Raises PrometheusUnreachable when any query cannot be answered."""
     queries = queries or health.fleet_queries(table)
-    with ThreadPoolExecutor(max_workers=len(queries)) as pool:
+    with ThreadPoolExecutor(max_workers=concurrency or len(queries)) as pool:
         futures = {name: pool.submit(query, pc, q) for name, q in queries.items()}
         results = {name: f.result() for name, f in futures.items()}
     sent = len(queries)
