@@ -47,12 +47,13 @@ def measure(work: Path, hosts: SshHosts, ips: list[str], size: int, rounds: int)
     """(bare times, flow times) on the first `size` hosts, alternating bare and flow."""
     from flows.common import ClusterParams
     from flows.preflight import preflight
+    from gpuforge import desired
     from gpuforge.config import load_config
 
     cfg_path = work / f"config-{size}.yml"
     cfg_path.write_text(config_text(hosts.key_path, ips, size))
     inventory = work / f"inventory-{size}"
-    write_plan(load_config(cfg_path), inventory)
+    write_plan(desired.build(load_config(cfg_path)), inventory)
     bare_env = {
         **os.environ,
         **host_key_env("off"),  # the bare side does no host-key work; the flow's side pins keys
