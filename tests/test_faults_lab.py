@@ -278,10 +278,25 @@ def test_etcd_restarted_during_an_install_phase(installed, lab_config):
 # ------------------------------------------------------------------------------ 5. outages longer than the retries
 
 
+def wait_registered(lab, node: str, timeout: float = 90):
+    """After a slurmctld start, until the node's slurmd has registered again (its state is no longer unknown)."""
+    deadline = time.monotonic() + timeout
+    while (state := sinfo(lab)[node].state).startswith("unknown"):
+        assert time.monotonic() < deadline, f"{node} still {state} {timeout}s after slurmctld started"
+        time.sleep(1)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="bug seen 2026-12-05: the release resumes the drained node inside its 30-min maintenance reservation; "
+    "with slurmctld gone the run fails (sinfo: Unable to contact slurm controller) and nothing drains the node "
+    "again, so once the reservation ends it takes Slurm jobs while Kubernetes keeps it cordoned",
+)
 def test_slurmctld_down_past_the_retries_during_release(installed, configs, cfg):
-    """slurmctld stops the moment the release's reservation exists and stays down until the run has ended: the
-    run fails in Slurm's own words, the node is out on both sides (drained with a reason) once slurmctld is back,
-    and the next --release returns it."""
+    """slurmctld stops the moment the release has resumed the node inside its reservation and stays down until
+    the run has ended: the run fails in Slurm's own words, the node is out on both sides (drained with a reason)
+    once slurmctld is back, and the next --release returns it."""
     from tasks.kube import set_cordon
 
     node = cfg.slurm_gpu_nodes[0].name
@@ -300,7 +315,8 @@ def test_slurmctld_down_past_the_retries_during_release(installed, configs, cfg)
 
     def stop_when_reserved():
         while not run_ended.is_set():
-            if "gpuforge-release" in installed.slurm.run("scontrol", "show", "reservation", check=False).stdout:
+            reserved = "gpuforge-release" in installed.slurm.run("scontrol", "show", "reservation", check=False).stdout
+            if reserved and not sinfo(installed)[node].out_of_service:  # resumed for the release's job
                 installed.slurm.stop_controller()
                 stopped.set()
                 run_ended.wait(600)
@@ -322,6 +338,7 @@ def test_slurmctld_down_past_the_retries_during_release(installed, configs, cfg)
         run_ended.set()
         helper.join()
         installed.slurm.start_controller()
+        wait_registered(installed, node)
     try:
         after = sinfo(installed)[node]
         cordoned = node_state(cfg, node).unschedulable
@@ -332,10 +349,12 @@ def test_slurmctld_down_past_the_retries_during_release(installed, configs, cfg)
             f"after slurmctld is back: kubernetes cordoned={cordoned}, slurm state={after.state}"
             f" reason={after.reason!r}\nreservations: {reservations.strip()}\n",
         )
-        assert stopped.is_set(), "slurmctld was not stopped inside the release"
-        assert state.is_failed() and not report.get("released")
+        # What the fault must have been (RuntimeError: a broken premise fails the test, xfail or not).
         said = state.message + str(report.get("reasons", ""))
-        assert re.search(r"Unable to contact slurm controller|Connection refused", said), said
+        if not (stopped.is_set() and "gpuforge-release" in reservations and state.is_failed()):
+            raise RuntimeError(f"slurmctld was not stopped after the resume inside the release: {said}")
+        if not re.search(r"Unable to contact slurm controller|Connection refused", said):
+            raise RuntimeError(f"the failure does not say what was unreachable: {said}")
         assert cordoned and after.out_of_service and after.reason, (cordoned, after)
 
         # Re-run: the node comes back, no reservation left.
@@ -344,10 +363,18 @@ def test_slurmctld_down_past_the_retries_during_release(installed, configs, cfg)
         assert not node_state(cfg, node).unschedulable and sinfo(installed)[node].state == "idle"
         assert "gpuforge-release" not in installed.slurm.run("scontrol", "show", "reservation").stdout
     finally:
+        installed.slurm.run("scontrol", "delete", f"reservationname=gpuforge-release-{node}", check=False)
         if node_state(cfg, node).unschedulable:
             set_cordon(cfg.kubeconfig_path(), node, False, None)
         if sinfo(installed)[node].out_of_service:
             installed.slurm.run("scontrol", "update", f"nodename={node}", "state=resume")
+
+
+def yaml_server(kubeconfig: Path) -> str:
+    """The API server's URL in a kubeconfig."""
+    from ruamel.yaml import YAML
+
+    return YAML(typ="safe").load(kubeconfig.read_text())["clusters"][0]["cluster"]["server"]
 
 
 def test_etcd_down_past_the_wait_during_an_install_phase(installed, lab_config, tmp_path):
@@ -402,8 +429,12 @@ def test_etcd_down_past_the_wait_during_an_install_phase(installed, lab_config, 
     )
     assert window["down"] < ended, "etcd went down after the phase had ended: no overlap"
     assert state.is_failed() and rows[0]["result"] == "failed", rows
+    # Seen: "helm release gpu-operator/gpu-operator (gpu-operator v26.7.0): Error: UPGRADE FAILED: query: failed to
+    # query with labels: Get "https://198.51.100.240:6443/api/v1/namespaces/gpu-operator/secrets?...": stream
+    # error: stream ID 19; INTERNAL_ERROR; received from peer" (the API server, its etcd gone, resets the call).
     detail = rows[0]["detail"]
-    assert re.search(r"unreachable|connection refused|timed out|deadline exceeded|etcdserver", detail, re.I), detail
+    server = re.escape(yaml_server(kubeconfig))
+    assert detail.startswith("helm release gpu-operator/gpu-operator") and re.search(server, detail), detail
 
     again = install(InstallParams(config=str(lab_config), only=["gpu-operator"]), return_state=True)
     assert again.is_completed(), again.message
