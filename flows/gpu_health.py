@@ -81,10 +81,12 @@ def _check(config: Config) -> dict:
     state = desired.build(config, desired.learned_gpu_counts(config, nodes))
     expected = state.expected_gpus()
     table = state.thresholds
-    queries = health.fleet_queries(table)
+    queries = health.fleet_queries(table, state.metrics)
     prom_error = None
     try:
-        verdicts, sent = prometheus.evaluate_fleet(prometheus.prometheus(config), expected, table, queries)
+        verdicts, sent = prometheus.evaluate_fleet(
+            prometheus.prometheus(config), expected, table, queries, contract=state.metrics
+        )
     except prometheus.PrometheusUnreachable as exc:
         prom_error, sent = str(exc), 0
         verdicts = unknown_verdicts(expected, f"could not judge: {exc}")

@@ -30,7 +30,8 @@ def gpu_operator(params: ClusterParams) -> str:
     namespace = state.namespace(GPU_OPERATOR_RELEASE)
     ensure_namespace(kubeconfig, namespace)
     # dcgm-exporter's default CSV lacks ECC, remap and throttle counters the health rules read.
-    apply(kubeconfig, config_map(render.DCGM_CONFIGMAP, namespace, {"dcgm-metrics.csv": render.render_dcgm_counters()}))
+    counters = render.render_dcgm_counters(state.metrics)
+    apply(kubeconfig, config_map(render.DCGM_CONFIGMAP, namespace, {"dcgm-metrics.csv": counters}))
     outcomes = converge_service(state, "gpu-operator", kubeconfig, config.timeouts.gpu_operator)
 
     def probe() -> tuple[bool, str]:

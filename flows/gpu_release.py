@@ -57,7 +57,7 @@ def release_node(config: Config, node: str) -> dict:
     expected = {node: wanted.expected_gpus}
     prom_error = None
     try:
-        verdicts, _ = prometheus.evaluate_fleet(prometheus.prometheus(config), expected, table)
+        verdicts, _ = prometheus.evaluate_fleet(prometheus.prometheus(config), expected, table, contract=state.metrics)
     except prometheus.PrometheusUnreachable as exc:
         prom_error = str(exc)
         verdicts = unknown_verdicts(expected, f"could not judge: {exc}")

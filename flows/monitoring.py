@@ -26,7 +26,7 @@ def monitoring(params: ClusterParams) -> str:
     dashboard = config_map(
         render.DASHBOARD_CONFIGMAP,
         state.namespace(MONITORING_RELEASE),
-        {"gpuforge-gpus.json": json.dumps(render.render_dashboard())},
+        {"gpuforge-gpus.json": json.dumps(render.render_dashboard(state.metrics))},
         labels={
             render.DASHBOARD_SIDECAR_LABEL[0]: render.DASHBOARD_SIDECAR_LABEL[1],
             "app.kubernetes.io/managed-by": "gpuforge",

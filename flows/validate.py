@@ -42,7 +42,7 @@ def validate(params: ValidateParams) -> dict:
     else:
         results.append(_disabled("cuda-smoke", "gpu-operator"))
     if config.enabled("monitoring_stack"):
-        running.append(prometheus.dcgm_coverage.submit(config, expected))
+        running.append(prometheus.dcgm_coverage.submit(config, expected, state.metrics))
     else:
         results.append(_disabled("dcgm-metrics", "monitoring_stack"))
     if config.enabled("slurm"):

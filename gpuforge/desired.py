@@ -19,6 +19,7 @@ Where each fact is computed (the one place):
     releases: chart, version, values  render.render_releases (pins + the config's overrides)
     release namespaces                pins.release_namespace (the config cannot move a release)
     thresholds per GPU family         health.resolve_thresholds
+    DCGM metric names, labels, units  metric_contract (the contract of the exporter the gpu-operator release runs)
     the GPU alert rules               plan.alert_rules (thresholds, namespace, expected GPUs of one state)
     "the GPU Operator is ready"       checks.cluster_policy_ready
     install phases                    phases.INSTALL_PHASES
@@ -36,7 +37,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gpuforge import health, render
+from gpuforge import health, metric_contract, render
 from gpuforge.config import Config, NamedNode
 from gpuforge.health import Thresholds
 from gpuforge.pins import release_namespace
@@ -139,6 +140,8 @@ class DesiredState:
     # Health thresholds per GPU model family, the config's overrides applied.
     thresholds: Mapping[str, Thresholds]
     nodesets: Mapping[str, NodeSet]
+    # The dcgm-exporter metric names, labels and units the health rules, validation, dashboard and alerts use.
+    metrics: metric_contract.Contract
 
     @property
     def cluster(self) -> str:
@@ -174,6 +177,7 @@ def build(config: Config, learned: Mapping[str, int] | None = None) -> DesiredSt
     """The desired state of a validated config. `learned`: GPU counts recorded at install for nodes the config
     leaves open (:func:`learned_gpu_counts`); without it (plan, before install) such a node expects >= 1 GPU."""
     learned = dict(learned or {})
+    releases = render.render_releases(config, learned)
     nodesets = {
         name: NodeSet(name, tuple(entry["nodes"]), entry["gpus"])
         for name, entry in render.gpu_nodesets(config, learned).items()
@@ -182,7 +186,17 @@ def build(config: Config, learned: Mapping[str, int] | None = None) -> DesiredSt
         config=config,
         nodes=desired_nodes(config, learned),
         learned_gpus=learned,
-        releases=tuple(render.render_releases(config, learned)),
+        releases=tuple(releases),
         thresholds=health.resolve_thresholds(config.health.thresholds),
         nodesets=nodesets if config.enabled("slurm") else {},
+        metrics=_metric_contract(releases),
     )
+
+
+def _metric_contract(releases: list[render.Release]) -> metric_contract.Contract:
+    """The contract of the exporter the gpu-operator release runs; the pinned one where gpuforge installs no GPU
+    Operator (the exporter is the one the pin ships, installed by other means)."""
+    operator = next((r for r in releases if r.name == GPU_OPERATOR_RELEASE), None)
+    if operator is None:
+        return metric_contract.PINNED
+    return metric_contract.of_gpu_operator_release(operator.version, operator.values)

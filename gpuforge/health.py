@@ -23,8 +23,10 @@ XID) and :func:`readings_from_query_results` splits the answers per GPU.
 Value keys
 ----------
 A reading's ``values`` uses the canonical keys of :data:`VALUE_KEYS` (``gpu_temp``, ``power_usage`` …);
-:data:`DCGM_METRICS` maps the instantaneous ones to dcgm-exporter metric names, which the probe also uses
-for its own ``/metrics`` so that the same queries, dashboard and alerts work with either source.
+:func:`dcgm_metrics` maps the instantaneous ones to the metric names of one dcgm-exporter version's contract
+(:mod:`gpuforge.metric_contract`); :data:`DCGM_METRICS` holds the pinned exporter's, which the probe also uses
+for its own ``/metrics`` so that the same queries, dashboard and alerts work with either source. Readings are
+parsed under any known version's names, values brought to the units the rules are written in.
 
 Rules (see :func:`judge`)
 -------------------------
@@ -52,52 +54,48 @@ from typing import Any, NamedTuple
 
 from pydantic import BaseModel, Field, field_validator
 
+from gpuforge import metric_contract
+from gpuforge.metric_contract import Contract
+
 # --------------------------------------------------------------------------------------------------
 # Metric names and value keys
 # --------------------------------------------------------------------------------------------------
 
-#: Canonical value key -> dcgm-exporter metric name, for instantaneous values (gauges and totals).
+#: The value keys of instantaneous values (gauges and totals): each is a role of the metric contract
+#: (:mod:`gpuforge.metric_contract`), which names its metric per dcgm-exporter version.
 #: ``DCGM_FI_DEV_ROW_REMAP_PENDING`` is DCGM's own field name (dcgm_fields.h, field 397); it is not in
 #: dcgm-exporter's default CSV, so a fleet that wants the pending rule adds it to the exporter config.
 #: Clock events: DCGM >= 3.3 calls field 112 ``DCGM_FI_DEV_CLOCKS_EVENT_REASONS``; the older
 #: ``DCGM_FI_DEV_CLOCK_THROTTLE_REASONS`` is what the probe exports and both are accepted here.
-DCGM_METRICS: dict[str, str] = {
-    "gpu_temp": "DCGM_FI_DEV_GPU_TEMP",
-    "memory_temp": "DCGM_FI_DEV_MEMORY_TEMP",
-    "power_usage": "DCGM_FI_DEV_POWER_USAGE",
-    "power_limit": "DCGM_FI_DEV_ENFORCED_POWER_LIMIT",
-    "gpu_util": "DCGM_FI_DEV_GPU_UTIL",
-    "fb_used": "DCGM_FI_DEV_FB_USED",
-    "fb_free": "DCGM_FI_DEV_FB_FREE",
-    "ecc_sbe_vol": "DCGM_FI_DEV_ECC_SBE_VOL_TOTAL",
-    "ecc_dbe_vol": "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL",
-    "remap_correctable": "DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS",
-    "remap_uncorrectable": "DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS",
-    "remap_pending": "DCGM_FI_DEV_ROW_REMAP_PENDING",
-    "remap_failure": "DCGM_FI_DEV_ROW_REMAP_FAILURE",
-    "clock_event_reasons": "DCGM_FI_DEV_CLOCK_THROTTLE_REASONS",
-    "pcie_link_gen": "DCGM_FI_DEV_PCIE_LINK_GEN",
-    "pcie_link_width": "DCGM_FI_DEV_PCIE_LINK_WIDTH",
-    "pcie_link_gen_max": "DCGM_FI_DEV_PCIE_MAX_LINK_GEN",
-    "pcie_link_width_max": "DCGM_FI_DEV_PCIE_MAX_LINK_WIDTH",
-    "xid_last": "DCGM_FI_DEV_XID_ERRORS",
-}
+INSTANT_KEYS: tuple[str, ...] = (
+    "gpu_temp", "memory_temp", "power_usage", "power_limit", "gpu_util", "fb_used", "fb_free", "ecc_sbe_vol",
+    "ecc_dbe_vol", "remap_correctable", "remap_uncorrectable", "remap_pending", "remap_failure",
+    "clock_event_reasons", "pcie_link_gen", "pcie_link_width", "pcie_link_gen_max", "pcie_link_width_max",
+    "xid_last",
+)  # fmt: skip
+
+
+def dcgm_metrics(contract: Contract) -> dict[str, str]:
+    """Value key -> the metric name `contract`'s exporter serves it under."""
+    return {key: contract.metric(key) for key in INSTANT_KEYS}
+
+
+def nvlink_error_metrics(contract: Contract) -> tuple[str, ...]:
+    """The four NVLink error totals under `contract`'s names; summed per GPU into ``nvlink_errors``."""
+    return tuple(contract.metric(role) for role in metric_contract.NVLINK_ROLES)
+
+
+#: The names of the exporter the pinned GPU Operator ships (what the probe exports, what readers ask for unless
+#: they are handed another contract).
+DCGM_METRICS: dict[str, str] = dcgm_metrics(metric_contract.PINNED)
+NVLINK_ERROR_METRICS: tuple[str, ...] = nvlink_error_metrics(metric_contract.PINNED)
+#: dcgm-exporter's computed XID counter (label ``xid``), enabled in a custom CSV; the probe exports it too.
+XID_COUNT_METRIC = metric_contract.PINNED.metric("xid_count")
 
 #: Other metric names that map onto a value key (aliases).
 DCGM_ALIASES: dict[str, str] = {
     "DCGM_FI_DEV_CLOCKS_EVENT_REASONS": "clock_event_reasons",
 }
-
-#: The four NVLink error totals; summed per GPU into ``nvlink_errors``.
-NVLINK_ERROR_METRICS: tuple[str, ...] = (
-    "DCGM_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL",
-    "DCGM_FI_DEV_NVLINK_CRC_DATA_ERROR_COUNT_TOTAL",
-    "DCGM_FI_DEV_NVLINK_REPLAY_ERROR_COUNT_TOTAL",
-    "DCGM_FI_DEV_NVLINK_RECOVERY_ERROR_COUNT_TOTAL",
-)
-
-#: dcgm-exporter's computed XID counter (label ``xid``), enabled in a custom CSV; the probe exports it too.
-XID_COUNT_METRIC = "DCGM_EXP_XID_ERRORS_COUNT"
 
 #: Windowed increases computed by Prometheus (or by the serving probe from its own history).
 WINDOW_KEYS: tuple[str, ...] = ("ecc_sbe_increase", "remap_correctable_increase", "nvlink_error_increase")
@@ -108,7 +106,7 @@ XID_SEEN = "xid_seen"
 
 #: Every key a reading's ``values`` may hold. ``gpu_lost`` (1.0) is set by the probe when NVML reports
 #: NVML_ERROR_GPU_IS_LOST.
-VALUE_KEYS: tuple[str, ...] = (*DCGM_METRICS, "nvlink_errors", *WINDOW_KEYS, "gpu_lost")
+VALUE_KEYS: tuple[str, ...] = (*INSTANT_KEYS, "nvlink_errors", *WINDOW_KEYS, "gpu_lost")
 
 #: Keys that count as "metrics of the GPU" for the unknown rule (anything but XIDs and loss).
 _CORE_KEYS = frozenset(VALUE_KEYS) - {"xid_last", "gpu_lost"}
@@ -546,7 +544,7 @@ def judge_all(readings: Iterable[GpuReading], table: Mapping[str, Thresholds] = 
 # --------------------------------------------------------------------------------------------------
 
 
-def health_queries(window: str = "2h", step: str = "1m") -> dict[str, str]:
+def health_queries(window: str = "2h", step: str = "1m", contract: Contract = metric_contract.PINNED) -> dict[str, str]:
     """The fleet health queries (instant queries, each an aggregation over every GPU).
 
     * ``values``: every instantaneous DCGM metric in one selector (the series keep ``__name__``).
@@ -560,22 +558,23 @@ def health_queries(window: str = "2h", step: str = "1m") -> dict[str, str]:
     """
     if not _WINDOW_RE.match(window) or not _WINDOW_RE.match(step):
         raise ValueError(f"window and step must be Prometheus durations like '2h', got {window!r}, {step!r}")
-    xid = DCGM_METRICS["xid_last"]
-    names = sorted({*DCGM_METRICS.values(), *DCGM_ALIASES, *NVLINK_ERROR_METRICS} - {xid})
+    metrics, nvlink_metrics = dcgm_metrics(contract), nvlink_error_metrics(contract)
+    xid = metrics["xid_last"]
+    names = sorted({*metrics.values(), *DCGM_ALIASES, *nvlink_metrics} - {xid})
     selector = '{__name__=~"' + "|".join(names) + '"}'
-    nvlink = '{__name__=~"' + "|".join(NVLINK_ERROR_METRICS) + '"}'
+    nvlink = '{__name__=~"' + "|".join(nvlink_metrics) + '"}'
     return {
         "values": selector,
-        "fresh": f"timestamp({DCGM_METRICS['gpu_temp']})",
-        "xid_recent": xid_recent_expr("", window, step),
-        "xid_count": f"max_over_time({XID_COUNT_METRIC}[{window}]) > 0",
-        "ecc_sbe_increase": f"increase({DCGM_METRICS['ecc_sbe_vol']}[{window}])",
-        "remap_correctable_increase": f"increase({DCGM_METRICS['remap_correctable']}[{window}])",
+        "fresh": f"timestamp({metrics['gpu_temp']})",
+        "xid_recent": xid_recent_expr("", window, step, contract),
+        "xid_count": f"max_over_time({contract.metric('xid_count')}[{window}]) > 0",
+        "ecc_sbe_increase": f"increase({metrics['ecc_sbe_vol']}[{window}])",
+        "remap_correctable_increase": f"increase({metrics['remap_correctable']}[{window}])",
         "nvlink_error_increase": f"increase((sum without(__name__) ({nvlink}))[{window}:{step}])",
     }
 
 
-def xid_recent_expr(matchers: str, window: str, step: str) -> str:
+def xid_recent_expr(matchers: str, window: str, step: str, contract: Contract = metric_contract.PINNED) -> str:
     """XID values the last-XID gauge showed within ``window``, one series per GPU and value, minus values the same
     series already showed a window ago: the gauge keeps only the last XID and never resets, so a plain instant
     read would report an XID from last week. ``matchers`` narrow the gauge (e.g. ``hostname=~"a|b"``; "" for
@@ -588,22 +587,24 @@ def xid_recent_expr(matchers: str, window: str, step: str) -> str:
     (label ``xid``), so that a fatal XID followed by a larger harmless one still shows; there alone a value
     visible for less than a step can be missed. Each half selects the other's series away, so it costs nothing
     where it does not apply."""
-    gauge = f'{DCGM_METRICS["xid_last"]}{{{matchers}{", " if matchers else ""}err_code=""}}'
+    gauge = f'{contract.metric("xid_last")}{{{matchers}{", " if matchers else ""}err_code=""}}'
     sampled = (
         f'(max_over_time((count_values without() ("xid", {gauge} > 0))[{window}:{step}])'
         f' or count_values without() ("xid", {gauge} > 0))'
         f' unless count_values without() ("xid", {gauge} offset {window} > 0)'
     )
-    return f"({xid_values_expr(matchers, window)}) or ({sampled})"
+    return f"({xid_values_expr(matchers, window, contract=contract)}) or ({sampled})"
 
 
-def xid_values_expr(matchers: str, window: str, xids: Iterable[int] | None = None) -> str:
+def xid_values_expr(
+    matchers: str, window: str, xids: Iterable[int] | None = None, contract: Contract = metric_contract.PINNED
+) -> str:
     """The XIDs (only those in ``xids`` when given) an exporter that puts each XID value on its own series
     (label ``err_code``) showed within ``window``, minus those the same series already showed a window ago. The
     maximum of each series over the window reads every sample Prometheus took, so an XID visible for a single
     scrape counts for the whole window; the answer keeps ``err_code``, which the readings take as the XID."""
     where = f"{matchers}, " if matchers else ""
-    xid = DCGM_METRICS["xid_last"]
+    xid = contract.metric("xid_last")
     codes = f'err_code=~"{"|".join(str(x) for x in sorted(xids))}"' if xids is not None else 'err_code!=""'
     return f'max_over_time({xid}{{{where}{codes}}}[{window}]) > 0 unless {xid}{{{where}err_code!=""}} offset {window}'
 
@@ -636,7 +637,7 @@ def fleet_window(table: Mapping[str, Thresholds]) -> tuple[Thresholds, str]:
     return longest, "1m" if longest.window_s >= 600 else f"{max(1, longest.window_s // 10)}s"
 
 
-def fleet_queries(table: dict[str, Thresholds]) -> dict[str, str]:
+def fleet_queries(table: dict[str, Thresholds], contract: Contract = metric_contract.PINNED) -> dict[str, str]:
     """The fleet queries for a thresholds table: a fixed number, whatever the GPU count.
 
     One window serves the fleet: the longest `xid_window` of any family; the subquery step scales with it (1m
@@ -651,14 +652,15 @@ def fleet_queries(table: dict[str, Thresholds]) -> dict[str, str]:
       alone by `xid_recent_query` (its answer replaces `xid_seen` in the results)."""
     longest, step = fleet_window(table)
     window = longest.xid_window
-    queries = health_queries(window, step)
+    queries = health_queries(window, step, contract)
+    metrics = dcgm_metrics(contract)
     skip = {*_UNUSED_VALUES, *_TOTALS, "xid_last"}
     if not any(t.pcie_width_degraded for t in table.values()):
         skip |= set(_PCIE_WIDTH)
 
     def names(keys) -> str:
-        metrics = {DCGM_METRICS[k] for k in keys} | {a for a, k in DCGM_ALIASES.items() if k in keys}
-        return '{__name__=~"' + "|".join(sorted(metrics)) + '"}'
+        wanted = {metrics[k] for k in keys} | {a for a, k in DCGM_ALIASES.items() if k in keys}
+        return '{__name__=~"' + "|".join(sorted(wanted)) + '"}'
 
     labels = ", ".join(_KEEP_LABELS)
     # The GPU's UUID and model come with `fresh` (and `faults`): the biggest answer carries only node and index.
@@ -670,22 +672,24 @@ def fleet_queries(table: dict[str, Thresholds]) -> dict[str, str]:
     # subquery's first step can see.
     del queries["xid_recent"]
     hosts = ", ".join(label for label in _KEEP_LABELS if label not in ("__name__", "gpu", *_IDENTITY_LABELS))
-    queries[XID_SEEN] = f"max by ({hosts}) (max_over_time({DCGM_METRICS['xid_last']}[{longest.window_s + 300}s]) > 0)"
-    queries["values"] = f"max by ({where}) ({names(set(DCGM_METRICS) - skip - set(_ZERO_IS_ABSENT))})"
+    queries[XID_SEEN] = f"max by ({hosts}) (max_over_time({metrics['xid_last']}[{longest.window_s + 300}s]) > 0)"
+    queries["values"] = f"max by ({where}) ({names(set(metrics) - skip - set(_ZERO_IS_ABSENT))})"
     queries["faults"] = f"max by ({labels}) ({names(_ZERO_IS_ABSENT)} != 0)"
     queries["fresh"] = f"max by ({labels}) ({queries['fresh']})"
     for name, key in (("ecc_sbe_increase", "ecc_sbe_vol"), ("remap_correctable_increase", "remap_correctable")):
-        queries[name] = f"increase({DCGM_METRICS[key]}[{window}]) > 0"
+        queries[name] = f"increase({metrics[key]}[{window}]) > 0"
     # increase() drops the metric name, so the four NVLink totals of a GPU would collide: each non-zero increase
     # keeps its counter's name in a label until they are summed (filtered first, the joins are tiny).
     per_counter = " or ".join(
-        f'label_replace(increase({m}[{window}]) > 0, "counter", "{m}", "", "")' for m in NVLINK_ERROR_METRICS
+        f'label_replace(increase({m}[{window}]) > 0, "counter", "{m}", "", "")' for m in nvlink_error_metrics(contract)
     )
     queries["nvlink_error_increase"] = f"sum without(counter) ({per_counter})"
     return queries
 
 
-def xid_recent_query(table: dict[str, Thresholds], seen: list[dict]) -> str | None:
+def xid_recent_query(
+    table: dict[str, Thresholds], seen: list[dict], contract: Contract = metric_contract.PINNED
+) -> str | None:
     """The exact ``xid_recent`` query (see :func:`health_queries`) for the nodes of the GPUs in the answer to
     the fleet's ``xid_seen`` query; None when no GPU showed an XID (a healthy fleet needs no second query)."""
     nodes: dict[str, set[str]] = {}  # node label name -> node names, as the series spell them
@@ -700,11 +704,17 @@ def xid_recent_query(table: dict[str, Thresholds], seen: list[dict]) -> str | No
     parts = []
     for label, names in sorted(nodes.items()):
         alternatives = "|".join(re.escape(n) for n in sorted(names))
-        parts.append(xid_recent_expr(f"{label}=~{json.dumps(alternatives)}", longest.xid_window, step))
+        parts.append(xid_recent_expr(f"{label}=~{json.dumps(alternatives)}", longest.xid_window, step, contract))
     return " or ".join(f"({p})" for p in parts)
 
 
-_NAME_TO_KEY: dict[str, str] = {**{m: k for k, m in DCGM_METRICS.items()}, **DCGM_ALIASES}
+# Every spelling of every known exporter version -> (value key, factor to the rules' units): a series is read
+# under whichever name the running exporter serves, 4.9.0's bytes brought back to MiB.
+_NAME_TO_KEY: dict[str, tuple[str, float]] = {
+    **metric_contract.reading_roles(),
+    **{alias: (key, 1.0) for alias, key in DCGM_ALIASES.items()},
+}
+_NVLINK_NAMES = frozenset(name for name, (role, _) in _NAME_TO_KEY.items() if role in metric_contract.NVLINK_ROLES)
 # The labels a series' GPU is read by, each role's names in order of preference; matched case-insensitively
 # (``Hostname`` and ``hostname`` both occur), ``exported_*`` after relabelling.
 _LABEL_ROLES: dict[str, tuple[str, ...]] = {
@@ -872,13 +882,13 @@ def readings_from_query_results(
 def _apply(g: _Gpu, query: str, metric: Mapping[str, str], roles: _Roles, value: float | None) -> None:
     if query in ("values", "faults"):
         name = metric.get("__name__", "")
-        if name in NVLINK_ERROR_METRICS:
+        if name in _NVLINK_NAMES:
             if value is not None:
                 g.values["nvlink_errors"] = (g.values.get("nvlink_errors") or 0.0) + value
             return
-        key = _NAME_TO_KEY.get(name)
-        if key is not None and key != "xid_last":
-            g.values[key] = value
+        key, factor = _NAME_TO_KEY.get(name, ("", 1.0))
+        if key in INSTANT_KEYS and key != "xid_last":
+            g.values[key] = value if value is None else value * factor
     elif query == "fresh":
         if value is not None:
             g.ts = value if g.ts is None else max(g.ts, value)

@@ -40,8 +40,11 @@ row-remap pending, clock-event reasons, the XID counter) come from gpuforge's ow
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
+
+from gpuforge import pins
 
 # Units, spelled once so that a unit change is a plain inequality.
 CELSIUS, WATT, MIB, BYTE, PERCENT, COUNT, FLAG, BITMASK, XID, GENERATION, LANES = (
@@ -192,6 +195,20 @@ def for_gpu_operator(chart_version: str) -> Contract:
     )
 
 
+def of_gpu_operator_release(chart_version: str, values: Mapping[str, Any]) -> Contract:
+    """The contract of the exporter a GPU Operator release runs: the image tag its values set
+    (`dcgmExporter.version`, a config override), else the one its chart pins."""
+    tag = (values.get("dcgmExporter") or {}).get("version")
+    return contract_for(str(tag)) if tag else for_gpu_operator(chart_version)
+
+
+#: The contract of the exporter the pinned GPU Operator ships: what every reader uses unless told otherwise.
+PINNED: Contract = for_gpu_operator(next(pin[4] for pin in pins.CHARTS["gpu-operator"] if pin[0] == "gpu-operator"))
+
+#: The NVLink error counters' roles: the health rules judge their sum.
+NVLINK_ROLES = ("nvlink_crc_flit", "nvlink_crc_data", "nvlink_replay", "nvlink_recovery")
+
+
 @dataclass(frozen=True)
 class Change:
     """One difference between two contracts; `role` is the value or label role."""
@@ -259,6 +276,17 @@ def in_rule_units(role: str, value: float, contract: Contract) -> float:
     if (have, want) not in _FACTORS:
         raise UnknownExporter(f"{role}: no conversion from {have} to {want} (dcgm-exporter {contract.exporter})")
     return value * _FACTORS[(have, want)]
+
+
+def reading_roles() -> dict[str, tuple[str, float]]:
+    """Every metric name any known exporter version serves -> (its role, the factor that brings its values to
+    the rules' units). Readers parse with it, so that a series is understood under whichever spelling the running
+    exporter uses; which names they *ask* for follows one contract."""
+    table: dict[str, tuple[str, float]] = {}
+    for contract in CONTRACTS.values():
+        for role, metric in contract.metrics.items():
+            table[metric.name] = (role, in_rule_units(role, 1.0, contract))
+    return table
 
 
 def _by_version(versions: Iterable[str]) -> list[str]:

@@ -50,9 +50,9 @@ def plan_files(state: DesiredState) -> dict[str, str]:
     for release in state.releases:
         files[f"values/{release.name}.yaml"] = dump_yaml(release.values)
     if config.enabled("gpu-operator"):
-        files["dcgm-metrics.csv"] = render.render_dcgm_counters()
+        files["dcgm-metrics.csv"] = render.render_dcgm_counters(state.metrics)
     if config.enabled("monitoring_stack"):
-        files["dashboards/gpuforge-gpus.json"] = json.dumps(render.render_dashboard(), indent=2) + "\n"
+        files["dashboards/gpuforge-gpus.json"] = json.dumps(render.render_dashboard(state.metrics), indent=2) + "\n"
         files["rules/gpuforge-gpu-alerts.yaml"] = dump_yaml(alert_rules(state))
     summary = render_summary(state)
     files["summary.md"] = render.summary_markdown(summary)
@@ -62,7 +62,9 @@ def plan_files(state: DesiredState) -> dict[str, str]:
 
 def alert_rules(state: DesiredState) -> dict[str, Any]:
     """The GPU PrometheusRule, in the monitoring release's namespace, with the desired thresholds."""
-    return render.render_alert_rules(state.thresholds, state.namespace(MONITORING_RELEASE), state.expected_gpus())
+    return render.render_alert_rules(
+        state.thresholds, state.namespace(MONITORING_RELEASE), state.expected_gpus(), state.metrics
+    )
 
 
 def render_summary(state: DesiredState) -> dict[str, Any]:

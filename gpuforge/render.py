@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from gpuforge import health, pins
+from gpuforge import health, metric_contract, pins
 from gpuforge.config import Config, NamedNode, Role, _to_plain, parse_yaml
 from gpuforge.health import FAMILY_REGEX, Thresholds
+from gpuforge.metric_contract import Contract
 
 # Node labels gpuforge owns (drift compares only these keys plus the user's own `labels`).
 LABEL_PREFIX = "gpuforge.io/"
@@ -30,12 +31,12 @@ PROMETHEUS_FULLNAME = "kube-prometheus-stack"
 PROMETHEUS_SERVICE = f"{PROMETHEUS_FULLNAME}-prometheus"
 # The Grafana sidecar loads ConfigMaps carrying this label (set in kube-prometheus-stack's values below).
 DASHBOARD_SIDECAR_LABEL = ("grafana_dashboard", "1")
-# dcgm-exporter's node label. It is spelled `Hostname` up to dcgm-exporter 4.5.x and `hostname` from 4.6.0-4.8.3,
-# the exporter GPU Operator v26.7.0 (gpuforge's pin) ships; health.node_of reads either spelling.
-DCGM_NODE_LABEL = "hostname"
-# dcgm-exporter's GPU model label (every release): the alert rules pick each GPU's thresholds by it, as the probe
-# and the fleet evaluation pick them by the model name.
-DCGM_MODEL_LABEL = "modelName"
+# dcgm-exporter's node label under the pinned exporter's contract (`Hostname` up to 4.8.2, `hostname` from
+# 4.6.0-4.8.3, the exporter GPU Operator v26.7.0 ships); health.node_of reads either spelling.
+DCGM_NODE_LABEL = metric_contract.PINNED.labels["node"]
+# dcgm-exporter's GPU model label: the alert rules pick each GPU's thresholds by it, as the probe and the fleet
+# evaluation pick them by the model name.
+DCGM_MODEL_LABEL = metric_contract.PINNED.labels["model"]
 # Kubespray's local-path provisioner StorageClass, enabled in group_vars: a Kubespray cluster has no StorageClass
 # otherwise, and slurmctld's state volume (a PVC of the slurm chart) must bind.
 LOCAL_PATH_STORAGE_CLASS = "local-path"
@@ -368,24 +369,32 @@ DCGM_COUNTERS = [
 ]
 
 
-def render_dcgm_counters() -> str:
+def render_dcgm_counters(contract: Contract = metric_contract.PINNED) -> str:
+    """The collector CSV for `contract`'s exporter: a field the contract renames is listed under its new name."""
     lines = ["# Format: DCGM FIELD, Prometheus metric type, help message"]
-    lines += [f"{name}, {kind}, {help_}" for name, kind, help_ in DCGM_COUNTERS]
+    for name, kind, help_ in DCGM_COUNTERS:
+        role = metric_contract.PINNED.role_of(name)
+        lines.append(f"{contract.metric(role) if role in contract.metrics else name}, {kind}, {help_}")
     return "\n".join(lines) + "\n"
 
 
 def render_alert_rules(
-    table: Mapping[str, Thresholds], namespace: str, expected_gpus: Mapping[str, int | None]
+    table: Mapping[str, Thresholds],
+    namespace: str,
+    expected_gpus: Mapping[str, int | None],
+    contract: Contract = metric_contract.PINNED,
 ) -> dict[str, Any]:
     """A PrometheusRule with the GPU alerts: fatal XID, ECC DBE, row-remap failure, uncorrectable remapped rows,
     GPU and memory temperature, missing GPU. Each limit is the config's effective one for the GPU's model
     (:func:`gpuforge.health.resolve_thresholds`, as the probe and the fleet evaluation use), so an alert fires for
     exactly the readings :func:`gpuforge.health.judge` calls unhealthy (critical) or degraded (warning) by these
     rules; the temperatures wait 5 minutes first, so that a short peak pages nobody. `table` is the resolved
-    thresholds table; `expected_gpus` (GPU node -> count, None: not known) gives the GPUMissing alert its floors."""
-    classes = _model_classes(table)
+    thresholds table; `expected_gpus` (GPU node -> count, None: not known) gives the GPUMissing alert its floors;
+    metric and label names are `contract`'s (the exporter the cluster runs)."""
+    classes = _model_classes(table, contract.labels["model"])
     longest, _ = health.fleet_window(table)
-    node = DCGM_NODE_LABEL
+    node = contract.labels["node"]
+    temp_metric, mem_temp_metric = contract.metric("gpu_temp"), contract.metric("memory_temp")
     gpu = "GPU {{ $labels.gpu }} on {{ $labels." + node + " }}"
     value = "{{ $value }}"
     # Only the exact per-value form: the exporters gpuforge deploys (dcgm-exporter, its own probe) label each XID
@@ -393,23 +402,21 @@ def render_alert_rules(
     fatal_xid = _per_model(
         classes,
         lambda t: sorted(t.fatal_xids),
-        lambda xids, m: health.xid_values_expr(m, longest.xid_window, xids) if xids else "",
+        lambda xids, m: health.xid_values_expr(m, longest.xid_window, xids, contract) if xids else "",
     )
     rows = _per_model(
         classes,
         lambda t: t.max_uncorrectable_remapped_rows,
-        lambda limit, m: f"{_selector('DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS', m)} > {limit}",
+        lambda limit, m: f"{_selector(contract.metric('remap_uncorrectable'), m)} > {limit}",
     )
-    temp = _per_model(
-        classes, lambda t: t.max_gpu_temp_c, lambda limit, m: f"{_selector('DCGM_FI_DEV_GPU_TEMP', m)} > {limit:g}"
-    )
+    temp = _per_model(classes, lambda t: t.max_gpu_temp_c, lambda limit, m: f"{_selector(temp_metric, m)} > {limit:g}")
     mem_temp = _per_model(
         classes,
         lambda t: t.max_memory_temp_c,
-        lambda limit, m: f"{_selector('DCGM_FI_DEV_MEMORY_TEMP', m)} > {limit:g}",
+        lambda limit, m: f"{_selector(mem_temp_metric, m)} > {limit:g}",
     )
     missing = [
-        f"count by ({node}) (DCGM_FI_DEV_GPU_TEMP{{{node}=~{promql_regex('(?i)', name)}}}) < {count}"
+        f"count by ({node}) ({temp_metric}{{{node}=~{promql_regex('(?i)', name)}}}) < {count}"
         for name, count in expected_gpus.items()
         if count
     ]
@@ -422,13 +429,13 @@ def render_alert_rules(
         ),
         _alert(
             "GPUEccDoubleBit",
-            "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL > 0",
+            f"{contract.metric('ecc_dbe_vol')} > 0",
             "critical",
             f"{gpu} has {value} double-bit ECC errors",
         ),
         _alert(
             "GPURowRemapFailure",
-            "DCGM_FI_DEV_ROW_REMAP_FAILURE > 0",
+            f"{contract.metric('remap_failure')} > 0",
             "critical",
             f"{gpu} failed to remap rows: replace it",
         ),
@@ -477,11 +484,11 @@ def promql_regex(flags: str, *literals: str) -> str:
     return json.dumps(flags + "|".join(_RE2_META.sub(r"\\\1", literal) for literal in literals))
 
 
-def _model_classes(table: Mapping[str, Thresholds]) -> list[tuple[Thresholds, str]]:
+def _model_classes(table: Mapping[str, Thresholds], m: str) -> list[tuple[Thresholds, str]]:
     """Each thresholds section of a resolved table with the model-label matchers of the GPUs it judges, picked as
     :func:`gpuforge.health.thresholds_for` picks them: an exact model name (any case) first, then each family in
-    :data:`~gpuforge.health.FAMILY_REGEX` order, then the default for every other model (or none)."""
-    m = DCGM_MODEL_LABEL
+    :data:`~gpuforge.health.FAMILY_REGEX` order, then the default for every other model (or none). `m` is the
+    exporter's model label."""
     exact = health.exact_model_keys(table)
     classes = [(table[k], f"{m}=~{promql_regex('(?i)', k)}") for k in exact]
     taken = [f"{m}!~{promql_regex('(?i)', *exact)}"] if exact else []
@@ -517,22 +524,37 @@ def _alert(name: str, expr: str, severity: str, summary: str, for_: str = "0m") 
     }
 
 
-def render_dashboard() -> dict[str, Any]:
-    """gpuforge's own Grafana GPU dashboard (one row per signal the health rules judge)."""
-    on_nodes = f'{{{DCGM_NODE_LABEL}=~"$node"}}'  # every series of every panel follows the node picker
+# Grafana's unit for a contract unit the dashboard shows.
+_GRAFANA_UNITS = {
+    metric_contract.CELSIUS: "celsius",
+    metric_contract.WATT: "watt",
+    metric_contract.PERCENT: "percent",
+    metric_contract.MIB: "decmbytes",
+    metric_contract.BYTE: "bytes",
+}
+
+
+def render_dashboard(contract: Contract = metric_contract.PINNED) -> dict[str, Any]:
+    """gpuforge's own Grafana GPU dashboard (one row per signal the health rules judge), in `contract`'s metric
+    names, node label and units."""
+    node = contract.labels["node"]
+    on_nodes = f'{{{node}=~"$node"}}'  # every series of every panel follows the node picker
+
+    def series(role: str) -> str:
+        return f"{contract.metric(role)}{on_nodes}"
+
+    def unit(role: str) -> str:
+        return _GRAFANA_UNITS.get(contract.metrics[role].unit, "none")
+
     panels = [
-        ("GPU temperature (°C)", f"DCGM_FI_DEV_GPU_TEMP{on_nodes}", "celsius"),
-        ("Memory temperature (°C)", f"DCGM_FI_DEV_MEMORY_TEMP{on_nodes}", "celsius"),
-        ("Power (W)", f"DCGM_FI_DEV_POWER_USAGE{on_nodes}", "watt"),
-        ("GPU utilisation (%)", f"DCGM_FI_DEV_GPU_UTIL{on_nodes}", "percent"),
-        ("Framebuffer used (MiB)", f"DCGM_FI_DEV_FB_USED{on_nodes}", "decmbytes"),
-        ("Last XID", f"DCGM_FI_DEV_XID_ERRORS{on_nodes}", "none"),
-        ("ECC double-bit errors", f"DCGM_FI_DEV_ECC_DBE_VOL_TOTAL{on_nodes}", "none"),
-        (
-            "Row remap pending / failure",
-            f"DCGM_FI_DEV_ROW_REMAP_PENDING{on_nodes} + DCGM_FI_DEV_ROW_REMAP_FAILURE{on_nodes}",
-            "none",
-        ),
+        ("GPU temperature (°C)", series("gpu_temp"), unit("gpu_temp")),
+        ("Memory temperature (°C)", series("memory_temp"), unit("memory_temp")),
+        ("Power (W)", series("power_usage"), unit("power_usage")),
+        ("GPU utilisation (%)", series("gpu_util"), unit("gpu_util")),
+        ("Framebuffer used", series("fb_used"), unit("fb_used")),
+        ("Last XID", series("xid_last"), "none"),
+        ("ECC double-bit errors", series("ecc_dbe_vol"), "none"),
+        ("Row remap pending / failure", f"{series('remap_pending')} + {series('remap_failure')}", "none"),
     ]
     return {
         "title": "gpuforge GPUs",
@@ -547,7 +569,7 @@ def render_dashboard() -> dict[str, Any]:
                     "name": "node",
                     "type": "query",
                     "datasource": {"type": "prometheus", "uid": "${datasource}"},
-                    "query": f"label_values(DCGM_FI_DEV_GPU_TEMP, {DCGM_NODE_LABEL})",
+                    "query": f"label_values({contract.metric('gpu_temp')}, {node})",
                     "includeAll": True,
                     "multi": True,
                 },
@@ -564,7 +586,7 @@ def render_dashboard() -> dict[str, Any]:
                 "targets": [
                     {
                         "expr": expr,
-                        "legendFormat": "{{" + DCGM_NODE_LABEL + "}} gpu{{gpu}}",
+                        "legendFormat": "{{" + node + "}} gpu{{gpu}}",
                     }
                 ],
             }

@@ -10,23 +10,28 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from gpuforge import metric_contract
 from gpuforge.gres import GresError, gpu_count
 from gpuforge.health import node_of
+from gpuforge.metric_contract import Contract
 from gpuforge.remediation import SlurmNode
 
 PASS, FAIL, SKIP, ERROR = "pass", "fail", "skipped", "error"
 
-# Series every GPU must export for monitoring, the dashboard and the health rules to work.
-REQUIRED_DCGM_METRICS = (
-    "DCGM_FI_DEV_GPU_TEMP",
-    "DCGM_FI_DEV_MEMORY_TEMP",
-    "DCGM_FI_DEV_POWER_USAGE",
-    "DCGM_FI_DEV_GPU_UTIL",
-    "DCGM_FI_DEV_FB_USED",
-    "DCGM_FI_DEV_XID_ERRORS",
-    "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL",
-    "DCGM_FI_DEV_ROW_REMAP_FAILURE",
-)
+# The series every GPU must export for monitoring, the dashboard and the health rules to work, by metric-contract
+# role: their names are those of the exporter the cluster runs.
+REQUIRED_DCGM_ROLES = (
+    "gpu_temp", "memory_temp", "power_usage", "gpu_util", "fb_used", "xid_last", "ecc_dbe_vol", "remap_failure",
+)  # fmt: skip
+
+
+def required_dcgm_metrics(contract: Contract) -> tuple[str, ...]:
+    return tuple(contract.metric(role) for role in REQUIRED_DCGM_ROLES)
+
+
+REQUIRED_DCGM_METRICS = required_dcgm_metrics(metric_contract.PINNED)
+# The node label as any known exporter version spells it.
+_NODE_LABELS = frozenset(c.labels["node"] for c in metric_contract.CONTRACTS.values())
 PASSED_MARKER = "Test PASSED"
 
 
@@ -66,12 +71,15 @@ def exit_code(results: list[CheckResult]) -> int:
     return 1 if any(r.result == FAIL for r in results) else 0
 
 
-def dcgm_coverage_query(metrics: tuple[str, ...] = REQUIRED_DCGM_METRICS) -> str:
-    """One PromQL query for every GPU of every node: the timestamp of each required series' last sample.
+def dcgm_coverage_query() -> str:
+    """One PromQL query for every GPU of every node: the timestamp of each required series' last sample, under
+    every spelling a known dcgm-exporter version gives it, so that a name missing under the cluster's contract is
+    explained by the one the exporter serves instead (a name no exporter serves costs nothing).
 
     timestamp() drops the metric name, so each metric's timestamps carry it back in the `metric` label.
     """
-    return " or ".join(f'label_replace(timestamp({m}), "metric", "{m}", "", "")' for m in metrics)
+    names = sorted({c.metrics[role].name for c in metric_contract.CONTRACTS.values() for role in REQUIRED_DCGM_ROLES})
+    return " or ".join(f'label_replace(timestamp({m}), "metric", "{m}", "", "")' for m in names)
 
 
 def dcgm_coverage(
@@ -79,20 +87,28 @@ def dcgm_coverage(
     expected: dict[str, int],
     now: float,
     max_age_s: float,
-    metrics: tuple[str, ...] = REQUIRED_DCGM_METRICS,
+    contract: Contract = metric_contract.PINNED,
 ) -> list[CheckResult]:
-    """Judge the coverage query's answer: every expected node/GPU/metric present and fresh.
+    """Judge the coverage query's answer: every expected node/GPU/metric present and fresh, under the names and
+    node label of `contract` (the exporter the cluster runs), which the dashboard and the alert rules use too.
 
     `expected` maps node -> GPU count. Node names match the `Hostname`/`hostname` label case-insensitively,
-    also when relabelled to `exported_*`. One row per node; the detail lists exactly what is missing/stale.
+    also when relabelled to `exported_*`. One row per node; the detail lists exactly what is missing/stale, and
+    a metric or node label missing because the exporter spells it as another version does is named with that
+    rename ("no data" would hide it: every alert and panel on that name would be silent).
     """
+    metrics = required_dcgm_metrics(contract)
     seen: dict[tuple[str, str, str], float] = {}
+    present: set[str] = set()
+    label_names: dict[str, set[str]] = {}
     lower = {n.lower(): n for n in expected}
     for item in result:
         labels = item.get("metric", {})
         node = lower.get((node_of(labels) or "").lower())
         if node is None:
             continue
+        present.add(labels.get("metric", ""))
+        label_names.setdefault(node, set()).update(labels)
         gpu = str(labels.get("gpu", labels.get("exported_gpu", "")))
         name = labels.get("metric", "")
         ts = float(item["value"][1])
@@ -108,16 +124,33 @@ def dcgm_coverage(
                     missing.append(f"gpu {gpu} {metric}")
                 elif now - ts > max_age_s:
                     stale.append(f"gpu {gpu} {metric} ({now - ts:.0f}s old)")
-        if not missing and not stale:
+        carried = label_names.get(node, set())
+        spelled_otherwise = carried & _NODE_LABELS and contract.labels["node"] not in carried
+        renamed = metric_contract.explain_missing_label("node", contract, carried) if spelled_otherwise else None
+        if not missing and not stale and not renamed:
             rows.append(CheckResult("dcgm-metrics", node, PASS, f"{count} GPUs x {len(metrics)} series fresh"))
             continue
-        parts = []
+        parts = [renamed] if renamed else []
         if missing:
-            parts.append(f"missing: {_compact(missing)}")
+            gone = dict.fromkeys(item.rsplit(" ", 1)[1] for item in missing)
+            why = [
+                metric_contract.explain_missing(m, contract, present) for m in gone if _spelled_otherwise(m, present)
+            ]
+            parts.append(f"missing: {_compact(missing)}" + "".join(f"; {w}" for w in why))
         if stale:
             parts.append(f"stale (> {max_age_s:.0f}s): {_compact(stale)}")
         rows.append(CheckResult("dcgm-metrics", node, FAIL, "; ".join(parts)))
     return rows
+
+
+def _spelled_otherwise(metric: str, present: set[str]) -> bool:
+    """Another exporter version's name for `metric`'s role is among the names the exporter serves."""
+    role = next(filter(None, (c.role_of(metric) for c in metric_contract.CONTRACTS.values())), None)
+    return any(
+        c.metrics[role].name in present and c.metrics[role].name != metric
+        for c in metric_contract.CONTRACTS.values()
+        if role in c.metrics
+    )
 
 
 def _compact(items: list[str], limit: int = 12) -> str:

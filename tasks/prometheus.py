@@ -12,9 +12,10 @@ from prefect.cache_policies import NO_CACHE
 from prometheus_api_client import PrometheusApiClientException, PrometheusConnect
 from urllib3.util.retry import Retry
 
-from gpuforge import health, pins, validation
+from gpuforge import health, metric_contract, pins, validation
 from gpuforge.config import Config
 from gpuforge.health import GpuVerdict, Thresholds
+from gpuforge.metric_contract import Contract
 from gpuforge.render import PROMETHEUS_SERVICE
 from gpuforge.validation import ERROR, CheckResult
 
@@ -92,15 +93,16 @@ def _safe(url: str) -> str:
 
 
 @task(name="dcgm-metrics", cache_policy=NO_CACHE)
-def dcgm_coverage(config: Config, expected: dict[str, int]) -> list[CheckResult]:
-    """Every required DCGM series of every expected GPU present and younger than two scrape intervals."""
+def dcgm_coverage(config: Config, expected: dict[str, int], contract: Contract) -> list[CheckResult]:
+    """Every required DCGM series of every expected GPU present under `contract`'s names and younger than two
+    scrape intervals."""
     try:
         pc = prometheus(config)
         interval = scrape_interval_s(pc)
         answer = query(pc, validation.dcgm_coverage_query())
     except PrometheusUnreachable as exc:
         return [CheckResult("dcgm-metrics", "prometheus", ERROR, str(exc))]
-    return validation.dcgm_coverage(answer, expected, time.time(), max_age_s=2 * interval)
+    return validation.dcgm_coverage(answer, expected, time.time(), max_age_s=2 * interval, contract=contract)
 
 
 def evaluate_fleet(
@@ -109,18 +111,19 @@ def evaluate_fleet(
     table: dict[str, Thresholds],
     queries: dict[str, str] | None = None,
     concurrency: int | None = None,
+    contract: Contract = metric_contract.PINNED,
 ) -> tuple[list[GpuVerdict], int]:
     """Every GPU's verdict from the fixed fleet queries (`concurrency` at a time, default all at once), then,
     where any GPU showed an XID, one more query for the exact XIDs of those GPUs' nodes; returns (verdicts,
     queries sent).
 
     Raises PrometheusUnreachable when any query cannot be answered."""
-    queries = queries or health.fleet_queries(table)
+    queries = queries or health.fleet_queries(table, contract)
     with ThreadPoolExecutor(max_workers=concurrency or len(queries)) as pool:
         futures = {name: pool.submit(query, pc, q) for name, q in queries.items()}
         results = {name: f.result() for name, f in futures.items()}
     sent = len(queries)
-    xid_recent = health.xid_recent_query(table, results.pop(health.XID_SEEN, None) or [])
+    xid_recent = health.xid_recent_query(table, results.pop(health.XID_SEEN, None) or [], contract)
     if xid_recent is not None:
         results["xid_recent"] = query(pc, xid_recent)
         sent += 1

@@ -154,3 +154,104 @@ def test_values_in_another_unit_are_brought_to_the_rules_units():
     odd = mc.Contract("9.9.9", "9.9.9", (), {}, {"gpu_util": mc.Metric("DCGM_FI_DEV_GPU_UTIL", "gauge", "ratio 0-1")})
     with pytest.raises(mc.UnknownExporter, match="gpu_util: no conversion from ratio 0-1 to %"):
         mc.in_rule_units("gpu_util", 0.5, odd)
+
+
+# ---------------------------------------------------------------- the readers follow the cluster's contract
+
+CLUSTER = """
+cluster_name: ml
+k8s_cluster_nodes:
+  - { ip: "198.51.100.1", role: [control-plane, etcd] }
+  - { ip: "198.51.100.2", role: [gpu-worker, schedulable], gpu_count: 2 }
+deepops_services:
+  gpu-operator: { enabled: true%s }
+  monitoring_stack: { enabled: true }
+"""
+EXPORTER_4_9_0 = ", releases: { gpu-operator: { values: { dcgmExporter: { version: '4.9.0' } } } }"
+
+
+def cluster(operator: str = ""):
+    from gpuforge import desired
+    from gpuforge.config import parse_config
+
+    return desired.build(parse_config(CLUSTER % operator))
+
+
+def test_the_desired_state_takes_the_contract_of_the_exporter_its_gpu_operator_runs():
+    assert cluster().metrics is mc.PINNED and mc.PINNED.exporter == "4.8.3"
+    previous = ", releases: { gpu-operator: { version: v26.3.3 } }"
+    assert cluster(previous).metrics.exporter == "4.8.2"
+    assert cluster(EXPORTER_4_9_0).metrics.exporter == "4.9.0"  # the config overrides the exporter image
+
+
+def test_alerts_dashboard_collector_and_fleet_queries_use_the_contracts_names_label_and_units():
+    from gpuforge.plan import alert_rules, plan_files
+
+    for operator, temp, node in (
+        ("", "DCGM_FI_DEV_GPU_TEMP", "hostname"),
+        (", releases: { gpu-operator: { version: v26.3.3 } }", "DCGM_FI_DEV_GPU_TEMP", "Hostname"),
+        (EXPORTER_4_9_0, "DCGM_FI_DEV_GPU_TEMP_CELSIUS", "hostname"),
+    ):
+        state = cluster(operator)
+        rules = {r["alert"]: r["expr"] for r in alert_rules(state)["spec"]["groups"][0]["rules"]}
+        assert rules["GPUMissing"].startswith(f"count by ({node}) ({temp}{{{node}=~"), operator
+        assert rules["GPUTemperatureHigh"].startswith(f"({temp}{{"), operator
+        dashboard = render.render_dashboard(state.metrics)
+        assert dashboard["templating"]["list"][1]["query"] == f"label_values({temp}, {node})"
+        assert f'{temp}{{{node}=~"$node"}}' == dashboard["panels"][0]["targets"][0]["expr"]
+        queries = health.fleet_queries(state.thresholds, state.metrics)
+        assert f"(timestamp({temp}))" in queries["fresh"]
+        csv = plan_files(state)["dcgm-metrics.csv"]
+        assert f"\n{temp}, gauge," in csv
+    renamed = cluster(EXPORTER_4_9_0)
+    assert "DCGM_FI_DEV_FB_USED_BYTES, gauge" in render.render_dcgm_counters(renamed.metrics)
+    fb = next(p for p in render.render_dashboard(renamed.metrics)["panels"] if "FB_USED" in p["targets"][0]["expr"])
+    assert fb["fieldConfig"]["defaults"]["unit"] == "bytes"
+    assert "DCGM_FI_DEV_GPU_TEMP{" not in " ".join(health.fleet_queries(renamed.thresholds, renamed.metrics).values())
+
+
+def test_readings_under_a_newer_exporters_names_are_judged_in_the_rules_units():
+    series = [
+        {"metric": {"__name__": "DCGM_FI_DEV_FB_USED_BYTES", "hostname": "gpu-1", "gpu": "0"}, "value": [0, "2147483648"]},
+        {"metric": {"__name__": "DCGM_FI_DEV_GPU_TEMP_CELSIUS", "hostname": "gpu-1", "gpu": "0"}, "value": [0, "95"]},
+    ]  # fmt: skip
+    fresh = [{"metric": {"hostname": "gpu-1", "gpu": "0"}, "value": [0, "100"]}]
+    (reading,) = health.readings_from_query_results({"values": series, "fresh": fresh}, {"gpu-1": 1}, 100)
+    assert reading.values["fb_used"] == 2048  # MiB, as the rules are written
+    assert reading.values["gpu_temp"] == 95
+    assert health.judge(reading, health.resolve_thresholds(None)["default"]).verdict != health.Verdict.HEALTHY
+
+
+def coverage_series(names: dict[str, str], node_label: str, gpus: int = 2, ts: float = 100.0) -> list[dict]:
+    return [
+        {"metric": {"metric": name, node_label: "gpu-1", "gpu": str(g)}, "value": [ts, str(ts)]}
+        for g in range(gpus)
+        for name in names.values()
+    ]
+
+
+def test_validation_names_the_rename_instead_of_reporting_no_data():
+    names_4_8 = {r: mc.CONTRACTS["4.8.3"].metric(r) for r in validation.REQUIRED_DCGM_ROLES}
+    names_4_9 = {r: mc.CONTRACTS["4.9.0"].metric(r) for r in validation.REQUIRED_DCGM_ROLES}
+    query = validation.dcgm_coverage_query()
+    assert all(f"timestamp({n})" in query for n in [*names_4_8.values(), *names_4_9.values()])
+
+    (ok,) = validation.dcgm_coverage(coverage_series(names_4_8, "hostname"), {"gpu-1": 2}, 101, 30, mc.PINNED)
+    assert ok.result == validation.PASS, ok
+
+    # the exporter runs 4.9.0 while gpuforge is pinned to 4.8.3: the rows name the rename, metric by metric
+    (row,) = validation.dcgm_coverage(coverage_series(names_4_9, "hostname"), {"gpu-1": 2}, 101, 30, mc.PINNED)
+    assert row.result == validation.FAIL
+    assert "DCGM_FI_DEV_GPU_TEMP missing: the exporter serves DCGM_FI_DEV_GPU_TEMP_CELSIUS instead" in row.detail
+    assert "DCGM_FI_DEV_FB_USED missing: the exporter serves DCGM_FI_DEV_FB_USED_BYTES instead" in row.detail
+    assert "unit MiB -> B" in row.detail
+
+    # v26.3.3's exporter spells the node label `Hostname`; the alerts and dashboard for v26.7.0 read `hostname`
+    (label,) = validation.dcgm_coverage(coverage_series(names_4_8, "Hostname"), {"gpu-1": 2}, 101, 30, mc.PINNED)
+    assert label.result == validation.FAIL
+    assert label.detail.startswith("label hostname missing: the series carry Hostname (dcgm-exporter 4.8.2's")
+
+    # a metric simply absent is reported as missing, not blamed on a rename
+    partial = {r: n for r, n in names_4_8.items() if r != "remap_failure"}
+    (absent,) = validation.dcgm_coverage(coverage_series(partial, "hostname"), {"gpu-1": 2}, 101, 30, mc.PINNED)
+    assert absent.detail == "missing: gpu 0 DCGM_FI_DEV_ROW_REMAP_FAILURE, gpu 1 DCGM_FI_DEV_ROW_REMAP_FAILURE"

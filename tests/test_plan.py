@@ -158,9 +158,9 @@ def test_alert_rules_and_dashboard_cover_the_gpu_faults():
     ]
     assert "|79|" in rule["spec"]["groups"][0]["rules"][0]["expr"]  # err_code=~"48|...|79|..."
     missing = rule["spec"]["groups"][0]["rules"][-1]["expr"]
-    # dcgm-exporter 4.6.0-4.8.3 (GPU Operator v26.7.0) spells its node label `hostname`
-    assert missing.count("count by (hostname)") == 3 and "< 4" in missing
-    assert '{hostname=~"(?i)gpu-3"}) < 4' in missing  # exact node names, valid PromQL strings
+    # this config pins GPU Operator v26.3.3: its dcgm-exporter (4.5.3-4.8.2) spells the node label `Hostname`
+    assert missing.count("count by (Hostname)") == 3 and "< 4" in missing
+    assert '{Hostname=~"(?i)gpu-3"}) < 4' in missing  # exact node names, valid PromQL strings
     dash = render.render_dashboard()
     assert {p["targets"][0]["expr"].split("{")[0] for p in dash["panels"]} >= {
         "DCGM_FI_DEV_GPU_TEMP",
