@@ -230,16 +230,23 @@ def revalidate_with_job(
 ) -> tuple[bool, str]:
     """A 1-GPU job pinned to the node. A drained node runs no job, so it is resumed inside a maintenance
     reservation that only this job may use; the reservation goes when the job is done, and a failed job
-    drains the node again (done by the caller)."""
+    drains the node again (done by the caller).
+
+    The reservation has no end: were slurmctld lost after the resume, the run fails without draining the node
+    again, and a reservation with an end would hand the node to users when it ran out while Kubernetes keeps
+    it cordoned. Without an end the node stays in maintenance until the next release removes the reservation
+    (a reservation an earlier run left is found and taken over here)."""
     if sname is None or snode is None:
         return False, "no Slurm node found for this node"
     slurm = Slurm(config, kubeconfig)
     resv = f"gpuforge-release-{sname}"
-    if snode.out_of_service:
+    left_over = slurm.run("scontrol", "show", "reservation", resv).ok
+    reserve = snode.out_of_service or left_over
+    if reserve:
         slurm.run("scontrol", "delete", f"reservationname={resv}")
         res = slurm.run(
             "scontrol", "create", "reservation", f"reservationname={resv}", f"nodes={sname}", "starttime=now",
-            "duration=30", "users=root", "flags=maint,ignore_jobs",
+            "duration=UNLIMITED", "users=root", "flags=maint,ignore_jobs",
         )  # fmt: skip
         if not res.ok:
             return False, f"could not reserve {sname}: {(res.stderr or res.stdout).strip()}"
@@ -258,7 +265,7 @@ def revalidate_with_job(
             "--output=/dev/null",
             "--job-name=gpuforge-release",
         ]
-        if snode.out_of_service:
+        if reserve:
             argv.append(f"--reservation={resv}")
         job = slurm.run(*argv, "--wrap", 'test -n "$CUDA_VISIBLE_DEVICES"')
         if not job.ok:
@@ -271,5 +278,5 @@ def revalidate_with_job(
         slurm.run("scancel", job_id)
         return False, f"Slurm job {job_id} on {sname} did not finish within {config.timeouts.validate_}s"
     finally:
-        if snode.out_of_service:
+        if reserve:
             slurm.run("scontrol", "delete", f"reservationname={resv}")

@@ -286,17 +286,12 @@ def wait_registered(lab, node: str, timeout: float = 90):
         time.sleep(1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="bug seen 2026-12-05: the release resumes the drained node inside its 30-min maintenance reservation; "
-    "with slurmctld gone the run fails (sinfo: Unable to contact slurm controller) and nothing drains the node "
-    "again, so once the reservation ends it takes Slurm jobs while Kubernetes keeps it cordoned",
-)
 def test_slurmctld_down_past_the_retries_during_release(installed, configs, cfg):
     """slurmctld stops the moment the release has resumed the node inside its reservation and stays down until
-    the run has ended: the run fails in Slurm's own words, the node is out on both sides (drained with a reason)
-    once slurmctld is back, and the next --release returns it."""
+    the run has ended: the run fails in Slurm's own words; once slurmctld is back the node is still out on both
+    sides -- cordoned, and kept from users by gpuforge's maintenance reservation, which has no end (seen before
+    the fix: a 30-minute reservation handed the node back to Slurm's users while Kubernetes kept it cordoned);
+    the next --release takes the reservation over, validates the node and returns it."""
     from tasks.kube import set_cordon
 
     node = cfg.slurm_gpu_nodes[0].name
@@ -355,7 +350,11 @@ def test_slurmctld_down_past_the_retries_during_release(installed, configs, cfg)
             raise RuntimeError(f"slurmctld was not stopped after the resume inside the release: {said}")
         if not re.search(r"Unable to contact slurm controller|Connection refused", said):
             raise RuntimeError(f"the failure does not say what was unreachable: {said}")
-        assert cordoned and after.out_of_service and after.reason, (cordoned, after)
+        assert cordoned, "the node must stay cordoned in Kubernetes"
+        if not after.out_of_service:  # resumed for the job: gpuforge's reservation keeps users off, with no end
+            held = installed.slurm.run("scontrol", "show", "reservation", f"gpuforge-release-{node}").stdout
+            assert re.search(r"Flags=\S*MAINT", held) and "Duration=UNLIMITED" in held, held
+            assert "Users=root" in held, held
 
         # Re-run: the node comes back, no reservation left.
         report, state = run_health(configs["on"], release=node)
@@ -437,7 +436,11 @@ def test_etcd_down_past_the_wait_during_an_install_phase(installed, lab_config, 
     detail = rows[0]["detail"]
     server = re.escape(yaml_server(kubeconfig))
     assert detail.startswith("helm release gpu-operator/gpu-operator"), detail
-    assert re.search(rf"{server}|request did not complete within requested timeout", detail), detail
+    # The API server's words for a request its storage did not answer in time: apimachinery's StatusReasonTimeout
+    # ("the server was unable to return a response in the time allotted ...", seen on the third run) or the
+    # request-timeout filter's "Timeout: request did not complete within requested timeout".
+    timeouts = "request did not complete within requested timeout|unable to return a response in the time allotted"
+    assert re.search(rf"{server}|{timeouts}", detail), detail
 
     again = install(InstallParams(config=str(lab_config), only=["gpu-operator"]), return_state=True)
     assert again.is_completed(), again.message
