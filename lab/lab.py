@@ -20,6 +20,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from gpuforge.config import Config
+from gpuforge.pins import release_namespace
 from gpuforge.state import known_hosts_path
 from lab import procs
 from lab.controlplane import ControlPlane
@@ -189,7 +190,7 @@ class Lab:
     def _control_plane_up(self) -> None:
         # `kubectl exec` into pods of the slurm namespace runs the real Slurm clients against the lab's Slurm.
         exec_rules = [
-            {"name": "slurm", "namespaces": [self.config.validation.slurm_namespace], "env": self.slurm.client_env()}
+            {"name": "slurm", "namespaces": [release_namespace("slurm")], "env": self.slurm.client_env()}
         ]
         self.cp.up(
             service_cidr=self.config.kubespray.service_cidr,

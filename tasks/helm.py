@@ -219,7 +219,9 @@ def converge_service(state: DesiredState, service: str, kubeconfig: Path, timeou
     """Converge every release of one service as the desired state has it, in order (CRDs before what uses them).
 
     A release whose stored record already matches is reported unchanged without running helm (one API call for
-    the whole service instead of several helm processes per release); any other goes through pyhelm3."""
+    the whole service instead of several helm processes per release); any other goes through pyhelm3, whose own
+    check (`should_install_or_upgrade_release`) is the same rule asked again after a release a killed run left
+    pending has been recovered (rolled back to a revision that may already match)."""
     releases = state.service_releases(service)
     mirror = chart_mirror(state.config, os.environ)
     records = release_records(kubeconfig)
