@@ -189,9 +189,7 @@ class Lab:
 
     def _control_plane_up(self) -> None:
         # `kubectl exec` into pods of the slurm namespace runs the real Slurm clients against the lab's Slurm.
-        exec_rules = [
-            {"name": "slurm", "namespaces": [release_namespace("slurm")], "env": self.slurm.client_env()}
-        ]
+        exec_rules = [{"name": "slurm", "namespaces": [release_namespace("slurm")], "env": self.slurm.client_env()}]
         self.cp.up(
             service_cidr=self.config.kubespray.service_cidr,
             exec_rules=exec_rules,
