@@ -391,3 +391,16 @@ def test_copy_of_seed_elsewhere_resolves_relative_paths_from_its_folder(tmp_path
     (tmp_path / "config.yml").write_text(SEED.read_text().replace("~/.ssh/id_rsa", "id"))
     config = load_config(tmp_path / "config.yml")
     assert config.path("id") == tmp_path / "id"
+
+
+@pytest.mark.parametrize("env", ["prod", "lab"])
+def test_the_fast_reading_of_a_valid_config_equals_the_positioned_one(env):
+    """A valid config is read by the C safe loader; the round-trip loader (positions for errors) must read the same
+    config from it, value for value."""
+    from gpuforge.config import _parse_with_positions
+
+    path = Path(__file__).resolve().parents[1] / "deployments" / env / "config.yml"
+    text = path.read_text()
+    fast = parse_config(text, str(path), base_dir=path.parent)
+    positioned = _parse_with_positions(text, str(path), path.parent)
+    assert fast.model_dump() == positioned.model_dump() and fast.nodes == positioned.nodes
