@@ -5,8 +5,10 @@ then 5,000 more kwok GPU nodes registered with the labels and taints gpuforge re
     .venv/bin/python bench/drift_bench.py [--sizes 1000,5000] [--runs 3]
 
 At each size it runs the drift evaluation (flows.drift.evaluate: the flow's reading and comparison, without
-Prefect's run bookkeeping) --runs times and prints the wall times (goal: <= 3 s at 5,000), the calls per kind
-(goal: the same at every size) and the items found. Before the largest size three of the added nodes are
+Prefect's run bookkeeping) --runs times, alternating with the floor -- a bare client making the same reads side by
+side (the node list, Helm's release Secrets, the ClusterPolicy, the NodeSets, the slurmd pods: raw JSON decoded,
+nothing compared; the same `sinfo`) -- and prints both wall times and their ratio (goal: <= 3 s at 5,000), the
+calls per kind (goal: the same at every size) and the items found. Before the largest size three of the added nodes are
 relabelled behind gpuforge's back: exactly those three items must be found. The added nodes stay out of Slurm
 (`slurm: false`) and carry no `kubernetes.io/os` label, so no chart's DaemonSet (node-exporter selects
 `kubernetes.io/os: linux`) puts thousands of pods on them while drift is timed; drift does not compare that
@@ -38,6 +40,43 @@ from gpuforge.config import load_config  # noqa: E402
 from lab.nodes import node_manifest, register_nodes  # noqa: E402
 
 RELABELLED = ("fleet-0001", "fleet-0002", "fleet-0003")
+
+
+def floor_reads(config) -> float:
+    """The floor: the reads drift makes, by a bare client, side by side; returns the wall time."""
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kubernetes import client
+
+    from gpuforge import checks, remediation
+    from tasks import slurm as slurm_tasks
+    from tasks.kube import api_client
+
+    kubeconfig = config.kubeconfig_path()
+    ns = pins.release_namespace("slurm")
+
+    def raw(call, *args, **kwargs):
+        with api_client(kubeconfig) as api:
+            return json.loads(call(client.CoreV1Api(api), *args, **kwargs, _preload_content=False).data)
+
+    def custom(method: str, *args):
+        with api_client(kubeconfig) as api:
+            return json.loads(getattr(client.CustomObjectsApi(api), method)(*args, _preload_content=False).data)
+
+    reads = [
+        lambda: raw(client.CoreV1Api.list_node),
+        lambda: raw(client.CoreV1Api.list_secret_for_all_namespaces, label_selector="owner=helm,status!=superseded"),
+        lambda: custom("get_cluster_custom_object", *checks.CLUSTER_POLICY_API, checks.CLUSTER_POLICY),
+        lambda: custom("list_namespaced_custom_object", *slurm_tasks.NODESET_API[:2], ns, slurm_tasks.NODESET_API[2]),
+        lambda: raw(client.CoreV1Api.list_namespaced_pod, ns),
+        lambda: slurm_tasks.Slurm(config, kubeconfig).run(*remediation.SINFO_ARGV),
+    ]
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=len(reads)) as pool:
+        for future in [pool.submit(read) for read in reads]:
+            future.result()
+    return time.monotonic() - started
 
 
 def fleet_config(lab_config: Path, count: int) -> Path:
@@ -126,17 +165,21 @@ def main() -> int:
                             client.CoreV1Api(api).patch_node(
                                 name, {"metadata": {"labels": {"gpuforge.io/nodeset": "moved"}}}
                             )
-                times, report = [], {}
+                times, floors, report = [], [], {}
                 for _ in range(args.runs):
+                    floors.append(floor_reads(config))
                     started = time.monotonic()
                     report = evaluate(config)
                     times.append(time.monotonic() - started)
                 rows.append((size, times, report))
                 paths = [i["path"] for i in report["items"]]
+                ratio = statistics.median(times) / statistics.median(floors)
                 kinds = collections.Counter(re.sub(r"^/nodes/[^/]+", "/nodes/*", p) for p in paths)
                 print(
                     f"drift over the lab + {size} GPU nodes ({len(config.nodes)} in all), {len(releases)} releases: "
                     f"median {statistics.median(times):.2f} s ({', '.join(f'{t:.2f}' for t in times)}); "
+                    f"floor (bare client, same reads) median {statistics.median(floors):.2f} s "
+                    f"({', '.join(f'{t:.2f}' for t in floors)}): {ratio:.2f}x; "
                     f"calls {report['api_calls']}; {len(paths)} items: {dict(kinds)}; errors {report['errors']}; "
                     f"load {os.getloadavg()[0]:.1f}",
                     flush=True,

@@ -1,8 +1,8 @@
 """drift (hourly): compare the cluster with the config, read-only.
 
-Reads with a constant number of calls whatever the node count -- one node list, one Helm release list (plus
-Helm's reads of each gpuforge release: status, chart and values), one ClusterPolicy get, one NodeSet list, one
-slurmd pod list and one `sinfo` -- and hands everything to gpuforge.drift. Never changes the cluster.
+Reads with a constant number of calls whatever the node count, made side by side -- one node list, one list of
+Helm's release records, one ClusterPolicy get, one NodeSet list, one slurmd pod list and one `sinfo` -- and hands
+everything to gpuforge.drift. Never changes the cluster.
 
 Exit codes in the report (helm-diff / Terraform): 0 no drift, 2 drift found, 1 error (something could not
 be read: the items found are still listed). The run fails (and notifies) unless the exit code is 0.
@@ -11,6 +11,8 @@ be read: the items found are still listed). The run fails (and notifies) unless 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -41,48 +43,49 @@ def _node_dicts(kubeconfig: Path) -> dict[str, dict[str, Any]]:
 
 
 def read_live(config: Config, *, nodes_reader=_node_dicts) -> tuple[core.LiveState, dict[str, int], list[str]]:
-    """Everything drift compares, in a fixed number of calls: (live state, calls per kind, errors).
+    """Everything drift compares, in a fixed number of calls made side by side (the wall time is the slowest
+    read's, not their sum): (live state, calls per kind, errors).
 
-    A part that cannot be read stays None in the live state (not compared) and its error is returned."""
+    A part that cannot be read stays None in the live state (not compared) and its error is returned; without
+    the node list nothing is compared."""
     kubeconfig = config.kubeconfig_path()
-    calls = {"kubernetes": 0, "helm": 0, "slurm": 0}
-    errors: list[str] = []
-
-    def attempt(kind: str, what: str, fn):
-        calls[kind] += 1
-        try:
-            return fn(), True
-        except Exception as exc:  # noqa: BLE001 - reported as an error (exit 1), the rest is still compared
-            errors.append(
-                f"{what}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__}"
-            )
-            return None, False
-
-    nodes, ok = attempt("kubernetes", "list nodes", lambda: nodes_reader(kubeconfig))
-    if not ok:
-        return core.LiveState(nodes={}), calls, errors
-    live = core.LiveState(nodes=nodes)
+    ns = release_namespace(SLURM_RELEASE)
+    reads: dict[str, tuple[str, Callable[[], Any]]] = {"list nodes": ("kubernetes", lambda: nodes_reader(kubeconfig))}
     if any(config.enabled(service) for service in config.deepops_services.by_key()):
         from tasks.helm import read_releases
 
         # One list of Helm's release records (the Secrets Helm stores them in) answers every release.
-        live.releases, _ = attempt("helm", "helm releases", lambda: read_releases(kubeconfig))
+        reads["helm releases"] = ("helm", lambda: read_releases(kubeconfig))
     if config.enabled("gpu-operator"):
-        live.cluster_policy, live.cluster_policy_read = attempt(
+        reads["get ClusterPolicy"] = (
             "kubernetes",
-            "get ClusterPolicy",
             lambda: kube.get_custom(kubeconfig, *checks.CLUSTER_POLICY_API, checks.CLUSTER_POLICY),
         )
     if config.enabled("slurm"):
-        ns = release_namespace(SLURM_RELEASE)
-        live.nodesets, _ = attempt(
-            "kubernetes",
-            "list NodeSets",
-            lambda: kube.list_custom(kubeconfig, *slurm_tasks.NODESET_API, ns),
-        )
-        pods, ok = attempt("kubernetes", "list slurmd pods", lambda: _slurmd_pods(kubeconfig, ns))
-        live.slurm_pods = pods or []
-        live.slurm_nodes, _ = attempt("slurm", "sinfo", lambda: slurm_tasks.Slurm(config, kubeconfig).nodes())
+        reads["list NodeSets"] = ("kubernetes", lambda: kube.list_custom(kubeconfig, *slurm_tasks.NODESET_API, ns))
+        reads["list slurmd pods"] = ("kubernetes", lambda: _slurmd_pods(kubeconfig, ns))
+        reads["sinfo"] = ("slurm", lambda: slurm_tasks.Slurm(config, kubeconfig).nodes())
+    calls = {kind: sum(k == kind for k, _ in reads.values()) for kind in ("kubernetes", "helm", "slurm")}
+    with ThreadPoolExecutor(max_workers=len(reads)) as pool:
+        futures = {what: pool.submit(read) for what, (_, read) in reads.items()}
+    answers: dict[str, Any] = {}
+    errors: list[str] = []
+    for what, future in futures.items():
+        try:
+            answers[what] = future.result()
+        except Exception as exc:  # noqa: BLE001 - reported as an error (exit 1), the rest is still compared
+            text = str(exc).strip()
+            errors.append(f"{what}: {text.splitlines()[0][:300] if text else type(exc).__name__}")
+    if "list nodes" not in answers:
+        return core.LiveState(nodes={}), calls, errors
+    live = core.LiveState(nodes=answers["list nodes"])
+    live.releases = answers.get("helm releases")
+    if "get ClusterPolicy" in reads:
+        live.cluster_policy = answers.get("get ClusterPolicy")
+        live.cluster_policy_read = "get ClusterPolicy" in answers
+    live.nodesets = answers.get("list NodeSets")
+    live.slurm_pods = answers.get("list slurmd pods") or []
+    live.slurm_nodes = answers.get("sinfo")
     return live, calls, errors
 
 
