@@ -600,27 +600,36 @@ def parse_yaml(text: str, source: str) -> Any:
         raise ConfigError([ConfigIssue(source, line, col, "", message)]) from None
 
 
+def _file_issue(source: str, message: str, line: int = 1, column: int = 1) -> ConfigError:
+    return ConfigError([ConfigIssue(source, line, column, "", message)])
+
+
 def read_config_text(path: str | os.PathLike[str]) -> str:
     """The config file's text: UTF-8, with or without a byte-order mark; any other file is a ConfigError."""
     source = str(path)
-
-    def issue(message: str, line: int = 1, column: int = 1) -> ConfigError:
-        return ConfigError([ConfigIssue(source, line, column, "", message)])
 
     try:
         with open(path, "rb") as f:
             # One byte past the limit tells "too large" without reading a huge file (or a pipe) to its end.
             data = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
-        raise issue("config file not found; check the --config path") from None
+        raise _file_issue(source, "config file not found; check the --config path") from None
     except OSError as exc:
-        raise issue(f"cannot read the config file: {exc.strerror}") from None
+        raise _file_issue(source, f"cannot read the config file: {exc.strerror}") from None
     if len(data) > MAX_CONFIG_BYTES:
-        raise issue(
-            f"the file is larger than {MAX_CONFIG_BYTES // 2**20} MiB, too large for a config; check the --config path"
+        raise _file_issue(
+            source,
+            f"the file is larger than {MAX_CONFIG_BYTES // 2**20} MiB, too large for a config; check the --config path",
         )
+    return decode_yaml_text(data, source)
+
+
+def decode_yaml_text(data: bytes, source: str) -> str:
+    """A YAML file's bytes as text: UTF-8, with or without a byte-order mark; anything else is a ConfigError that
+    points at the first byte that is not UTF-8."""
+
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        raise issue("the file is UTF-16 (it starts with a UTF-16 byte-order mark); save it as UTF-8")
+        raise _file_issue(source, "the file is UTF-16 (it starts with a UTF-16 byte-order mark); save it as UTF-8")
     # Editors on Windows save UTF-8 with a byte-order mark: YAML allows it, so it is not an error. It is cut off
     # before decoding, so that a bad byte's position counts from where the user's text starts.
     data = data.removeprefix(codecs.BOM_UTF8)
@@ -629,7 +638,8 @@ def read_config_text(path: str | os.PathLike[str]) -> str:
     except UnicodeDecodeError as exc:
         line_start = data.rfind(b"\n", 0, exc.start) + 1
         column = len(data[line_start : exc.start].decode("utf-8", errors="replace")) + 1
-        raise issue(
+        raise _file_issue(
+            source,
             f"byte 0x{data[exc.start]:02x} is not UTF-8; save the file as UTF-8",
             data.count(b"\n", 0, exc.start) + 1,
             column,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from gpuforge import health, metric_contract, pins
-from gpuforge.config import Config, NamedNode, Role, _to_plain, parse_yaml
+from gpuforge.config import Config, NamedNode, Role, _to_plain, decode_yaml_text, parse_yaml
 from gpuforge.health import FAMILY_REGEX, Thresholds
 from gpuforge.metric_contract import Contract
 
@@ -328,7 +328,7 @@ def chart_archive(release: Release, mirror: Path | None) -> Path | None:
 
 def _load_values_file(config: Config, path: str) -> dict[str, Any]:
     p = config.path(path)
-    data = _to_plain(parse_yaml(p.read_text(), str(p)))
+    data = _to_plain(parse_yaml(decode_yaml_text(p.read_bytes(), str(p)), str(p)))
     return data or {}
 
 

@@ -153,9 +153,14 @@ def run_playbook(
     # With `binary` ansible-runner runs that command as given and leaves the playbook out: it goes on the line.
     args = (["--become"] if become else []) + ([shlex.quote(str(playbook))] if binary else [])
     cmdline = " ".join(args) or None
-    with tempfile.TemporaryDirectory(prefix="gpuforge-ansible-") as data_dir:
+    with (
+        tempfile.TemporaryDirectory(prefix="gpuforge-ansible-") as data_dir,
+        tempfile.TemporaryDirectory(prefix="gfcp-", dir="/tmp") as control_dir,
+    ):
         # A private control-path dir: persistent SSH connections die with this run, never leak into the next.
-        env["ANSIBLE_SSH_CONTROL_PATH_DIR"] = os.path.join(data_dir, "cp")
+        # Always a short one under /tmp: a socket path is limited to 108 bytes, and one under a long $TMPDIR made
+        # ssh fail on every host ("unix_listener: path too long"), which read as "unreachable".
+        env["ANSIBLE_SSH_CONTROL_PATH_DIR"] = control_dir
         # The venv that owns ansible-playbook must be first on PATH or its helpers are not found (rc 127):
         # Kubespray's own venv via `binary`, else the venv gpuforge runs in.
         bin_dir = Path(binary).parent if binary else Path(sys.executable).parent

@@ -226,3 +226,17 @@ def test_secret_block_key_never_reaches_logs_artifacts_events_or_temp_folders(si
     assert logs and artifacts
     everything = [str(state.result()), *all_logs, *(str(a.data) for a in artifacts)]
     assert not [text for text in everything for line in secret_lines if line in text]
+
+
+def test_a_long_tmpdir_does_not_make_hosts_unreachable(site, tmp_path, monkeypatch):
+    """ssh's control socket must fit a unix socket path (108 bytes): under a long $TMPDIR every host used to be
+    'unreachable' (unix_listener: path too long)."""
+    folder, hosts = site
+    long_tmp = tmp_path / ("t" * 60) / ("m" * 60)
+    long_tmp.mkdir(parents=True)
+    monkeypatch.setenv("TMPDIR", str(long_tmp))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # tempfile caches the folder it chose first
+    key = f"ansible_ssh_private_key_file: {hosts.key_path}"
+    state, rows, _ = run_preflight(write_config(folder, f"{RUN}-longtmp", key))
+    assert state.is_completed(), (state.message, rows)
+    assert rows[CP]["reachable"].startswith("ok") and rows[CPU]["reachable"].startswith("ok"), rows
