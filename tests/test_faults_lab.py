@@ -223,16 +223,12 @@ def test_slurmctld_restarted_during_release(installed, configs, cfg):
 # ------------------------------------------------------------------------------ 4. etcd restarted
 
 
-def test_etcd_restarted_during_an_install_phase(installed, lab_config):
-    """A Helm upgrade made behind gpuforge's back makes the gpu-operator phase upgrade again; etcd goes down for
-    5 s two seconds into it. The phase completes or fails saying so; the next install converges."""
-    from flows.install import InstallParams, install
-    from gpuforge.config import load_config
+def upgrade_gpu_operator_behind_gpuforges_back(config):
+    """A Helm upgrade of the gpu-operator release with one value changed, so that the next gpu-operator phase
+    upgrades it again; returns (kubeconfig, the release as gpuforge renders it)."""
     from gpuforge.render import chart_archive, chart_mirror, render_releases
-    from tasks.helm import helm_executable, release_records
-    from tests.test_install_lab import table
+    from tasks.helm import helm_executable
 
-    config = load_config(lab_config)
     kubeconfig = config.kubeconfig_path()
     release = next(r for r in render_releases(config) if r.name == "gpu-operator")
     archive = chart_archive(release, chart_mirror(config, os.environ))
@@ -241,6 +237,19 @@ def test_etcd_restarted_during_an_install_phase(installed, lab_config):
          "--set", "dcgmExporter.serviceMonitor.honorLabels=false", "--kubeconfig", str(kubeconfig)],
         check=True, capture_output=True, timeout=120,
     )  # fmt: skip
+    return kubeconfig, release
+
+
+def test_etcd_restarted_during_an_install_phase(installed, lab_config):
+    """A Helm upgrade made behind gpuforge's back makes the gpu-operator phase upgrade again; etcd goes down for
+    5 s two seconds into it. The phase completes or fails saying so; the next install converges."""
+    from flows.install import InstallParams, install
+    from gpuforge.config import load_config
+    from tasks.helm import release_records
+    from tests.test_install_lab import table
+
+    config = load_config(lab_config)
+    kubeconfig, release = upgrade_gpu_operator_behind_gpuforges_back(config)
 
     window: dict[str, float] = {}
 
@@ -382,21 +391,13 @@ def test_etcd_down_past_the_wait_during_an_install_phase(installed, lab_config, 
     API server's or Helm's words; the next install converges (a release left pending-upgrade is recovered)."""
     from flows.install import InstallParams, install
     from gpuforge.config import load_config
-    from gpuforge.render import chart_archive, chart_mirror, render_releases
-    from tasks.helm import helm_executable, release_records
+    from tasks.helm import release_records
     from tests.conftest import config_variant
     from tests.test_install_lab import table
 
     short = config_variant(lab_config, tmp_path, lambda d: d.setdefault("timeouts", {}).update({"gpu-operator": 20}))
     config = load_config(short)
-    kubeconfig = config.kubeconfig_path()
-    release = next(r for r in render_releases(config) if r.name == "gpu-operator")
-    archive = chart_archive(release, chart_mirror(config, os.environ))
-    subprocess.run(
-        [helm_executable(), "upgrade", "gpu-operator", str(archive), "-n", "gpu-operator", "--reuse-values",
-         "--set", "dcgmExporter.serviceMonitor.honorLabels=false", "--kubeconfig", str(kubeconfig)],
-        check=True, capture_output=True, timeout=120,
-    )  # fmt: skip
+    kubeconfig, release = upgrade_gpu_operator_behind_gpuforges_back(config)
 
     window: dict[str, float] = {}
     phase_ended = threading.Event()

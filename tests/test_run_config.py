@@ -54,31 +54,28 @@ def test_a_bad_config_is_a_precondition_failure(tmp_path):
         common.desired_state(common.ClusterParams(config=str(bad)))
 
 
-def test_a_values_file_that_cannot_be_read_is_a_precondition_failure_naming_it(tmp_path):
-    config = tmp_path / "config.yml"
+def config_with_values_file(folder: Path, values_file: str) -> Path:
+    config = folder / "config.yml"
     config.write_text(
         "k8s_cluster_nodes:\n"
         '  - { ip: "198.51.100.7", role: [control-plane, etcd, gpu-worker] }\n'
         "deepops_services:\n"
         "  gpu-operator:\n"
         "    enabled: true\n"
-        "    releases: { gpu-operator: { values_file: missing.yaml } }\n"
+        f"    releases: {{ gpu-operator: {{ values_file: {values_file} }} }}\n"
     )
+    return config
+
+
+def test_a_values_file_that_cannot_be_read_is_a_precondition_failure_naming_it(tmp_path):
+    config = config_with_values_file(tmp_path, "missing.yaml")
     with pytest.raises(common.PreconditionFailed, match="cannot be read.*missing.yaml"):
         common.desired_state(common.ClusterParams(config=str(config)))
 
 
 def test_a_values_file_that_is_not_utf8_is_one_line_at_the_bad_byte(tmp_path):
     (tmp_path / "values.yaml").write_bytes(b"driver:\n  version: caf\xe9\n")
-    config = tmp_path / "config.yml"
-    config.write_text(
-        "k8s_cluster_nodes:\n"
-        '  - { ip: "198.51.100.7", role: [control-plane, etcd, gpu-worker] }\n'
-        "deepops_services:\n"
-        "  gpu-operator:\n"
-        "    enabled: true\n"
-        "    releases: { gpu-operator: { values_file: values.yaml } }\n"
-    )
+    config = config_with_values_file(tmp_path, "values.yaml")
     with pytest.raises(common.PreconditionFailed) as failed:
         common.desired_state(common.ClusterParams(config=str(config)))
     assert str(failed.value) == f"{tmp_path / 'values.yaml'}:2:15: byte 0xe9 is not UTF-8; save the file as UTF-8"
