@@ -234,8 +234,8 @@ def revalidate_with_job(
 
     The reservation has no end: were slurmctld lost after the resume, the run fails without draining the node
     again, and a reservation with an end would hand the node to users when it ran out while Kubernetes keeps
-    it cordoned. Without an end the node stays in maintenance until the next release removes the reservation
-    (a reservation an earlier run left is found and taken over here)."""
+    it cordoned. Without an end (Slurm keeps UNLIMITED as a year) the node stays in maintenance until the next
+    release removes the reservation (a reservation an earlier run left is found and taken over here)."""
     if sname is None or snode is None:
         return False, "no Slurm node found for this node"
     slurm = Slurm(config, kubeconfig)

@@ -362,7 +362,9 @@ def test_slurmctld_down_past_the_retries_during_release(installed, configs, cfg)
         assert cordoned, "the node must stay cordoned in Kubernetes"
         if not after.out_of_service:  # resumed for the job: gpuforge's reservation keeps users off, with no end
             held = installed.slurm.run("scontrol", "show", "reservation", f"gpuforge-release-{node}").stdout
-            assert re.search(r"Flags=\S*MAINT", held) and "Duration=UNLIMITED" in held, held
+            # duration=UNLIMITED, which Slurm keeps as a year ("Duration=365-00:00:00"): not the old 30 minutes
+            days = re.search(r"Duration=(?:UNLIMITED|(\d+)-)", held)
+            assert re.search(r"Flags=\S*MAINT", held) and days and int(days[1] or 365) >= 365, held
             assert "Users=root" in held, held
 
         # Re-run: the node comes back, no reservation left.
