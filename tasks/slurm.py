@@ -270,3 +270,25 @@ def revalidate_with_job(
     finally:
         if snode.out_of_service:
             slurm.run("scontrol", "delete", f"reservationname={resv}")
+
+
+# ----------------------------------------------------------------------------- node lifecycle (add / remove)
+
+
+def running_jobs(slurm: Slurm, node: str) -> list[str]:
+    """Jobs running (or finishing) on Slurm node `node`, as `id name (user)`."""
+    res = slurm.run("squeue", "-h", "-w", node, "-t", "RUNNING,COMPLETING,CONFIGURING", "-o", "%i %j (%u)")
+    if not res.ok:
+        raise RuntimeError(f"squeue -w {node} failed (rc {res.rc}): {(res.stderr or res.stdout).strip()[:300]}")
+    return [line.strip() for line in res.stdout.splitlines() if line.strip()]
+
+
+def delete_node(slurm: Slurm, node: str) -> str:
+    """Take `node` out of slurmctld's node table (`scontrol delete nodename=`, dynamic nodes such as Slinky's).
+    A node slurm.conf names leaves only with that file; said so rather than failed."""
+    res = slurm.run("scontrol", "delete", f"nodename={node}")
+    if res.ok:
+        return f"{node} deleted from Slurm"
+    if node not in slurm.nodes():
+        return f"{node} no longer in Slurm"
+    return f"{node} stays in Slurm until slurm.conf drops it: {(res.stderr or res.stdout).strip()[:200]}"
