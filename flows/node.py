@@ -75,8 +75,9 @@ def node_add(params: NodeAddParams) -> list[dict]:
         return add_nodes(config, params.nodes)
 
 
-def add_nodes(config: Config, names: list[str]) -> list[dict]:
-    """The add runbook (the caller holds the cluster lock); a row per new node."""
+def add_nodes(config: Config, names: list[str], replacing: str | None = None) -> list[dict]:
+    """The add runbook (the caller holds the cluster lock); a row per new node. `replacing`: the node whose new
+    machine this is (its address differs from the installed inventory's on purpose)."""
     logger = get_run_logger()
     kubeconfig = config.kubeconfig_path()
     registered = set(kube.list_nodes(kubeconfig))
@@ -86,7 +87,7 @@ def add_nodes(config: Config, names: list[str]) -> list[dict]:
     if not new:
         return [{"node": "-", "result": "nothing to add", "detail": "every config node is registered"}]
     installed = node_lifecycle.inventory_hosts(_read_yaml(state_dir(config) / "inventory" / "hosts.yaml"))
-    if moved := node_lifecycle.address_changes(config, installed, keep=names[0] if len(names) == 1 else None):
+    if moved := node_lifecycle.address_changes(config, installed, keep=replacing):
         raise PreconditionFailed(
             "refusing to add: the config gives installed nodes new addresses (" + "; ".join(moved) + "); a derived "
             "name follows the file order: give every node its name, or replace a machine with `node replace`"
@@ -355,7 +356,7 @@ def node_replace(params: NodeReplaceParams) -> dict:
         removed = remove_node(
             config, params.node, force=params.force, timeout_s=params.drain_timeout_s, dead=dead, replacing=True
         )
-        added = add_nodes(config, [params.node])
+        added = add_nodes(config, [params.node], replacing=params.node)
     return {"node": params.node, "old_address": old.vars.get("ansible_host"), "new_address": new.spec.ip,
             "removed": removed, "added": added}  # fmt: skip
 
