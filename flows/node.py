@@ -154,9 +154,8 @@ def add_nodes(config: Config, names: list[str], replacing: str | None = None) ->
         nodes = kube.list_nodes(kubeconfig)
         learned = {n.name: nodes[n.name].allocatable_gpus for n in config.gpu_nodes if n.name in nodes}
         converge_service(config, "slurm", kubeconfig, config.timeouts.slurm, learned=learned)
-        names = _slurm_names(config, kubeconfig, members)
         for name in members:
-            slurm.update(names[name], "drain", ADD_REASON)
+            slurm.update(_slurm_name(config, kubeconfig, name), "drain", ADD_REASON)
 
     # 5. Validation, 6. back into service or kept out with the reason.
     rows = []
@@ -164,13 +163,13 @@ def add_nodes(config: Config, names: list[str], replacing: str | None = None) ->
         ok, how, detail = _validate_new_node(config, kubeconfig, name, name in members)
         if ok:
             if name in members:
-                slurm.update(_slurm_names(config, kubeconfig, [name])[name], "resume")
+                slurm.update(_slurm_name(config, kubeconfig, name), "resume")
             kube.set_cordon(kubeconfig, name, False, None)
         else:
-            reason = f"{SMOKE_FAILED_REASON}: {detail}"[:250]
+            reason = f"{SMOKE_FAILED_REASON}: {detail}"[:200]
             kube.set_cordon(kubeconfig, name, True, reason)
             if name in members:
-                slurm.update(_slurm_names(config, kubeconfig, [name])[name], "drain", reason)
+                slurm.update(_slurm_name(config, kubeconfig, name), "drain", reason)
         rows.append({"node": name, "result": "in service" if ok else "kept out", "validation": how, "detail": detail})
         logger.info("%s: %s (%s: %s)", name, rows[-1]["result"], how, detail)
     publish_table("node-add-report", rows, f"node add on {config.cluster_name}: a row per new node")
@@ -217,7 +216,7 @@ def _validate_new_node(config: Config, kubeconfig, name: str, member: bool) -> t
         if bad := [r for r in dcgm if r.result != "pass"]:
             return False, "DCGM series", "; ".join(f"{r.target}: {r.detail}" for r in bad)[:400]
     if member:
-        sname = _slurm_names(config, kubeconfig, [name])[name]
+        sname = _slurm_name(config, kubeconfig, name)
         snode = slurm_tasks.Slurm(config, kubeconfig).nodes().get(sname)
         ok, detail = slurm_tasks.revalidate_with_job(config, kubeconfig, sname, snode, [], get_run_logger().info)
         return ok, f"Slurm job on {sname}", detail
@@ -317,6 +316,7 @@ def remove_node(
     step("kubespray", f"{playbook.name} -e node={name} reset_nodes={not dead}: {did}")
     if kube.delete_node(kubeconfig, name):
         step("delete node", f"Node {name} deleted")
+    write_plan(config, inventory_dir)  # the installed inventory without it: later rules count what is left
     if sname:
         step("slurm node", slurm_tasks.delete_node(slurm, sname))
     (node_lifecycle.fact_cache_dir(config.cluster_name) / name).unlink(missing_ok=True)
@@ -404,6 +404,15 @@ def _slurm_names(config: Config, kubeconfig, names: list[str]) -> dict[str, str]
     snodes = slurm_tasks.Slurm(config, kubeconfig).nodes()
     pods = kube.slurm_pods(kubeconfig, config.validation.slurm_namespace)
     return slurm_name_map(names, snodes, pods)
+
+
+def _slurm_name(config: Config, kubeconfig, name: str) -> str:
+    found = _slurm_names(config, kubeconfig, [name]).get(name)
+    if found is None:
+        raise RuntimeError(
+            f"Slurm has no node for {name} (neither that name nor a slurmd pod on it): is its NodeSet pod running?"
+        )
+    return found
 
 
 def _read_yaml(path) -> dict:

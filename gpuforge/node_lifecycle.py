@@ -15,10 +15,11 @@ from typing import Any
 from gpuforge.config import Config, NamedNode
 from gpuforge.state import cluster_state_dir
 
-# Kubernetes (cordon annotation) and Slurm (drain reason) say why a node takes no work yet.
-ADD_REASON = "gpuforge node add: not validated yet"
-REMOVE_REASON = "gpuforge node remove: leaving the cluster"
-SMOKE_FAILED_REASON = "gpuforge node add: validation failed"
+# Kubernetes (cordon annotation) and Slurm (drain reason) say why a node takes no work; "gpuforge:" marks a
+# Slurm reason as gpuforge's own (remediation.SLURM_REASON_PREFIX).
+ADD_REASON = "gpuforge: node add: not validated yet"
+REMOVE_REASON = "gpuforge: node remove: leaving the cluster"
+SMOKE_FAILED_REASON = "gpuforge: node add: validation failed"
 
 # Kubespray's playbooks that add and remove nodes, relative to its checkout.
 KUBESPRAY_SCALE = "scale.yml"

@@ -118,7 +118,7 @@ def test_a_node_whose_smoke_fails_stays_cordoned_with_the_reason(installed, lab_
     assert f"{K8S_NODE}: " in state.message and "kept out of service" in state.message
     node = kube.list_nodes(load_config(broken).kubeconfig_path())[K8S_NODE]
     assert node.ready and node.unschedulable
-    assert node.annotations[CORDON_ANNOTATION].startswith("gpuforge node add: validation failed")
+    assert node.annotations[CORDON_ANNOTATION].startswith("gpuforge: node add: validation failed")
 
 
 def test_remove_waits_for_the_slurm_job_then_force_takes_the_node_out(
