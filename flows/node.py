@@ -83,7 +83,10 @@ def add_nodes(config: Config, names: list[str], replacing: str | None = None) ->
     registered = set(kube.list_nodes(kubeconfig))
     new = [node_lifecycle.config_node(config, n) for n in names] or node_lifecycle.missing_nodes(config, registered)
     if already := [n.name for n in new if n.name in registered]:
-        raise PreconditionFailed(f"already in the cluster: {', '.join(already)}; nothing to add there")
+        raise PreconditionFailed(
+            f"already in the cluster: {', '.join(already)}. A node kept out after a failed validation goes back "
+            "into service with `gpuforge health --release NAME` (validated again first)"
+        )
     if not new:
         return [{"node": "-", "result": "nothing to add", "detail": "every config node is registered"}]
     installed = node_lifecycle.inventory_hosts(_read_yaml(state_dir(config) / "inventory" / "hosts.yaml"))
@@ -113,7 +116,7 @@ def add_nodes(config: Config, names: list[str], replacing: str | None = None) ->
         )
 
     # 2. Kubespray's scale.yml, limited to the new hosts, on cached facts.
-    checkout, cluster_playbook, binary = prepare_kubespray(config)
+    checkout, _, binary = prepare_kubespray(config)
     fact_cache = node_lifecycle.fact_cache_dir(config.cluster_name)
     uncached = sorted(set(others) - cached_fact_hosts(fact_cache, time.time()))
     if uncached:
