@@ -166,7 +166,9 @@ def add_nodes(config: Config, names: list[str], replacing: str | None = None) ->
         ok, how, detail = _validate_new_node(config, kubeconfig, name, name in members)
         if ok:
             if name in members:
-                slurm.update(_slurm_name(config, kubeconfig, name), "resume")
+                sname = _slurm_name(config, kubeconfig, name)
+                if slurm.nodes()[sname].out_of_service:  # the validation job may have resumed it already
+                    slurm.update(sname, "resume")
             kube.set_cordon(kubeconfig, name, False, None)
         else:
             reason = f"{SMOKE_FAILED_REASON}: {detail}"[:200]
