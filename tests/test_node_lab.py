@@ -140,7 +140,7 @@ def test_remove_waits_for_the_slurm_job_then_force_takes_the_node_out(
     assert held.is_failed() and f"jobs {job} " in held.message and "--force" in held.message
     node = kube.list_nodes(cfg.kubeconfig_path())[SLURM_NODE]
     assert node.unschedulable  # still there, out of service on both sides
-    assert "drain" in installed.slurm.status()["nodes"][SLURM_NODE]
+    assert installed.slurm.status()["nodes"][SLURM_NODE] == "drng"  # draining: drained, its job still runs
 
     forced = node_remove(params.model_copy(update={"force": True}), return_state=True)
     assert forced.is_completed(), forced.message
