@@ -331,7 +331,7 @@ def remove_node(
         live = kube.list_nodes(kubeconfig)
         learned = {n.name: live[n.name].allocatable_gpus for n in config.gpu_nodes if n.name in live}
         outcomes = converge_service(config, "slurm", kubeconfig, config.timeouts.slurm, learned=learned)
-        step("slurm nodesets", ", ".join(f"{o.name} {o.action}" for o in outcomes))
+        step("slurm nodesets", ", ".join(f"{o.release} {o.action}" for o in outcomes))
     report = {"node": name, "removed": True, "warnings": check.warnings, "steps": steps,
               "seconds": round(time.monotonic() - started, 1)}  # fmt: skip
     publish_table("node-remove-report", steps, f"removal of {name} from {config.cluster_name}")
