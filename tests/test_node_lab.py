@@ -132,7 +132,9 @@ def test_remove_waits_for_the_slurm_job_then_force_takes_the_node_out(
     # The config without SLURM_NODE (K8S_NODE stays: replaced below).
     shrunk = _with_nodes(lab_config, tmp_path_factory.mktemp("shrunk"), [_k8s_node(K8S_NODE, addresses[1])])
     cfg = load_config(shrunk)
-    job = installed.slurm.run("sbatch", "--parsable", "-w", SLURM_NODE, "--output=/dev/null", "--wrap", "sleep 600").stdout.strip()
+    job = installed.slurm.run(
+        "sbatch", "--parsable", "-w", SLURM_NODE, "--output=/dev/null", "--wrap", "sleep 600"
+    ).stdout.strip()
     _wait("the job running", lambda: installed.slurm.job_state(job) == "RUNNING", 30)
 
     params = NodeRemoveParams(config=str(shrunk), node=SLURM_NODE, drain_timeout_s=3)
