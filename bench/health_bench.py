@@ -59,6 +59,8 @@ class Measured:
     client_cpu_s: float
     floor_prom_cpu_s: float
     floor_wall_s: float
+    serial_wall_s: float
+    serial_prom_cpu_s: float
     peak_mb: float
     unhealthy: list
 
@@ -75,9 +77,11 @@ def floor_query(fleet: dict[str, str]) -> str:
     return 'count({__name__=~"' + "|".join(names) + '"})'
 
 
-def gpuforge_evaluation(pc: PrometheusConnect, expected: dict[str, int], table, queries: dict[str, str]):
+def gpuforge_evaluation(
+    pc: PrometheusConnect, expected: dict[str, int], table, queries: dict[str, str], concurrency: int | None = None
+):
     """What the gpu-health flow does with Prometheus's answers: the fleet evaluation and the report rows."""
-    verdicts, sent = prom_tasks.evaluate_fleet(pc, expected, table, queries)
+    verdicts, sent = prom_tasks.evaluate_fleet(pc, expected, table, queries, concurrency)
     report = {
         "counts": {k.value: n for k, n in health.summarize(verdicts).items()},
         "gpus": [v.model_dump(mode="json") for v in verdicts],
@@ -86,7 +90,51 @@ def gpuforge_evaluation(pc: PrometheusConnect, expected: dict[str, int], table, 
     return verdicts, sent, report
 
 
-def measure(tmp: Path, node_count: int, gpus: int, runs: int, scrape: str, idle_s: float) -> Measured:
+def where_the_time_goes(pc, url: str, expected: dict[str, int], table, queries: dict[str, str], idle_rate: float,
+                        runs: int) -> None:  # fmt: skip
+    """Each fleet query alone (Prometheus CPU, series and bytes of its answer, asked uncompressed and gzipped,
+    alternately), then this process's CPU per step of the evaluation."""
+    import json
+
+    def ask(promql: str, encoding: str) -> tuple[float, bytes]:
+        cpu0, start = prometheus_cpu_s(url), time.monotonic()
+        resp = requests.get(f"{url}/api/v1/query", params={"query": promql}, headers={"Accept-Encoding": encoding},
+                            timeout=120)  # fmt: skip
+        resp.raise_for_status()
+        return prometheus_cpu_s(url) - cpu0 - idle_rate * (time.monotonic() - start), resp.content
+
+    print("  where the time goes, each query alone (Prometheus CPU, medians of runs; identity vs gzip):")
+    answers = {}
+    for name, promql in queries.items():
+        plain, zipped = [], []
+        for _ in range(runs):
+            cpu, body = ask(promql, "identity")
+            plain.append(cpu)
+            zipped.append(ask(promql, "gzip")[0])
+        answers[name] = body
+        series = len(json.loads(body)["data"]["result"])
+        print(f"    {name:<27} {series:>6} series, {len(body) / 2**20:5.1f} MiB: Prometheus CPU "
+              f"{statistics.median(plain):.2f} s uncompressed, {statistics.median(zipped):.2f} s gzipped")  # fmt: skip
+    floor_cpu = statistics.median([ask(floor_query(queries), "identity")[0] for _ in range(runs)])
+    print(f"    floor (count() of every series read): Prometheus CPU {floor_cpu:.2f} s")
+    steps = {"decode JSON": 0.0, "readings": 0.0, "judge": 0.0, "report": 0.0}
+    for _ in range(runs):
+        t0 = time.process_time()
+        results = {name: json.loads(body)["data"]["result"] for name, body in answers.items()}
+        results.pop(health.XID_SEEN, None)  # narrows the exact XID query only; not a reading
+        t1 = time.process_time()
+        readings = health.readings_from_query_results(results, expected, time.time())
+        t2 = time.process_time()
+        verdicts = health.judge_all(readings, table)
+        t3 = time.process_time()
+        {"gpus": [v.model_dump(mode="json") for v in verdicts], "table": health.table_rows(verdicts)}
+        t4 = time.process_time()
+        for step, dt in zip(steps, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+            steps[step] += dt / runs
+    print("  this process's CPU per step (means): " + ", ".join(f"{k} {1000 * v:.0f} ms" for k, v in steps.items()))
+
+
+def measure(tmp: Path, node_count: int, gpus: int, runs: int, scrape: str, idle_s: float, profile: bool) -> Measured:
     nodes = {f"node-{i:04d}": (gpus, MODEL) for i in range(node_count)}
     total = node_count * gpus
     sim, prom = DcgmSim(tmp / f"dcgm-{node_count}"), PrometheusLab(tmp / f"prometheus-{node_count}")
@@ -109,16 +157,17 @@ def measure(tmp: Path, node_count: int, gpus: int, runs: int, scrape: str, idle_
         config = parse_config('k8s_cluster_nodes: [{ip: "10.0.0.1", role: [control-plane, etcd]}]\n')  # thresholds
         table = health.resolve_thresholds(config.health.thresholds)
         queries = health.fleet_queries(table)
-        pc = PrometheusConnect(url=prom.url, timeout=120)
+        # Connected as the gpu-health flow connects (tasks.prometheus.prometheus: answers uncompressed).
+        pc = prom_tasks.prometheus(config.model_copy(update={"prometheus_url": prom.url}), timeout_s=120)
         expected = {n: gpus for n in nodes}
 
         prom0, idle_start = prometheus_cpu_s(prom.url), time.monotonic()
         time.sleep(idle_s)
         scraping_rate = (prometheus_cpu_s(prom.url) - prom0) / (time.monotonic() - idle_start)
 
-        walls, client_cpu, prom_cpu, floor_walls, floor_cpu = [], [], [], [], []
+        walls, client_cpu, prom_cpu, floor_walls, floor_cpu, serial_walls, serial_cpu = [], [], [], [], [], [], []
         verdicts, sent = [], 0
-        for _ in range(runs):  # alternating: gpuforge's evaluation, then the floor
+        for _ in range(runs):  # alternating: gpuforge's evaluation, the floor, the evaluation one query at a time
             prom0, cpu0, start = prometheus_cpu_s(prom.url), time.process_time(), time.monotonic()
             verdicts, sent, _ = gpuforge_evaluation(pc, expected, table, queries)
             walls.append(time.monotonic() - start)
@@ -128,7 +177,13 @@ def measure(tmp: Path, node_count: int, gpus: int, runs: int, scrape: str, idle_
             prom_tasks.query(pc, floor_query(queries))
             floor_walls.append(time.monotonic() - start)
             floor_cpu.append(prometheus_cpu_s(prom.url) - prom0 - scraping_rate * floor_walls[-1])
+            prom0, start = prometheus_cpu_s(prom.url), time.monotonic()
+            gpuforge_evaluation(pc, expected, table, queries, concurrency=1)
+            serial_walls.append(time.monotonic() - start)
+            serial_cpu.append(prometheus_cpu_s(prom.url) - prom0 - scraping_rate * serial_walls[-1])
 
+        if profile:
+            where_the_time_goes(pc, prom.url, expected, table, queries, scraping_rate, runs)
         tracemalloc.start()
         gpuforge_evaluation(pc, expected, table, queries)
         _, peak = tracemalloc.get_traced_memory()
@@ -141,6 +196,8 @@ def measure(tmp: Path, node_count: int, gpus: int, runs: int, scrape: str, idle_
             client_cpu_s=statistics.median(client_cpu),
             floor_prom_cpu_s=statistics.median(floor_cpu),
             floor_wall_s=statistics.median(floor_walls),
+            serial_wall_s=statistics.median(serial_walls),
+            serial_prom_cpu_s=statistics.median(serial_cpu),
             peak_mb=peak / 2**20,
             unhealthy=[(v.node, v.gpu, v.verdict.value) for v in verdicts if v.verdict != Verdict.HEALTHY],
         )
@@ -162,12 +219,13 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--scrape", default="15s", help="Prometheus scrape interval (dcgm-exporter's default 15s)")
     ap.add_argument("--idle", type=float, default=15, help="seconds to measure Prometheus's scraping CPU over")
+    ap.add_argument("--profile", action="store_true", help="also print where the time goes, per query and step")
     args = ap.parse_args()
 
     results = []
     with tempfile.TemporaryDirectory(prefix="health-bench-") as tmp:
         for node_count in (int(n) for n in args.sizes.split(",")):
-            m = measure(Path(tmp), node_count, args.gpus, args.runs, args.scrape, args.idle)
+            m = measure(Path(tmp), node_count, args.gpus, args.runs, args.scrape, args.idle, args.profile)
             results.append(m)
             print(f"  gpuforge: {m.queries} PromQL queries (goal <= 10), wall {m.wall_s:.2f} s, Prometheus CPU "
                   f"{m.prom_cpu_s:.2f} s, its own CPU {m.client_cpu_s * 1000:.0f} ms = "
@@ -177,6 +235,9 @@ def main() -> int:
                   f"{m.floor_wall_s:.2f} s -> gpuforge/floor in Prometheus CPU "
                   f"{m.prom_cpu_s / m.floor_prom_cpu_s:.2f}x (goal <= 1.5), in wall "
                   f"{m.wall_s / m.floor_wall_s:.2f}x (medians of {args.runs})")  # fmt: skip
+            print(f"  the same evaluation, queries one at a time: Prometheus CPU {m.serial_prom_cpu_s:.2f} s "
+                  f"({m.serial_prom_cpu_s / m.floor_prom_cpu_s:.2f}x the floor), "
+                  f"wall {m.serial_wall_s:.2f} s")  # fmt: skip
             print(f"  injected XID 79 on {SICK[0]} GPU {SICK[1]}; not healthy: {m.unhealthy}", flush=True)
     if len(results) >= 2:
         small, big = results[0], results[-1]

@@ -12,10 +12,13 @@ Run: .venv/bin/python bench/validate_bench.py [--part smoke|dcgm] [--sizes 1,64,
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import re
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -33,14 +36,47 @@ from tasks import kube  # noqa: E402
 BIN = Path("~/.cache/gpuforge/bin").expanduser()
 
 
+class ApiCalls:
+    """Counts the Kubernetes API requests this process sends (every kubernetes-client call goes through
+    RESTClientObject.request), by verb and kind of object: what each side of the smoke asks the API server."""
+
+    def __init__(self) -> None:
+        from kubernetes.client import rest
+
+        self.counts: collections.Counter[str] = collections.Counter()
+        self._lock = threading.Lock()
+        original = rest.RESTClientObject.request
+        calls = self
+
+        def counted(client_self, method, url, *args, **kwargs):
+            path = url.split("?", 1)[0]
+            kind = re.sub(r"^/namespaces/[^/]+(?=/)", "", path.split("/api/v1", 1)[-1])
+            kind = re.sub(r"/(pods|namespaces|events)/[^/]+", r"/\1/NAME", kind)
+            watch = "watch " if "watch=true" in url.lower() else ""
+            with calls._lock:
+                calls.counts[f"{watch}{method} {kind}"] += 1
+            return original(client_self, method, url, *args, **kwargs)
+
+        rest.RESTClientObject.request = counted
+
+    def take(self) -> collections.Counter[str]:
+        with self._lock:
+            counts, self.counts = self.counts, collections.Counter()
+        return counts
+
+
+def per_node(counts: collections.Counter[str], size: int) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) + f" ({sum(counts.values())} in all, {size} nodes)"
+
+
 CUDA_IMAGE = parse_config('k8s_cluster_nodes: [{ip: "10.0.0.1", role: [control-plane, etcd]}]\n').validation.cuda_image
 
 
-def gpuforge_smoke(kubeconfig: Path, names: list[str]) -> float:
+def gpuforge_smoke(kubeconfig: Path, names: list[str], cluster_nodes: dict[str, kube.NodeState]) -> float:
     """validate's own CUDA smoke check, called as the validate flow calls it (tasks.kube.cuda_smoke: a pod per
-    node + the oversized pod, logs, verdicts, cleanup); the node list it is given is read before the clock starts."""
+    node + the oversized pod, logs, verdicts, cleanup); the node list it is given is read once, before any clock
+    starts."""
     config = parse_config('k8s_cluster_nodes: [{ip: "10.0.0.1", role: [control-plane, etcd]}]\n')
-    cluster_nodes = kube.list_nodes(kubeconfig)
     started = time.perf_counter()
     results = kube.cuda_smoke.fn(config, kubeconfig, cluster_nodes, {n: 8 for n in names}, keep=False)
     elapsed = time.perf_counter() - started
@@ -128,23 +164,30 @@ def bench_smoke(work: Path, sizes: list[int], runs: int) -> None:
             [sys.executable, "-m", "lab.reconciler", "--kubeconfig", str(cp.kubeconfig), "--inventory", str(inventory)],
         )
         time.sleep(2)
-        per_node = {}
+        per_node_s = {}
+        cluster_nodes = kube.list_nodes(cp.kubeconfig)
+        calls = ApiCalls()
         for size in sizes:
             ours, floor = [], []
             for _ in range(runs):  # alternating, so both see the same machine load
-                ours.append(gpuforge_smoke(cp.kubeconfig, names[:size]))
+                calls.take()
+                ours.append(gpuforge_smoke(cp.kubeconfig, names[:size], cluster_nodes))
+                ours_calls = calls.take()
                 floor.append(floor_smoke(cp.kubeconfig, names[:size]))
+                floor_calls = calls.take()
             t_ours, t_floor = statistics.median(ours), statistics.median(floor)
-            per_node[size] = (t_ours / size, t_floor / size)
+            per_node_s[size] = (t_ours / size, t_floor / size)
             print(f"cuda smoke, {size:>3} nodes: gpuforge {t_ours:.2f} s, floor {t_floor:.2f} s (medians of {runs}) "
                   f"-> ratio {t_ours / t_floor:.2f} (goal <= 1.2); per node: gpuforge {1000 * t_ours / size:.0f} ms, "
                   f"floor {1000 * t_floor / size:.0f} ms; raw gpuforge {', '.join(f'{t:.2f}' for t in ours)}, "
                   f"floor {', '.join(f'{t:.2f}' for t in floor)}", flush=True)  # fmt: skip
+            print(f"  API requests, last run: gpuforge {per_node(ours_calls, size)}")
+            print(f"  API requests, last run: floor    {per_node(floor_calls, size)}", flush=True)
         big = [s for s in sizes if s >= 64]
         if len(big) >= 2:
             lo, hi = big[0], big[-1]
-            print(f"per-node cost {lo} -> {hi} nodes: gpuforge x{per_node[hi][0] / per_node[lo][0]:.2f}, "
-                  f"floor x{per_node[hi][1] / per_node[lo][1]:.2f} (goal: flat)")  # fmt: skip
+            print(f"per-node cost {lo} -> {hi} nodes: gpuforge x{per_node_s[hi][0] / per_node_s[lo][0]:.2f}, "
+                  f"floor x{per_node_s[hi][1] / per_node_s[lo][1]:.2f} (goal: flat)")  # fmt: skip
     finally:
         procs.stop_daemon(work, "reconciler")
         cp.down(purge=True)

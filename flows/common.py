@@ -7,7 +7,7 @@ import os
 import socket
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from functools import lru_cache
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
+from gpuforge import desired
 from gpuforge.config import Config, ConfigError, load_config, node_access_problems
+from gpuforge.desired import DesiredState
 from gpuforge.remediation import CORDON, DRAIN_SLURM, UNCORDON, Change, Step
 from gpuforge.state import cluster_state_dir
 from tasks import kube
@@ -32,29 +34,50 @@ class PreconditionFailed(RuntimeError):
     """The run could not start: bad config, missing key, lock held. Exit code 2 on the CLI for checks."""
 
 
-@lru_cache(maxsize=16)
-def _parsed(path: str, cwd: str, stamp: tuple[int, int]) -> Config:
-    return load_config(path)
+# The desired state a run built, handed down to the phase flows it runs as subflows in its own process: the
+# config is parsed once per run. Not a flow parameter: Prefect stores a flow's parameters with the run, and
+# Helm values in the desired state may hold secrets.
+_HANDED_DOWN: ContextVar[tuple[str, DesiredState] | None] = ContextVar("gpuforge_desired_state", default=None)
 
 
-def _load_config(path: str) -> Config:
-    """load_config, parsed once per file version: every phase of a run (and its run name) reads the same file,
-    and parsing it with line numbers is the slowest part of starting a converged phase. A copy, never shared."""
+def _parse(path: str) -> Config:
     try:
-        stat = Path(path).stat()
-    except OSError:
-        return load_config(path)  # let load_config say what is wrong with the path
-    return _parsed(path, os.getcwd(), (stat.st_mtime_ns, stat.st_size)).model_copy(deep=True)
-
-
-def load(params: ClusterParams, *, connects: bool = False) -> Config:
-    try:
-        config = _load_config(params.config)
+        return load_config(path)
     except ConfigError as exc:
         raise PreconditionFailed(str(exc)) from None
-    if connects and (problems := node_access_problems(config)):
+
+
+def _handed_down(params: ClusterParams) -> DesiredState | None:
+    handed = _HANDED_DOWN.get()
+    return handed[1] if handed and handed[0] == params.config else None
+
+
+def _build(config: Config) -> DesiredState:
+    try:
+        return desired.build(config)
+    except ConfigError as exc:  # a values_file that is not YAML
+        raise PreconditionFailed(str(exc)) from None
+    except OSError as exc:  # a values_file that cannot be read
+        raise PreconditionFailed(f"{config.source}: a file the config names cannot be read: {exc}") from None
+
+
+def desired_state(params: ClusterParams, *, connects: bool = False) -> DesiredState:
+    """The run's desired state: the one handed down by the run this flow is a phase of, else built from the
+    config file (GPU counts learned at install are added by the phases that read the nodes)."""
+    state = _handed_down(params) or _build(_parse(params.config))
+    if connects and (problems := node_access_problems(state.config)):
         raise PreconditionFailed("\n".join(str(p) for p in problems))
-    return config
+    return state
+
+
+@contextmanager
+def handing_down(params: ClusterParams, state: DesiredState) -> Iterator[None]:
+    """Phase flows run inside this block read `state` instead of parsing the config again."""
+    token = _HANDED_DOWN.set((params.config, state))
+    try:
+        yield
+    finally:
+        _HANDED_DOWN.reset(token)
 
 
 def run_name(prefix: str) -> Any:
@@ -63,9 +86,11 @@ def run_name(prefix: str) -> Any:
     def name() -> str:
         params = flow_run.parameters.get("params") or {}
         path = params.get("config") if isinstance(params, dict) else getattr(params, "config", None)
+        cluster_params = ClusterParams(config=path or ClusterParams().config)
         try:
-            cluster = _load_config(path or ClusterParams().config).cluster_name
-        except ConfigError:
+            handed = _handed_down(cluster_params)
+            cluster = handed.cluster if handed else _parse(cluster_params.config).cluster_name
+        except PreconditionFailed:
             cluster = "bad-config"
         return f"{prefix}-{cluster}"
 

@@ -10,22 +10,21 @@ be read: the items found are still listed). The run fails (and notifies) unless 
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.common import ClusterParams, load, publish_markdown, publish_table, run_name
+from flows.common import ClusterParams, desired_state, publish_markdown, publish_table, run_name
 from flows.notify import notify_failure
+from gpuforge import checks, desired
 from gpuforge import drift as core
-from gpuforge import remediation
 from gpuforge.config import Config
+from gpuforge.desired import SLURM_RELEASE
+from gpuforge.pins import release_namespace
 from tasks import kube
 from tasks import slurm as slurm_tasks
-
-SLURM_GROUP, SLURM_VERSION = "slinky.slurm.net", "v1beta1"
 
 
 class DriftFound(RuntimeError):
@@ -37,33 +36,8 @@ class DriftFound(RuntimeError):
 
 
 def _node_dicts(kubeconfig: Path) -> dict[str, dict[str, Any]]:
-    """Every node in one list call, as the plain fields drift compares (tasks.kube.NodeState's), read from the
-    raw JSON: building the client's typed models for a thousand nodes costs more than the call itself."""
-    from kubernetes import client
-
-    with kube.api_client(kubeconfig) as api:
-        resp = client.CoreV1Api(api).list_node(_preload_content=False)
-        data = json.loads(resp.data)
-    return {item["metadata"]["name"]: _node_dict(item) for item in data.get("items") or []}
-
-
-def _node_dict(node: dict[str, Any]) -> dict[str, Any]:
-    meta, spec, status = node.get("metadata") or {}, node.get("spec") or {}, node.get("status") or {}
-    conditions = {c.get("type"): c.get("status") for c in status.get("conditions") or []}
-    taints = [
-        f"{t['key']}={t['value']}:{t['effect']}" if t.get("value") else f"{t['key']}:{t['effect']}"
-        for t in spec.get("taints") or []
-    ]
-    return {
-        "name": meta["name"],
-        "ready": conditions.get("Ready") == "True",
-        "kubelet_version": ((status.get("nodeInfo") or {}).get("kubeletVersion") or "").lstrip("v"),
-        "allocatable_gpus": int((status.get("allocatable") or {}).get(kube.GPU, "0")),
-        "unschedulable": bool(spec.get("unschedulable")),
-        "labels": dict(meta.get("labels") or {}),
-        "annotations": dict(meta.get("annotations") or {}),
-        "taints": taints,
-    }
+    """Every node in one list call, as the plain fields drift compares (tasks.kube.NodeState's)."""
+    return {fields["name"]: fields for fields in kube.list_node_fields(kubeconfig)}
 
 
 def read_live(config: Config, *, nodes_reader=_node_dicts) -> tuple[core.LiveState, dict[str, int], list[str]]:
@@ -88,7 +62,7 @@ def read_live(config: Config, *, nodes_reader=_node_dicts) -> tuple[core.LiveSta
     if not ok:
         return core.LiveState(nodes={}), calls, errors
     live = core.LiveState(nodes=nodes)
-    if any(config.enabled(s) for s in ("monitoring_stack", "gpu-operator", "slurm", "k8s-dashboard")):
+    if any(config.enabled(service) for service in config.deepops_services.by_key()):
         from tasks.helm import read_releases
 
         # One list of Helm's release records (the Secrets Helm stores them in) answers every release.
@@ -97,18 +71,18 @@ def read_live(config: Config, *, nodes_reader=_node_dicts) -> tuple[core.LiveSta
         live.cluster_policy, live.cluster_policy_read = attempt(
             "kubernetes",
             "get ClusterPolicy",
-            lambda: kube.get_custom(kubeconfig, "nvidia.com", "v1", "clusterpolicies", core.CLUSTER_POLICY),
+            lambda: kube.get_custom(kubeconfig, *checks.CLUSTER_POLICY_API, checks.CLUSTER_POLICY),
         )
     if config.enabled("slurm"):
-        ns = config.validation.slurm_namespace
+        ns = release_namespace(SLURM_RELEASE)
         live.nodesets, _ = attempt(
             "kubernetes",
             "list NodeSets",
-            lambda: kube.list_custom(kubeconfig, SLURM_GROUP, SLURM_VERSION, "nodesets", ns),
+            lambda: kube.list_custom(kubeconfig, *slurm_tasks.NODESET_API, ns),
         )
         pods, ok = attempt("kubernetes", "list slurmd pods", lambda: _slurmd_pods(kubeconfig, ns))
         live.slurm_pods = pods or []
-        live.slurm_nodes, _ = attempt("slurm", "sinfo", lambda: _sinfo(kubeconfig, ns))
+        live.slurm_nodes, _ = attempt("slurm", "sinfo", lambda: slurm_tasks.Slurm(config, kubeconfig).nodes())
     return live, calls, errors
 
 
@@ -118,18 +92,11 @@ def _slurmd_pods(kubeconfig: Path, namespace: str) -> list[dict[str, str]]:
     return slurm_pods(kubeconfig, namespace)
 
 
-def _sinfo(kubeconfig: Path, namespace: str) -> dict[str, remediation.SlurmNode]:
-    res = slurm_tasks.slurm_exec(kubeconfig, namespace, remediation.SINFO_ARGV, timeout_s=20)
-    if not res.ok:
-        raise RuntimeError(f"rc {res.rc}: {(res.stderr or res.stdout).strip()[:300]}")
-    return remediation.parse_sinfo(res.stdout)
-
-
 def evaluate(config: Config, **kwargs) -> dict[str, Any]:
     """Read and compare (no Prefect needed): the report dict the flow returns."""
     started = time.monotonic()
     live, calls, errors = read_live(config, **kwargs)
-    report = core.detect(config, live)
+    report = core.detect(desired.build(config, desired.learned_gpu_counts(config, live.nodes)), live)
     report["errors"] = errors
     report["api_calls"] = calls
     if errors:
@@ -142,7 +109,7 @@ def evaluate(config: Config, **kwargs) -> dict[str, Any]:
 @flow(name="drift", flow_run_name=run_name("drift"), on_failure=[notify_failure], on_crashed=[notify_failure])
 def drift(params: ClusterParams) -> dict:
     logger = get_run_logger()
-    config = load(params)
+    config = desired_state(params).config
     report = evaluate(config)
     publish_table(
         "drift-report", core.table_rows(report["items"]), f"Drift of {config.cluster_name}: {report['summary']}"

@@ -22,16 +22,15 @@ from flows.common import (
     ClusterParams,
     act_on_both_sides,
     change_node,
-    load,
+    desired_state,
     publish_markdown,
     publish_table,
     run_name,
 )
 from flows.gpu_release import release_node
 from flows.notify import notify_failure
-from gpuforge import health, remediation
+from gpuforge import desired, health, remediation
 from gpuforge.config import Config
-from gpuforge.drift import expected_gpu_counts
 from gpuforge.health_report import (
     EXIT_HEALTHY,
     EXIT_UNKNOWN,
@@ -61,7 +60,7 @@ class HealthParams(ClusterParams):
     on_crashed=[notify_failure],
 )
 def gpu_health(params: HealthParams) -> dict:
-    config = load(params)
+    config = desired_state(params).config
     if params.release:
         return release_node(config, params.release)
     return _check(config)
@@ -79,8 +78,9 @@ def _check(config: Config) -> dict:
     kubeconfig = config.kubeconfig_path()
     started = time.monotonic()
     nodes, kube_error = _gpu_state(config)
-    expected = expected_gpu_counts(config, nodes)
-    table = health.resolve_thresholds(config.health.thresholds)
+    state = desired.build(config, desired.learned_gpu_counts(config, nodes))
+    expected = state.expected_gpus()
+    table = state.thresholds
     queries = health.fleet_queries(table)
     prom_error = None
     try:

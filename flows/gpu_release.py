@@ -16,7 +16,7 @@ import time
 from prefect import get_run_logger
 
 from flows.common import PreconditionFailed, act_on_both_sides, change_node, publish_markdown, publish_table
-from gpuforge import checks, health, remediation
+from gpuforge import desired, health, remediation
 from gpuforge.config import Config
 from gpuforge.health import Verdict
 from gpuforge.health_report import (
@@ -41,7 +41,9 @@ def release_node(config: Config, node: str) -> dict:
     nodes = kube.list_nodes(kubeconfig)
     if node not in nodes:
         raise PreconditionFailed(f"node {node} is not registered in Kubernetes")
-    in_slurm = config.enabled("slurm") and node in {n.name for n in config.slurm_gpu_nodes}
+    state = desired.build(config, desired.learned_gpu_counts(config, nodes))
+    wanted = state.node(node)
+    in_slurm = wanted.in_slurm
     slurm_nodes, slurm_names, slurm_error = (
         slurm_tasks.slurm_state(config, kubeconfig) if in_slurm else (None, {}, None)
     )
@@ -51,8 +53,8 @@ def release_node(config: Config, node: str) -> dict:
     snode = (slurm_nodes or {}).get(sname) if sname else None
 
     # 1. The health rules on fresh metrics (cheap: before any job runs).
-    table = health.resolve_thresholds(config.health.thresholds)
-    expected = {node: checks.expected_gpus(config, nodes[node], node)}
+    table = state.thresholds
+    expected = {node: wanted.expected_gpus}
     prom_error = None
     try:
         verdicts, _ = prometheus.evaluate_fleet(prometheus.prometheus(config), expected, table)

@@ -11,7 +11,7 @@ from prefect.client.schemas.objects import State
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from prefect.states import Failed
 
-from flows.common import ClusterParams, cluster_lock, load, publish_table, run_name
+from flows.common import ClusterParams, cluster_lock, desired_state, handing_down, publish_table, run_name
 from flows.dashboard import dashboard
 from flows.gpu_operator import gpu_operator
 from flows.kubespray import KubesprayParams, kubespray
@@ -51,13 +51,14 @@ RUNBOOKS: dict[str, Callable[[InstallParams], State]] = {
 @flow(name="install", flow_run_name=run_name("install"), on_failure=[notify_failure], on_crashed=[notify_failure])
 def install(params: InstallParams) -> list[dict]:
     logger = get_run_logger()
-    config = load(params, connects=True)
+    state = desired_state(params, connects=True)
+    config = state.config
     rows: list[dict] = []
     # Preflight guards what Kubespray does to the nodes; when Kubespray has nothing to do, neither has it.
     nodes_done = "kubespray" not in params.force_phases and nodes_converged(
-        config.kubeconfig_path(), [n.name for n in config.nodes], config.kubespray.kube_version
+        config.kubeconfig_path(), [n.name for n in state.nodes], config.kubespray.kube_version
     )
-    with cluster_lock(config.cluster_name, "install"):
+    with cluster_lock(config.cluster_name, "install"), handing_down(params, state):
         for phase in selected_phases(params.only, params.from_phase):
             skip = None
             if phase.service and not config.enabled(phase.service):
@@ -71,9 +72,9 @@ def install(params: InstallParams) -> list[dict]:
             # A phase runs in install's own process, whose heartbeat already shows it alive. Prefect joins a
             # flow run's heartbeat thread when the run ends, and that thread sleeps in 1 s steps: ~0.8 s a phase.
             with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-                state = RUNBOOKS[phase.name](params)
-            detail = _one_line(state.result(raise_on_failure=False))
-            failed = state.is_failed() or state.is_crashed()
+                phase_state = RUNBOOKS[phase.name](params)
+            detail = _one_line(phase_state.result(raise_on_failure=False))
+            failed = phase_state.is_failed() or phase_state.is_crashed()
             result = "failed" if failed else ("skipped" if str(detail).startswith("skipped") else "ran")
             rows.append(
                 {

@@ -7,7 +7,7 @@ import shutil
 
 from prefect import flow, get_run_logger
 
-from flows.common import ClusterParams, load, publish_markdown, publish_table, run_name, state_dir
+from flows.common import ClusterParams, desired_state, publish_markdown, publish_table, run_name, state_dir
 from gpuforge.plan import write_plan
 from gpuforge.render import CONTAINERD_IMPORTS
 from tasks.ansible_tasks import prepare_kubespray, run_kubespray, verify_host_keys
@@ -22,14 +22,15 @@ class KubesprayParams(ClusterParams):
 @flow(name="kubespray", flow_run_name=run_name("kubespray"))
 def kubespray(params: KubesprayParams) -> str:
     logger = get_run_logger()
-    config = load(params, connects=True)
-    names, version = [n.name for n in config.nodes], config.kubespray.kube_version
+    state = desired_state(params, connects=True)
+    config = state.config
+    names, version = [n.name for n in state.nodes], config.kubespray.kube_version
     kubeconfig = config.kubeconfig_path()
     if not params.force and nodes_converged(kubeconfig, names, version):
         return f"skipped: all {len(names)} nodes Ready at {version} (use --force-phase kubespray to re-run)"
 
     inventory_dir = state_dir(config) / "inventory"
-    write_plan(config, inventory_dir)
+    write_plan(state, inventory_dir)
     # A host whose SSH key changed gets no CA keys, certificates or kubeconfigs: refuse before Kubespray runs.
     if refused := [v.message for v in verify_host_keys(config).values() if v.refused]:
         raise RuntimeError("; ".join(refused))

@@ -9,20 +9,23 @@ import json
 
 from prefect import flow
 
-from flows.common import ClusterParams, load, publish_table, run_name
+from flows.common import ClusterParams, desired_state, publish_table, run_name
 from gpuforge import render
+from gpuforge.desired import MONITORING_RELEASE
+from gpuforge.plan import alert_rules
 from tasks.helm import converge_service, outcome_rows, phase_summary
 from tasks.kube import apply, config_map
 
 
 @flow(name="monitoring", flow_run_name=run_name("monitoring"))
 def monitoring(params: ClusterParams) -> str:
-    config = load(params)
+    state = desired_state(params)
+    config = state.config
     kubeconfig = config.kubeconfig_path()
-    outcomes = converge_service(config, "monitoring_stack", kubeconfig, config.timeouts.monitoring)
+    outcomes = converge_service(state, "monitoring_stack", kubeconfig, config.timeouts.monitoring)
     dashboard = config_map(
         render.DASHBOARD_CONFIGMAP,
-        "monitoring",
+        state.namespace(MONITORING_RELEASE),
         {"gpuforge-gpus.json": json.dumps(render.render_dashboard())},
         labels={
             render.DASHBOARD_SIDECAR_LABEL[0]: render.DASHBOARD_SIDECAR_LABEL[1],
@@ -30,6 +33,6 @@ def monitoring(params: ClusterParams) -> str:
         },
     )
     apply(kubeconfig, dashboard)
-    apply(kubeconfig, render.render_alert_rules(config))
+    apply(kubeconfig, alert_rules(state))
     publish_table("monitoring-status", outcome_rows(outcomes), "kube-prometheus-stack release")
     return phase_summary(outcomes, "dashboard and GPU alerts applied")

@@ -28,15 +28,17 @@ from flows.common import (
     ClusterParams,
     PreconditionFailed,
     cluster_lock,
-    load,
+    desired_state,
     publish_markdown,
     publish_table,
     run_name,
     state_dir,
 )
-from gpuforge import checks, node_lifecycle
+from flows.gpu_operator import wait_for_gpus
+from gpuforge import desired, node_lifecycle
 from gpuforge import preflight as preflight_rules
 from gpuforge.config import Config
+from gpuforge.desired import DesiredState
 from gpuforge.node_lifecycle import ADD_REASON, REMOVE_REASON, SMOKE_FAILED_REASON, NodeRefused
 from gpuforge.plan import dump_yaml, write_plan
 from gpuforge.render import render_inventory
@@ -70,18 +72,22 @@ class NodeReplaceParams(ClusterParams):
 
 @flow(name="node-add", flow_run_name=run_name("node-add"))
 def node_add(params: NodeAddParams) -> list[dict]:
-    config = load(params, connects=True)
-    with cluster_lock(config.cluster_name, "node operation"):
-        return add_nodes(config, params.nodes)
+    state = desired_state(params, connects=True)
+    with cluster_lock(state.cluster, "node operation"):
+        return add_nodes(state, params.nodes)
 
 
-def add_nodes(config: Config, names: list[str], replacing: str | None = None) -> list[dict]:
+def add_nodes(state: DesiredState, names: list[str], replacing: str | None = None) -> list[dict]:
     """The add runbook (the caller holds the cluster lock); a row per new node. `replacing`: the node whose new
     machine this is (its address differs from the installed inventory's on purpose)."""
     logger = get_run_logger()
+    config = state.config
     kubeconfig = config.kubeconfig_path()
     registered = set(kube.list_nodes(kubeconfig))
-    new = [node_lifecycle.config_node(config, n) for n in names] or node_lifecycle.missing_nodes(config, registered)
+    try:
+        new = [node_lifecycle.config_node(state, n) for n in names] or node_lifecycle.missing_nodes(state, registered)
+    except NodeRefused as exc:
+        raise PreconditionFailed(str(exc)) from None
     if already := [n.name for n in new if n.name in registered]:
         raise PreconditionFailed(
             f"already in the cluster: {', '.join(already)}. A node kept out after a failed validation goes back "
@@ -90,7 +96,7 @@ def add_nodes(config: Config, names: list[str], replacing: str | None = None) ->
     if not new:
         return [{"node": "-", "result": "nothing to add", "detail": "every config node is registered"}]
     installed = node_lifecycle.inventory_hosts(_read_yaml(state_dir(config) / "inventory" / "hosts.yaml"))
-    if moved := node_lifecycle.address_changes(config, installed, keep=replacing):
+    if moved := node_lifecycle.address_changes(state, installed, keep=replacing):
         raise PreconditionFailed(
             "refusing to add: the config gives installed nodes new addresses (" + "; ".join(moved) + "); a derived "
             "name follows the file order: give every node its name, or replace a machine with `node replace`"
@@ -102,7 +108,7 @@ def add_nodes(config: Config, names: list[str], replacing: str | None = None) ->
 
     # 1. Preflight on the new hosts only; nothing runs on the others.
     inventory_dir = state_dir(config) / "inventory"
-    write_plan(config, inventory_dir)
+    write_plan(state, inventory_dir)
     host_keys = verify_host_keys(only_new)
     if refused := [v.message for v in host_keys.values() if v.refused]:
         raise PreconditionFailed("; ".join(refused))
@@ -147,26 +153,26 @@ def add_nodes(config: Config, names: list[str], replacing: str | None = None) ->
     for name in new_names:
         kube.set_cordon(kubeconfig, name, True, ADD_REASON)
 
-    # 4. GPUs offered; Slurm NodeSets follow the config, the new Slurm nodes drained with the reason.
-    gpu_new = [n.name for n in only_new.gpu_nodes]
+    # 4. GPUs offered (a count the config leaves open recorded, as the gpu-operator phase does); Slurm NodeSets
+    #    follow the config, the new Slurm nodes drained with the reason.
+    gpu_new = [n.name for n in new if n.is_gpu]
     if gpu_new and config.enabled("gpu-operator"):
-        _wait_gpus(only_new, kubeconfig, logger.info)
-    members = [n for n in new_names if node_lifecycle.slurm_member(config, n)]
+        wait_for_gpus(state, kubeconfig, gpu_new, logger.info)
+    state = _with_recorded_gpus(state, kubeconfig)
+    members = [n.name for n in new if n.in_slurm]
     slurm = slurm_tasks.Slurm(config, kubeconfig)
     if members:
-        nodes = kube.list_nodes(kubeconfig)
-        learned = {n.name: nodes[n.name].allocatable_gpus for n in config.gpu_nodes if n.name in nodes}
-        converge_service(config, "slurm", kubeconfig, config.timeouts.slurm, learned=learned)
+        converge_service(state, "slurm", kubeconfig, config.timeouts.slurm)
         for name in members:
-            slurm.update(_slurm_name(config, kubeconfig, name), "drain", ADD_REASON)
+            slurm.update(_member_slurm_name(config, kubeconfig, name), "drain", ADD_REASON)
 
     # 5. Validation, 6. back into service or kept out with the reason.
     rows = []
     for name in new_names:
-        ok, how, detail = _validate_new_node(config, kubeconfig, name, name in members)
+        ok, how, detail = _validate_new_node(state, kubeconfig, name)
         if ok:
             if name in members:
-                sname = _slurm_name(config, kubeconfig, name)
+                sname = _member_slurm_name(config, kubeconfig, name)
                 if slurm.nodes()[sname].out_of_service:  # the validation job may have resumed it already
                     slurm.update(sname, "resume")
             kube.set_cordon(kubeconfig, name, False, None)
@@ -174,7 +180,7 @@ def add_nodes(config: Config, names: list[str], replacing: str | None = None) ->
             reason = f"{SMOKE_FAILED_REASON}: {detail}"[:200]
             kube.set_cordon(kubeconfig, name, True, reason)
             if name in members:
-                slurm.update(_slurm_name(config, kubeconfig, name), "drain", reason)
+                slurm.update(_member_slurm_name(config, kubeconfig, name), "drain", reason)
         rows.append({"node": name, "result": "in service" if ok else "kept out", "validation": how, "detail": detail})
         logger.info("%s: %s (%s: %s)", name, rows[-1]["result"], how, detail)
     publish_table("node-add-report", rows, f"node add on {config.cluster_name}: a row per new node")
@@ -191,37 +197,25 @@ def add_nodes(config: Config, names: list[str], replacing: str | None = None) ->
     return rows
 
 
-def _wait_gpus(only_new: Config, kubeconfig, log) -> None:
-    """GPU Operator labels and allocatable GPUs on the new GPU nodes; a count the config leaves open is recorded,
-    as the gpu-operator phase does, so health can tell a lost GPU later."""
-
-    def probe() -> tuple[bool, str]:
-        policy = kube.get_custom(kubeconfig, "nvidia.com", "v1", "clusterpolicies", "cluster-policy")
-        _, missing = checks.gpu_node_rows(only_new, kube.list_nodes(kubeconfig), policy)
-        return not missing, "; ".join(missing) or "every new GPU node offers its GPUs"
-
-    kube.wait_for("the new nodes' GPUs", probe, only_new.timeouts.gpu_operator, log=log)
-    nodes = kube.list_nodes(kubeconfig)
-    for gpu in only_new.gpu_nodes:
-        if gpu.spec.gpu_count is None and checks.INSTALLED_GPU_COUNT not in nodes[gpu.name].annotations:
-            kube.annotate_node(
-                kubeconfig, gpu.name, {checks.INSTALLED_GPU_COUNT: str(nodes[gpu.name].allocatable_gpus)}
-            )
+def _with_recorded_gpus(state: DesiredState, kubeconfig) -> DesiredState:
+    """The desired state with the GPU counts recorded on the nodes for those the config leaves open (what the
+    Slurm NodeSets and the checks go by: desired.py)."""
+    config = state.config
+    return desired.build(config, desired.learned_gpu_counts(config, kube.list_nodes(kubeconfig)))
 
 
-def _validate_new_node(config: Config, kubeconfig, name: str, member: bool) -> tuple[bool, str, str]:
+def _validate_new_node(state: DesiredState, kubeconfig, name: str) -> tuple[bool, str, str]:
     """(passed, how, detail) for one new node. A CPU node needs Ready only (checked). A GPU node: its DCGM series
     first, then a 1-GPU Slurm job pinned to it (a NodeSet's slurmd holds its GPUs) or a CUDA smoke pod."""
-    if name not in {n.name for n in config.gpu_nodes}:
+    config, node = state.config, state.node(name)
+    if not node.is_gpu:
         return True, "Ready", "CPU node: Ready at the pin"
-    nodes = kube.list_nodes(kubeconfig)
-    expected = {name: checks.expected_gpus(config, nodes.get(name), name) or 1}
     if config.enabled("monitoring_stack"):
-        dcgm = prometheus.dcgm_coverage(config, expected)
+        dcgm = prometheus.dcgm_coverage(config, {name: node.expected_gpus or 1})
         if bad := [r for r in dcgm if r.result != "pass"]:
             return False, "DCGM series", "; ".join(f"{r.target}: {r.detail}" for r in bad)[:400]
-    if member:
-        sname = _slurm_name(config, kubeconfig, name)
+    if node.in_slurm:
+        sname = _member_slurm_name(config, kubeconfig, name)
         snode = slurm_tasks.Slurm(config, kubeconfig).nodes().get(sname)
         ok, detail = slurm_tasks.revalidate_with_job(config, kubeconfig, sname, snode, [], get_run_logger().info)
         return ok, f"Slurm job on {sname}", detail
@@ -234,25 +228,26 @@ def _validate_new_node(config: Config, kubeconfig, name: str, member: bool) -> t
 
 @flow(name="node-remove", flow_run_name=run_name("node-remove"))
 def node_remove(params: NodeRemoveParams) -> dict:
-    config = load(params, connects=True)
-    with cluster_lock(config.cluster_name, "node operation"):
-        return remove_node(config, params.node, force=params.force, timeout_s=params.drain_timeout_s, dead=params.dead)
+    state = desired_state(params, connects=True)
+    with cluster_lock(state.cluster, "node operation"):
+        return remove_node(state, params.node, force=params.force, timeout_s=params.drain_timeout_s, dead=params.dead)
 
 
 def remove_node(
-    config: Config, name: str, *, force: bool, timeout_s: float, dead: bool, replacing: bool = False
+    state: DesiredState, name: str, *, force: bool, timeout_s: float, dead: bool, replacing: bool = False
 ) -> dict:
     """The remove runbook (the caller holds the cluster lock). `replacing`: the config names `name` on purpose,
     with its new machine's address; the old machine's is in the installed inventory."""
     logger = get_run_logger()
+    config = state.config
     kubeconfig = config.kubeconfig_path()
     started = time.monotonic()
     inventory_dir = state_dir(config) / "inventory"
     installed = node_lifecycle.inventory_hosts(_read_yaml(inventory_dir / "hosts.yaml"))
     nodes = kube.list_nodes(kubeconfig)
-    still_in_config = name in {n.name for n in config.nodes} and not replacing
+    still_in_config = state.node(name) is not None and not replacing
     check = node_lifecycle.removal_check(name, installed, {n: s.ready for n, s in nodes.items()}, still_in_config)
-    if moved := node_lifecycle.address_changes(config, installed, keep=name if replacing else None):
+    if moved := node_lifecycle.address_changes(state, installed, keep=name if replacing else None):
         check.refusals.append(
             "the config gives other nodes new addresses (" + "; ".join(moved) + "): derived names follow the "
             "file order, so removing a node from the middle renamed the ones after it. Give every node its name"
@@ -272,7 +267,7 @@ def remove_node(
         kube.set_cordon(kubeconfig, name, True, REMOVE_REASON)
         step("cordon", f"{name} cordoned: {REMOVE_REASON}")
     slurm = slurm_tasks.Slurm(config, kubeconfig)
-    sname = _slurm_names(config, kubeconfig, [name]).get(name) if config.enabled("slurm") else None
+    sname = _slurm_name(config, kubeconfig, name)
     if sname:
         slurm.update(sname, "drain", REMOVE_REASON)
         waited = time.monotonic()
@@ -304,7 +299,7 @@ def remove_node(
     # Kubespray's remove-node.yml for the host, with the inventory that still names it.
     host = installed[name]
     remove_inventory = state_dir(config) / f"remove-{name}" / "hosts.yaml"
-    write_plan(config, remove_inventory.parent)  # group_vars of the cluster as configured now
+    write_plan(state, remove_inventory.parent)  # group_vars of the cluster as configured now
     remove_inventory.write_text(dump_yaml(node_lifecycle.with_host(render_inventory(config), host)))
     checkout, _, binary = prepare_kubespray(config)
     playbook = _node_playbook(config, checkout, node_lifecycle.KUBESPRAY_REMOVE)
@@ -321,16 +316,14 @@ def remove_node(
     step("kubespray", f"{playbook.name} -e node={name} reset_nodes={not dead}: {did}")
     if kube.delete_node(kubeconfig, name):
         step("delete node", f"Node {name} deleted")
-    write_plan(config, inventory_dir)  # the installed inventory without it: later rules count what is left
+    write_plan(state, inventory_dir)  # the installed inventory without it: later rules count what is left
     if sname:
         step("slurm node", slurm_tasks.delete_node(slurm, sname))
     (node_lifecycle.fact_cache_dir(config.cluster_name) / name).unlink(missing_ok=True)
 
     # The NodeSets follow the config (the node's replica goes) and its Slurm node leaves with its slurmd.
-    if config.enabled("slurm") and sname:
-        live = kube.list_nodes(kubeconfig)
-        learned = {n.name: live[n.name].allocatable_gpus for n in config.gpu_nodes if n.name in live}
-        outcomes = converge_service(config, "slurm", kubeconfig, config.timeouts.slurm, learned=learned)
+    if sname:
+        outcomes = converge_service(_with_recorded_gpus(state, kubeconfig), "slurm", kubeconfig, config.timeouts.slurm)
         step("slurm nodesets", ", ".join(f"{o.release} {o.action}" for o in outcomes))
     report = {"node": name, "removed": True, "warnings": check.warnings, "steps": steps,
               "seconds": round(time.monotonic() - started, 1)}  # fmt: skip
@@ -346,22 +339,26 @@ def node_replace(params: NodeReplaceParams) -> dict:
     """The machine of `node` is swapped for the one the config now gives that name (a new address): the old
     one goes as `remove` takes a node (its host is usually dead: reset_nodes=false when it does not answer),
     then the new one is added under the same name and labels, validated before it takes work."""
-    config = load(params, connects=True)
-    new = node_lifecycle.config_node(config, params.node)
+    state = desired_state(params, connects=True)
+    config = state.config
+    try:
+        new = node_lifecycle.config_node(state, params.node)
+    except NodeRefused as exc:
+        raise PreconditionFailed(str(exc)) from None
     installed = node_lifecycle.inventory_hosts(_read_yaml(state_dir(config) / "inventory" / "hosts.yaml"))
     old = installed.get(params.node)
-    if old is None or old.vars.get("ansible_host") == new.spec.ip:
+    if old is None or old.vars.get("ansible_host") == new.ip:
         raise PreconditionFailed(
-            f"{params.node} keeps its address {new.spec.ip} in the config: to replace its machine, set the new "
+            f"{params.node} keeps its address {new.ip} in the config: to replace its machine, set the new "
             "machine's address as its ip in k8s_cluster_nodes (same name, labels and roles), then run replace"
         )
-    with cluster_lock(config.cluster_name, "node operation"):
+    with cluster_lock(state.cluster, "node operation"):
         old_address = old.vars.get("ansible_host", "")
         dead = not scan_host_keys([old_address]).get(old_address)  # its sshd offers no key: the machine is gone
         removed = remove_node(
-            config, params.node, force=params.force, timeout_s=params.drain_timeout_s, dead=dead, replacing=True
+            state, params.node, force=params.force, timeout_s=params.drain_timeout_s, dead=dead, replacing=True
         )
-        added = add_nodes(config, [params.node], replacing=params.node)
+        added = add_nodes(state, [params.node], replacing=params.node)
     return {"node": params.node, "old_address": old.vars.get("ansible_host"), "new_address": new.spec.ip,
             "removed": removed, "added": added}  # fmt: skip
 
@@ -402,17 +399,16 @@ def _raise_unless_ok(run, what: str) -> None:
     )
 
 
-def _slurm_names(config: Config, kubeconfig, names: list[str]) -> dict[str, str]:
-    """Kubernetes node -> Slurm node (same name, or the slurmd pod on it)."""
-    from gpuforge.remediation import slurm_name_map
+def _slurm_name(config: Config, kubeconfig, name: str) -> str | None:
+    """Kubernetes node -> its Slurm node (same name, or the slurmd pod on it); None: Slurm has none (or is off)."""
+    _, names, error = slurm_tasks.slurm_state(config, kubeconfig, [name])
+    if error:
+        raise RuntimeError(error)
+    return names.get(name)
 
-    snodes = slurm_tasks.Slurm(config, kubeconfig).nodes()
-    pods = kube.slurm_pods(kubeconfig, config.validation.slurm_namespace)
-    return slurm_name_map(names, snodes, pods)
 
-
-def _slurm_name(config: Config, kubeconfig, name: str) -> str:
-    found = _slurm_names(config, kubeconfig, [name]).get(name)
+def _member_slurm_name(config: Config, kubeconfig, name: str) -> str:
+    found = _slurm_name(config, kubeconfig, name)
     if found is None:
         raise RuntimeError(
             f"Slurm has no node for {name} (neither that name nor a slurmd pod on it): is its NodeSet pod running?"

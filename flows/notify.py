@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from flows.common import ClusterParams, load
+from flows.common import ClusterParams, desired_state
 
 log = logging.getLogger("gpuforge.notify")
 
@@ -40,7 +40,7 @@ def notify_failure(flow, flow_run, state) -> None:
     """on_failure / on_crashed hook of the scheduled and install flows."""
     try:
         params = ClusterParams.model_validate(dict(flow_run.parameters.get("params") or {}))
-        config = load(params)
+        config = desired_state(params).config
     except Exception as exc:  # noqa: BLE001 - a hook must not hide the run's own failure
         log.warning("no notification: the run's config cannot be read (%s)", exc)
         return

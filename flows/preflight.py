@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from flows.common import ClusterParams, load, publish_table, run_name, state_dir
+from flows.common import ClusterParams, desired_state, publish_table, run_name, state_dir
 from gpuforge import preflight as rules
 from gpuforge.plan import write_plan
 from tasks.ansible_tasks import collect_preflight_facts, verify_host_keys
@@ -13,9 +13,10 @@ from tasks.ansible_tasks import collect_preflight_facts, verify_host_keys
 @flow(name="preflight", flow_run_name=run_name("preflight"), log_prints=False)
 def preflight(params: ClusterParams) -> str:
     logger = get_run_logger()
-    config = load(params, connects=True)
+    state = desired_state(params, connects=True)
+    config = state.config
     inventory_dir = state_dir(config) / "inventory"
-    write_plan(config, inventory_dir)
+    write_plan(state, inventory_dir)
 
     host_keys = verify_host_keys(config)
     refused = [name for name, verdict in host_keys.items() if verdict.refused]

@@ -4,24 +4,26 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from flows.common import ClusterParams, load, publish_table, run_name
+from flows.common import ClusterParams, desired_state, publish_table, run_name
+from gpuforge import desired
+from gpuforge.desired import SLURM_RELEASE
+from gpuforge.pins import release_namespace
 from tasks.helm import converge_service, outcome_rows, phase_summary
 from tasks.kube import list_custom, list_nodes, wait_for
-from tasks.slurm import controller_answers
+from tasks.slurm import NODESET_API, controller_answers
 
 
 @flow(name="slurm", flow_run_name=run_name("slurm"))
 def slurm(params: ClusterParams) -> str:
     logger = get_run_logger()
-    config = load(params)
-    kubeconfig, namespace = config.kubeconfig_path(), config.validation.slurm_namespace
-    # GPU counts the config leaves open are the ones the GPU Operator found.
-    nodes = list_nodes(kubeconfig)
-    learned = {n.name: nodes[n.name].allocatable_gpus for n in config.gpu_nodes if n.name in nodes}
-    outcomes = converge_service(config, "slurm", kubeconfig, config.timeouts.slurm, learned=learned)
+    config = desired_state(params).config
+    kubeconfig, namespace = config.kubeconfig_path(), release_namespace(SLURM_RELEASE)
+    # GPU counts the config leaves open: the ones the gpu-operator phase recorded on the nodes.
+    state = desired.build(config, desired.learned_gpu_counts(config, list_nodes(kubeconfig)))
+    outcomes = converge_service(state, "slurm", kubeconfig, config.timeouts.slurm)
 
     def nodesets_ready() -> tuple[bool, str]:
-        sets = list_custom(kubeconfig, "slinky.slurm.net", "v1beta1", "nodesets", namespace)
+        sets = list_custom(kubeconfig, *NODESET_API, namespace)
         pending = [
             f"{s['metadata']['name']} {(s.get('status') or {}).get('readyReplicas', 0)}/{s['spec'].get('replicas', 0)}"
             for s in sets

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from flows.common import ClusterParams, load, publish_markdown, publish_table, run_name
+from flows.common import ClusterParams, desired_state, publish_markdown, publish_table, run_name
 from flows.notify import notify_failure
-from gpuforge import checks, validation
+from gpuforge import desired, validation
 from gpuforge.validation import ERROR, FAIL, SKIP, CheckResult
 from tasks import kube, prometheus, slurm
 
@@ -23,17 +23,18 @@ class ValidateParams(ClusterParams):
 @flow(name="validate", flow_run_name=run_name("validate"), on_failure=[notify_failure])
 def validate(params: ValidateParams) -> dict:
     logger = get_run_logger()
-    config = load(params)
+    config = desired_state(params).config
     kubeconfig = config.kubeconfig_path()
     try:
         nodes = kube.list_nodes(kubeconfig)
     except Exception as exc:  # noqa: BLE001 - no API: nothing below can be checked
         results = [CheckResult("cluster", "api-server", ERROR, f"Kubernetes API unreachable: {exc}")]
         return _finish(config, results)
-    expected = {n.name: checks.expected_gpus(config, nodes.get(n.name), n.name) or 1 for n in config.gpu_nodes}
-    slurm_expected = {n.name: expected[n.name] for n in config.slurm_gpu_nodes}
+    state = desired.build(config, desired.learned_gpu_counts(config, nodes))
+    expected = {n.name: n.expected_gpus or 1 for n in state.gpu_nodes}
+    slurm_expected = {n.name: expected[n.name] for n in state.slurm_nodes}
 
-    results = kube.cluster_checks(config, kubeconfig, nodes)
+    results = kube.cluster_checks(state, kubeconfig, nodes)
     # The three groups touch different systems and mostly wait: they run side by side (Prefect task runs).
     running = []
     if config.enabled("gpu-operator"):

@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from gpuforge.config import Config
-
 GPU_PRESENT = "nvidia.com/gpu.present"
-INSTALLED_GPU_COUNT = "gpuforge.io/installed-gpu-count"
+# The GPU Operator's one ClusterPolicy, and the state it reports once every operand it manages is up.
+CLUSTER_POLICY = "cluster-policy"
+CLUSTER_POLICY_API = ("nvidia.com", "v1", "clusterpolicies")
+CLUSTER_POLICY_READY = "ready"
 
 
 class NodeView(Protocol):
@@ -21,28 +22,30 @@ class NodeView(Protocol):
     annotations: dict[str, str]
 
 
-def expected_gpus(config: Config, node: NodeView | None, name: str) -> int | None:
-    """The configured GPU count, else the count recorded on the node at install time, else None (>= 1)."""
-    spec = next(n.spec for n in config.gpu_nodes if n.name == name)
-    if spec.gpu_count:
-        return spec.gpu_count
-    if node and node.annotations.get(INSTALLED_GPU_COUNT, "").isdigit():
-        return int(node.annotations[INSTALLED_GPU_COUNT])
-    return None
+def cluster_policy_state(policy: Mapping[str, Any] | None) -> str | None:
+    """The ClusterPolicy's status.state (None: no ClusterPolicy, or no state yet)."""
+    return ((policy or {}).get("status") or {}).get("state")
 
 
-def gpu_node_rows(config: Config, nodes: dict[str, Any], cluster_policy: dict | None) -> tuple[list[dict], list[str]]:
-    """A row per GPU node (labels, allocatable vs expected) and the list of what is still missing."""
-    state = ((cluster_policy or {}).get("status") or {}).get("state")
+def cluster_policy_ready(policy: Mapping[str, Any] | None) -> bool:
+    """The one rule for "the GPU Operator is ready": its ClusterPolicy exists and reports `ready`."""
+    return cluster_policy_state(policy) == CLUSTER_POLICY_READY
+
+
+def gpu_node_rows(
+    expected: Mapping[str, int | None], nodes: Mapping[str, NodeView], cluster_policy: dict | None
+) -> tuple[list[dict], list[str]]:
+    """A row per GPU node (labels, allocatable vs expected) and the list of what is still missing. `expected`
+    maps each GPU node to the GPUs it must offer (None: at least one), as the desired state has it."""
     missing = []
     if cluster_policy is None:
-        missing.append("ClusterPolicy cluster-policy does not exist")
-    elif state != "ready":
-        missing.append(f"ClusterPolicy cluster-policy state is {state or 'unset'}, not ready")
+        missing.append(f"ClusterPolicy {CLUSTER_POLICY} does not exist")
+    elif not cluster_policy_ready(cluster_policy):
+        state = cluster_policy_state(cluster_policy)
+        missing.append(f"ClusterPolicy {CLUSTER_POLICY} state is {state or 'unset'}, not {CLUSTER_POLICY_READY}")
     rows = []
-    for gpu in config.gpu_nodes:
-        node = nodes.get(gpu.name)
-        want = expected_gpus(config, node, gpu.name)
+    for name, want in expected.items():
+        node = nodes.get(name)
         have = node.allocatable_gpus if node else 0
         labelled = bool(node and node.labels.get(GPU_PRESENT) == "true")
         problems = []
@@ -55,10 +58,10 @@ def gpu_node_rows(config: Config, nodes: dict[str, Any], cluster_policy: dict | 
                 problems.append("allocatable nvidia.com/gpu is 0, expected at least 1")
             elif want is not None and have != want:
                 problems.append(f"allocatable nvidia.com/gpu is {have}, expected {want}")
-        missing += [f"{gpu.name}: {p}" for p in problems]
+        missing += [f"{name}: {p}" for p in problems]
         rows.append(
             {
-                "node": gpu.name,
+                "node": name,
                 "gpu.present label": "yes" if labelled else "no",
                 "product": (node.labels.get("nvidia.com/gpu.product", "") if node else ""),
                 "allocatable": have,

@@ -766,6 +766,15 @@ def semantic_problems(config: Config) -> list[tuple[tuple[Any, ...], str]]:
                 "one, or set enabled: false",
             )
         )
+    slurm_namespace = pins.release_namespace("slurm")
+    if config.validation.slurm_namespace != slurm_namespace:
+        # gpuforge reads Slurm where it installs it: the slurm release's namespace, which the config cannot move.
+        problems.append(
+            (
+                ("validation", "slurm_namespace"),
+                f"Slurm runs in the slurm release's namespace {slurm_namespace!r}; remove this key",
+            )
+        )
     if config.ansible_ssh_private_key_file and config.ansible_ssh_private_key_secret:
         problems.append(
             (("ansible_ssh_private_key_secret",), "set either ansible_ssh_private_key_file or this, not both")

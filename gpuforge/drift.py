@@ -1,4 +1,4 @@
-"""Drift: the desired state (config + pins + rendered values, the model `plan` uses) against the live cluster.
+"""Drift: the desired state (gpuforge.desired.DesiredState, the model `plan` uses) against the live cluster.
 
 Pure domain code: no Prefect, no clients. The drift flow reads the cluster with a constant number of calls
 (one node list, one Helm list, one ClusterPolicy get, one NodeSet list, one slurmd pod list, one `sinfo`) and
@@ -41,8 +41,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from gpuforge import render
-from gpuforge.checks import INSTALLED_GPU_COUNT
-from gpuforge.config import Config
+from gpuforge.checks import CLUSTER_POLICY, CLUSTER_POLICY_READY, cluster_policy_ready, cluster_policy_state
+from gpuforge.desired import SLURM_RELEASE, DesiredState
 from gpuforge.remediation import SlurmNode, slurm_name_map
 
 CRITICAL, WARNING, INFO = "critical", "warning", "info"
@@ -50,7 +50,6 @@ SEVERITY_ORDER = {CRITICAL: 0, WARNING: 1, INFO: 2}
 MASK = "***"
 REGISTERED = "registered"
 PRESENT = "present"
-CLUSTER_POLICY = "cluster-policy"
 EXIT_NO_DRIFT, EXIT_ERROR, EXIT_DRIFT = 0, 1, 2
 
 # Helm value keys whose values never leave the cluster in a report (both sides masked, the path stays).
@@ -167,31 +166,6 @@ def mask(value: Any) -> Any:
     return None if value is None else MASK
 
 
-# --------------------------------------------------------------------------------------------- desired
-
-
-def expected_gpu_counts(config: Config, nodes: Mapping[str, Any]) -> dict[str, int | None]:
-    """checks.expected_gpus for every GPU node at once (that function looks the node up in the config, which is
-    linear per call): the configured count, else the count recorded on the node at install, else None.
-    `nodes` maps names to NodeState-like objects or dicts with `annotations`."""
-    out: dict[str, int | None] = {}
-    for gpu in config.gpu_nodes:
-        if gpu.spec.gpu_count:
-            out[gpu.name] = gpu.spec.gpu_count
-            continue
-        node = nodes.get(gpu.name)
-        notes = (node.get("annotations") if isinstance(node, Mapping) else getattr(node, "annotations", None)) or {}
-        recorded = str(notes.get(INSTALLED_GPU_COUNT, ""))
-        out[gpu.name] = int(recorded) if recorded.isdigit() else None
-    return out
-
-
-def learned_counts(config: Config, nodes: Mapping[str, Any]) -> dict[str, int]:
-    """GPU counts the config leaves open, as recorded on the nodes at install (what install rendered with)."""
-    open_count = {g.name for g in config.gpu_nodes if g.spec.gpu_count is None}
-    return {n: c for n, c in expected_gpu_counts(config, nodes).items() if n in open_count and c is not None}
-
-
 def _taint_map(taints: Iterable[str]) -> dict[str, str]:
     """["key=value:Effect", "key:Effect"] -> {key: "value:Effect" | ":Effect"} (one entry per key and effect)."""
     out: dict[str, str] = {}
@@ -209,14 +183,13 @@ def _chart_name(ref: str) -> str:
 # ---------------------------------------------------------------------------------------------- compare
 
 
-def compare_nodes(config: Config, live: LiveState) -> list[DriftItem]:
+def compare_nodes(state: DesiredState, live: LiveState) -> list[DriftItem]:
     items: list[DriftItem] = []
-    pin = config.kubespray.kube_version.lstrip("v")
-    wanted = {n.name: n for n in config.nodes}
+    pin = state.config.kubespray.kube_version.lstrip("v")
+    wanted = {n.name: n for n in state.nodes}
     # Taint keys gpuforge owns anywhere in the config: removing one from a node's config is drift too.
-    owned_taints = {k for n in config.nodes for k in _taint_map(render.node_taints(n))}
-    gpu_operator = config.enabled("gpu-operator")
-    expected = expected_gpu_counts(config, live.nodes)
+    owned_taints = {k for n in state.nodes for k in _taint_map(n.taints)}
+    gpu_operator = state.config.enabled("gpu-operator")
     for name, node in wanted.items():
         res = f"node/{name}"
         state = live.nodes.get(name)
@@ -226,7 +199,7 @@ def compare_nodes(config: Config, live: LiveState) -> list[DriftItem]:
         have_version = str(state.get("kubelet_version") or "").lstrip("v")
         if have_version != pin:
             items.append(DriftItem(res, pointer("nodes", name, "kubeletVersion"), pin, have_version or None, WARNING))
-        want_labels = render.node_labels(node, config.cluster_name)
+        want_labels = dict(node.labels)
         have_labels = dict(state.get("labels") or {})
         keys = set(want_labels) | {k for k in have_labels if k.startswith(render.LABEL_PREFIX)}
         for key in sorted(keys):
@@ -236,7 +209,7 @@ def compare_nodes(config: Config, live: LiveState) -> list[DriftItem]:
                         res, pointer("nodes", name, "labels", key), want_labels.get(key), have_labels.get(key), WARNING
                     )
                 )
-        want_taints = _taint_map(render.node_taints(node))
+        want_taints = _taint_map(node.taints)
         have_taints = _taint_map(state.get("taints") or [])
         keys = set(want_taints) | {
             k for k in have_taints if k in owned_taints or k.split(":")[0].startswith(render.LABEL_PREFIX)
@@ -248,8 +221,8 @@ def compare_nodes(config: Config, live: LiveState) -> list[DriftItem]:
                         res, pointer("nodes", name, "taints", key), want_taints.get(key), have_taints.get(key), WARNING
                     )
                 )
-        if gpu_operator and node.spec.is_gpu:
-            want = expected[name]
+        if gpu_operator and node.is_gpu:
+            want = node.expected_gpus
             have = int(state.get("allocatable_gpus") or 0)
             if (want is None and have < 1) or (want is not None and have != want):
                 items.append(
@@ -266,11 +239,11 @@ def compare_nodes(config: Config, live: LiveState) -> list[DriftItem]:
     return items
 
 
-def compare_releases(config: Config, live: LiveState, releases: list[render.Release]) -> list[DriftItem]:
+def compare_releases(state: DesiredState, live: LiveState) -> list[DriftItem]:
     if live.releases is None:
         return []
     items: list[DriftItem] = []
-    for rel in releases:
+    for rel in state.releases:
         res = f"helm/{rel.name}"
         have = live.releases.get(rel.name)
         if have is None:
@@ -298,15 +271,16 @@ def compare_releases(config: Config, live: LiveState, releases: list[render.Rele
     return items
 
 
-def compare_cluster_policy(config: Config, live: LiveState) -> list[DriftItem]:
-    if not config.enabled("gpu-operator") or not live.cluster_policy_read:
+def compare_cluster_policy(state: DesiredState, live: LiveState) -> list[DriftItem]:
+    if not state.config.enabled("gpu-operator") or not live.cluster_policy_read:
         return []
     res = f"clusterpolicy/{CLUSTER_POLICY}"
     if live.cluster_policy is None:
         return [DriftItem(res, pointer("clusterpolicy", CLUSTER_POLICY), PRESENT, None, CRITICAL)]
-    state = (live.cluster_policy.get("status") or {}).get("state")
-    if state != "ready":
-        return [DriftItem(res, pointer("clusterpolicy", CLUSTER_POLICY, "status", "state"), "ready", state, CRITICAL)]
+    if not cluster_policy_ready(live.cluster_policy):
+        have = cluster_policy_state(live.cluster_policy)
+        path = pointer("clusterpolicy", CLUSTER_POLICY, "status", "state")
+        return [DriftItem(res, path, CLUSTER_POLICY_READY, have, CRITICAL)]
     return []
 
 
@@ -318,10 +292,10 @@ def _nodeset_key(name: str, keys: Iterable[str]) -> str | None:
     return None
 
 
-def compare_slurm(config: Config, live: LiveState, releases: list[render.Release]) -> list[DriftItem]:
-    if not config.enabled("slurm"):
+def compare_slurm(state: DesiredState, live: LiveState) -> list[DriftItem]:
+    if not state.config.enabled("slurm"):
         return []
-    slurm = next((r for r in releases if r.name == "slurm"), None)
+    slurm = state.release(SLURM_RELEASE)
     values = slurm.values if slurm else {}
     want_sets = {k: v for k, v in (values.get("nodesets") or {}).items() if k != "_defaults" and v.get("enabled", True)}
     items: list[DriftItem] = []
@@ -345,17 +319,16 @@ def compare_slurm(config: Config, live: LiveState, releases: list[render.Release
     if live.slurm_nodes is None:
         return items
     # Expected Slurm nodes: every node of every NodeSet, in the partitions that name its NodeSet.
-    nodesets = render.gpu_nodesets(config, learned_counts(config, live.nodes))
     partitions = {
         p: set(spec.get("nodesets") or [])
         for p, spec in (values.get("partitions") or {}).items()
         if spec.get("enabled", True)
     }
     want_nodes: dict[str, tuple[list[str], int]] = {}
-    for set_name, entry in nodesets.items():
-        for node in entry["nodes"]:
+    for set_name, nodeset in state.nodesets.items():
+        for node in nodeset.nodes:
             parts = sorted(p for p, sets in partitions.items() if set_name in sets)
-            want_nodes[node] = (parts, entry["gpus"] or 1)
+            want_nodes[node] = (parts, nodeset.gpus or 1)
     names = slurm_name_map(list(want_nodes), live.slurm_nodes, live.slurm_pods)
     live_parts = {p for sn in live.slurm_nodes.values() for p in sn.partitions}
     for part in sorted(partitions):
@@ -393,16 +366,14 @@ def compare_slurm(config: Config, live: LiveState, releases: list[render.Release
     return items
 
 
-def compute(config: Config, live: LiveState, releases: list[render.Release] | None = None) -> list[DriftItem]:
-    """Every difference, before ignore rules. `releases` defaults to what install renders for this cluster
-    (GPU counts the config leaves open taken from the nodes' install-time annotation)."""
-    if releases is None:
-        releases = render.render_releases(config, learned_counts(config, live.nodes))
+def compute(state: DesiredState, live: LiveState) -> list[DriftItem]:
+    """Every difference, before ignore rules. `state` is the desired state built with the GPU counts recorded
+    on the live nodes at install (:func:`gpuforge.desired.learned_gpu_counts`), as install rendered it."""
     items = (
-        compare_nodes(config, live)
-        + compare_releases(config, live, releases)
-        + compare_cluster_policy(config, live)
-        + compare_slurm(config, live, releases)
+        compare_nodes(state, live)
+        + compare_releases(state, live)
+        + compare_cluster_policy(state, live)
+        + compare_slurm(state, live)
     )
     return sorted(items, key=lambda i: (SEVERITY_ORDER[i.severity], i.path))
 
@@ -416,11 +387,11 @@ def apply_ignores(items: Iterable[DriftItem], rules: Iterable[str]) -> tuple[lis
     return kept, ignored
 
 
-def detect(config: Config, live: LiveState, releases: list[render.Release] | None = None) -> dict[str, Any]:
+def detect(state: DesiredState, live: LiveState) -> dict[str, Any]:
     """The drift report: items after the config's ignore rules, what was ignored, the summary, the exit code."""
-    kept, ignored = apply_ignores(compute(config, live, releases), config.drift.ignore)
+    kept, ignored = apply_ignores(compute(state, live), state.config.drift.ignore)
     return {
-        "cluster": config.cluster_name,
+        "cluster": state.cluster,
         "items": [i.as_dict() for i in kept],
         "ignored": [i.as_dict() for i in ignored],
         "summary": summary(kept, len(ignored)),

@@ -1,9 +1,9 @@
 """Node lifecycle rules: which nodes are new, whether a node may go, what Kubespray runs for it.
 
-Pure functions over the config and what the cluster reported; the flows in flows/node.py act on them.
+Pure functions over the desired state (gpuforge/desired.py: node names, addresses, roles, Slurm membership
+are read there, never derived again) and what the cluster reported; the flows in flows/node.py act on them.
 The config is the one source of truth: a node in `k8s_cluster_nodes` but not registered is to be added; a
 node to remove has left the config (it is still found in the inventory the last install wrote).
-The desired state is derived from gpuforge.config here; once gpuforge/desired.py lands, read it there.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpuforge.config import Config, NamedNode
+from gpuforge.config import Config
+from gpuforge.desired import DesiredNode, DesiredState
 from gpuforge.state import cluster_state_dir
 
 # Kubernetes (cordon annotation) and Slurm (drain reason) say why a node takes no work; "gpuforge:" marks a
@@ -30,19 +31,16 @@ class NodeRefused(ValueError):
     """The node operation must not run; the message says why and what to do instead."""
 
 
-def missing_nodes(config: Config, registered: set[str]) -> list[NamedNode]:
+def missing_nodes(state: DesiredState, registered: set[str]) -> list[DesiredNode]:
     """Config nodes that Kubernetes does not know yet, in config order."""
-    return [n for n in config.nodes if n.name not in registered]
+    return [n for n in state.nodes if n.name not in registered]
 
 
-def config_node(config: Config, name: str) -> NamedNode:
-    for node in config.nodes:
-        if node.name == name:
-            return node
-    known = ", ".join(n.name for n in config.nodes)
-    raise NodeRefused(
-        f"{name} is not in k8s_cluster_nodes of {config.cluster_name} (its nodes: {known}); add it there first"
-    )
+def config_node(state: DesiredState, name: str) -> DesiredNode:
+    if (node := state.node(name)) is not None:
+        return node
+    known = ", ".join(n.name for n in state.nodes)
+    raise NodeRefused(f"{name} is not in k8s_cluster_nodes of {state.cluster} (its nodes: {known}); add it there first")
 
 
 def only_nodes(config: Config, names: list[str]) -> Config:
@@ -120,15 +118,15 @@ def with_host(inventory: dict[str, Any], host: InventoryHost) -> dict[str, Any]:
     return {"all": root}
 
 
-def address_changes(config: Config, installed: dict[str, InventoryHost], keep: str | None = None) -> list[str]:
+def address_changes(state: DesiredState, installed: dict[str, InventoryHost], keep: str | None = None) -> list[str]:
     """Config nodes whose name the installed inventory gives another address ("gpu-1: 10.0.0.11 -> 10.0.0.12"),
     except `keep` (the node being replaced). Derived names (gpu-1, gpu-2) follow the file order, so taking a node
     out of the middle renames the ones after it: acting then would take out or join the wrong machines."""
     changes = []
-    for node in config.nodes:
+    for node in state.nodes:
         host = installed.get(node.name)
-        if node.name != keep and host is not None and host.vars.get("ansible_host") != node.spec.ip:
-            changes.append(f"{node.name}: {host.vars.get('ansible_host')} -> {node.spec.ip}")
+        if node.name != keep and host is not None and host.vars.get("ansible_host") != node.ip:
+            changes.append(f"{node.name}: {host.vars.get('ansible_host')} -> {node.ip}")
     return changes
 
 
@@ -205,11 +203,6 @@ def removal_check(
             "back; take it out of the config"
         )
     return check
-
-
-def slurm_member(config: Config, name: str) -> bool:
-    """The node belongs to a Slurm GPU NodeSet of this config (Slurm on, a GPU worker, not `slurm: false`)."""
-    return config.enabled("slurm") and name in {n.name for n in config.slurm_gpu_nodes}
 
 
 @dataclass(frozen=True)

@@ -58,4 +58,10 @@ CHARTS: dict[str, list[tuple[str, str, str, str, str]]] = {
     ],
 }
 
+
+def release_namespace(release: str) -> str:
+    """The namespace a release of gpuforge's lives in, its service enabled or not (the config cannot move one)."""
+    return next(ns for charts in CHARTS.values() for name, ns, *_ in charts if name == release)
+
+
 CUDA_SMOKE_IMAGE = "nvcr.io/nvidia/k8s/cuda-sample:vectoradd-cuda12.5.0-ubuntu22.04"

@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from gpuforge.config import Config, Remediation
+from gpuforge.desired import desired_nodes
 from gpuforge.gres import gpu_count
 from gpuforge.health import GpuVerdict, Verdict
 
@@ -230,8 +231,9 @@ def decide(
     """
     mode = Remediation(config.remediate)
     when = stamp(now, config.timezone)
-    gpu_names = [n.name for n in config.gpu_nodes]
-    in_slurm = {n.name for n in config.slurm_gpu_nodes} if config.enabled("slurm") else set()
+    wanted = desired_nodes(config)
+    gpu_names = [n.name for n in wanted if n.is_gpu]
+    in_slurm = {n.name for n in wanted if n.in_slurm}
     infos = {name: _info(nodes[name]) for name in gpu_names if name in nodes}
 
     def slurm_of(name: str) -> SlurmNode | None:

@@ -10,10 +10,10 @@ from __future__ import annotations
 import copy
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from gpuforge import health, pins
 from gpuforge.config import Config, NamedNode, Role, _to_plain, parse_yaml
@@ -41,6 +41,17 @@ DCGM_MODEL_LABEL = "modelName"
 LOCAL_PATH_STORAGE_CLASS = "local-path"
 # Packaged charts named as `helm pull` names them (<chart>-<version>.tgz); the config's `chart_mirror` wins.
 CHART_MIRROR_ENV = "GPUFORGE_CHART_MIRROR"
+
+
+class DesiredNodeView(Protocol):
+    """What the summary reads of a node (gpuforge.desired.DesiredNode)."""
+
+    name: str
+    ip: str
+    roles: tuple[str, ...]
+    is_gpu: bool
+    expected_gpus: int | None
+    gpu_model: str | None
 
 
 @dataclass(frozen=True)
@@ -363,13 +374,15 @@ def render_dcgm_counters() -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_alert_rules(config: Config) -> dict[str, Any]:
+def render_alert_rules(
+    table: Mapping[str, Thresholds], namespace: str, expected_gpus: Mapping[str, int | None]
+) -> dict[str, Any]:
     """A PrometheusRule with the GPU alerts: fatal XID, ECC DBE, row-remap failure, uncorrectable remapped rows,
     GPU and memory temperature, missing GPU. Each limit is the config's effective one for the GPU's model
     (:func:`gpuforge.health.resolve_thresholds`, as the probe and the fleet evaluation use), so an alert fires for
     exactly the readings :func:`gpuforge.health.judge` calls unhealthy (critical) or degraded (warning) by these
-    rules; the temperatures wait 5 minutes first, so that a short peak pages nobody."""
-    table = health.resolve_thresholds(config.health.thresholds)
+    rules; the temperatures wait 5 minutes first, so that a short peak pages nobody. `table` is the resolved
+    thresholds table; `expected_gpus` (GPU node -> count, None: not known) gives the GPUMissing alert its floors."""
     classes = _model_classes(table)
     longest, _ = health.fleet_window(table)
     node = DCGM_NODE_LABEL
@@ -396,9 +409,9 @@ def render_alert_rules(config: Config) -> dict[str, Any]:
         lambda limit, m: f"{_selector('DCGM_FI_DEV_MEMORY_TEMP', m)} > {limit:g}",
     )
     missing = [
-        f"count by ({node}) (DCGM_FI_DEV_GPU_TEMP{{{node}=~{promql_regex('(?i)', n.name)}}}) < {n.spec.gpu_count}"
-        for n in config.gpu_nodes
-        if n.spec.gpu_count
+        f"count by ({node}) (DCGM_FI_DEV_GPU_TEMP{{{node}=~{promql_regex('(?i)', name)}}}) < {count}"
+        for name, count in expected_gpus.items()
+        if count
     ]
     rules = [
         _alert(
@@ -446,7 +459,7 @@ def render_alert_rules(config: Config) -> dict[str, Any]:
         "kind": "PrometheusRule",
         "metadata": {
             "name": ALERTS_RULE,
-            "namespace": "monitoring",
+            "namespace": namespace,
             "labels": {"release": MONITORING_RELEASE, "app.kubernetes.io/managed-by": "gpuforge"},
         },
         "spec": {"groups": [{"name": "gpuforge-gpu", "rules": rules}]},
@@ -563,22 +576,20 @@ def render_dashboard() -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------- summary
 
 
-def render_summary(config: Config, learned: dict[str, int] | None = None) -> dict[str, Any]:
+def render_summary(config: Config, nodes: Iterable[DesiredNodeView], releases: Iterable[Release]) -> dict[str, Any]:
     """What will be installed where, at which versions: the machine-readable plan."""
-    nodes = [
+    summary_nodes = [
         {
             "name": n.name,
-            "ip": n.spec.ip,
-            "roles": [str(r) for r in n.spec.role],
-            "gpus": n.spec.gpu_count
-            or (learned or {}).get(n.name)
-            or ("≥1, learned at install" if n.spec.is_gpu else 0),
-            "gpu_model": n.spec.gpu_model,
+            "ip": n.ip,
+            "roles": list(n.roles),
+            "gpus": n.expected_gpus or ("≥1, learned at install" if n.is_gpu else 0),
+            "gpu_model": n.gpu_model,
         }
-        for n in config.nodes
+        for n in nodes
     ]
     services = {key: {"enabled": svc.enabled} for key, svc in config.deepops_services.by_key().items()}
-    releases = [
+    summary_releases = [
         {
             "service": r.service,
             "release": r.name,
@@ -587,7 +598,7 @@ def render_summary(config: Config, learned: dict[str, int] | None = None) -> dic
             "repo": r.repo,
             "version": r.version,
         }
-        for r in render_releases(config, learned)
+        for r in releases
     ]
     return {
         "cluster": config.cluster_name,
@@ -597,9 +608,9 @@ def render_summary(config: Config, learned: dict[str, int] | None = None) -> dic
             "container_manager": config.kubespray.container_manager,
             "network_plugin": config.kubespray.network_plugin,
         },
-        "nodes": nodes,
+        "nodes": summary_nodes,
         "services": services,
-        "releases": releases,
+        "releases": summary_releases,
         "notes": [
             "containerd drop-in imports are kept in /etc/containerd/config.toml so a Kubespray re-run does not "
             "drop the NVIDIA runtime (kubespray#12277)",

@@ -6,11 +6,13 @@ returns CheckResult rows (check, target, result, detail); nothing is `ok` that c
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from gpuforge.gres import GresError, gpu_count
 from gpuforge.health import node_of
+from gpuforge.remediation import SlurmNode
 
 PASS, FAIL, SKIP, ERROR = "pass", "fail", "skipped", "error"
 
@@ -133,26 +135,18 @@ def smoke_result(node: str, phase: str, log: str, events: list[str]) -> CheckRes
     return CheckResult("cuda-smoke", node, FAIL, f"{why}; log: {tail}{ev}")
 
 
-def sinfo_nodes(output: str) -> dict[str, tuple[str, str]]:
-    """`sinfo -h -N -o '%N %T %G'` -> node -> (state, gres)."""
-    nodes = {}
-    for line in output.splitlines():
-        parts = line.split()
-        if len(parts) >= 2:
-            nodes[parts[0]] = (parts[1], parts[2] if len(parts) > 2 else "")
-    return nodes
-
-
 AVAILABLE_STATES = ("idle", "mixed", "allocated", "completing")
 
 
-def slurm_node_results(nodes: dict[str, tuple[str, str]], expected: dict[str, int]) -> list[CheckResult]:
+def slurm_node_results(nodes: Mapping[str, SlurmNode], expected: dict[str, int]) -> list[CheckResult]:
+    """A row per expected Slurm node (from remediation.parse_sinfo): usable, and its gres holds exactly the
+    expected GPUs."""
     rows = []
     for node, gpus in expected.items():
         if node not in nodes:
             rows.append(CheckResult("slurm-node", node, FAIL, "not known to Slurm (sinfo)"))
             continue
-        state, gres = nodes[node]
+        state, gres = nodes[node].state, nodes[node].gres
         problems = []
         if state.rstrip("*~#!%$@^-") not in AVAILABLE_STATES:
             problems.append(f"state {state}")

@@ -27,6 +27,7 @@ from gpuforge_cli.common import (
 from gpuforge_cli.day2 import drift, health
 from gpuforge_cli.fleet import fleet
 from gpuforge_cli.node import node
+from gpuforge_cli.upgrade import upgrade
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -46,12 +47,12 @@ def app() -> None:
 @json_option
 def plan(config_path: Path, out: Path, as_json: bool) -> None:
     """Render inventory, group_vars, Helm values, dashboard and alert rules; change nothing else."""
-    from gpuforge import render
-    from gpuforge.plan import write_plan
+    from gpuforge import desired, render
+    from gpuforge.plan import render_summary, write_plan
 
-    cfg = load(config_path)
-    written = write_plan(cfg, out)
-    summary = render.render_summary(cfg)
+    state = desired.build(load(config_path))
+    written = write_plan(state, out)
+    summary = render_summary(state)
     if as_json:
         click.echo(json.dumps({**summary, "files": [str(p) for p in written]}, indent=2, ensure_ascii=False))
     else:
@@ -150,7 +151,11 @@ def lab_status(config_path: Path, as_json: bool) -> None:
     help="Serve the readings as Prometheus series with dcgm-exporter names (e.g. 127.0.0.1:9400).",
 )
 @click.option("--slurm-healthcheck", is_flag=True, help="One line and a non-zero exit when a GPU is unhealthy.")
-@click.option("--expected-gpus", type=int, help="GPUs this node must have (a missing one is unhealthy).")
+@click.option(
+    "--expected-gpus",
+    type=int,
+    help="GPUs this node must have (a missing one is unhealthy); default: the --node's gpu_count in --config.",
+)
 @click.option("--node", help="Node name for the Hostname label (default: this host's name).")
 @json_option
 def probe(config_path, serve_addr, slurm_healthcheck, expected_gpus, node, as_json) -> None:
@@ -162,7 +167,15 @@ def probe(config_path, serve_addr, slurm_healthcheck, expected_gpus, node, as_js
     from gpuforge_probe import probe as gpu_probe
 
     # The config's sections as written (only the fields each sets): the probe resolves them as the fleet does.
-    thresholds = load(config_path).health.thresholds if config_path else None
+    thresholds = None
+    if config_path:
+        from gpuforge import desired
+
+        cfg = load(config_path)
+        thresholds = cfg.health.thresholds
+        # A node of the config gets the GPU count the config gives it, unless told otherwise.
+        if expected_gpus is None and node:
+            expected_gpus = desired.expected_gpu_counts(cfg).get(node)
     try:
         if serve_addr:
             host, port = gpu_probe.parse_addr(serve_addr)
@@ -251,6 +264,7 @@ app.add_command(health)
 app.add_command(drift)
 app.add_command(fleet)
 app.add_command(node)
+app.add_command(upgrade)
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ failures, and running a flow in this process."""
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -45,6 +46,9 @@ def prefect_defaults() -> None:
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pyhelm3")
+    # The temporary server shares the terminal: its tracebacks (SQLAlchemy's, for a full disk) would bury the one
+    # line gpuforge prints for the same failure, which its client sees as an HTTP 500. ERROR shows them again.
+    os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "CRITICAL")
     # Each CLI run starts its own temporary server on the shared database. Leases kept in memory would die
     # with a killed run while its cluster-lock slot stays taken forever; on disk, the next run expires them.
     os.environ.setdefault(
@@ -52,10 +56,63 @@ def prefect_defaults() -> None:
     )
 
 
+# A run records its states, logs and artifacts in the Prefect database: a few MB for an install.
+PREFECT_DB_MIN_FREE = 16 * 2**20
+
+
+def local_prefect_database() -> Path | None:
+    """The SQLite file of the temporary server CLI runs use; None when PREFECT_API_URL names a server."""
+    from prefect.settings import get_current_settings
+    from sqlalchemy.engine import make_url
+
+    settings = get_current_settings()
+    if settings.api.url:
+        return None
+    url = make_url(settings.server.database.connection_url.get_secret_value())
+    return Path(url.database) if url.get_backend_name() == "sqlite" and url.database else None
+
+
+def database_disk_full(database: Path | None) -> str | None:
+    """One line for a Prefect database whose disk has (nearly) no room left, else None."""
+    if database is None:
+        return None
+    folder = next((p for p in (database.parent, *database.parents) if p.exists()), Path("/"))
+    free = shutil.disk_usage(folder).free
+    if free >= PREFECT_DB_MIN_FREE:
+        return None
+    return (
+        f"{database}: the Prefect database's disk is full ({free // 2**20} MiB free in {folder}, a run needs"
+        f" {PREFECT_DB_MIN_FREE // 2**20} MiB): free space there (or set PREFECT_HOME to a folder on a disk with"
+        " room) and run again; runs already recorded are kept"
+    )
+
+
 def run_flow(flow, params):
-    """Run a flow in this process (an ephemeral Prefect server when no PREFECT_API_URL is set)."""
+    """Run a flow in this process (an ephemeral Prefect server when no PREFECT_API_URL is set). A full disk under
+    the local Prefect database stops the command before the run (the temporary server could not even start) or
+    after it (the run could not record its state): one line, exit 2."""
     prefect_defaults()  # for callers that bypass the entry point (click's test runner)
-    return flow(params, return_state=True)
+    database = local_prefect_database()
+    if problem := database_disk_full(database):
+        fail(problem, 2)
+    try:
+        state = flow(params, return_state=True)
+    except Exception:
+        if problem := database_disk_full(database):
+            _fail_last(problem)
+        raise
+    if not state.is_completed() and (problem := database_disk_full(database)):
+        _fail_last(problem)
+    return state
+
+
+def _fail_last(message: str) -> None:
+    """fail(), after the run's queued log records were sent (or not, on a full disk: Prefect prints that it could
+    not), so that gpuforge's line is the last one."""
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=5)
+    fail("\n" + message, 2)  # Prefect's "Error logging to API" report ends without a newline
 
 
 def state_error(state) -> BaseException | None:

@@ -18,6 +18,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pyhelm3 import Client, errors
 
+from gpuforge.desired import DesiredState
 from gpuforge.render import Release, chart_archive, chart_mirror, mirror_file
 from tasks import kube
 from tasks.retry import is_transient
@@ -214,15 +215,13 @@ def unchanged(release: Release, record: ReleaseRecord | None) -> bool:
     )
 
 
-def converge_service(config, service: str, kubeconfig: Path, timeout_s: int, learned=None) -> list[ReleaseOutcome]:
-    """Converge every release of one service, in order (CRDs before what uses them).
+def converge_service(state: DesiredState, service: str, kubeconfig: Path, timeout_s: int) -> list[ReleaseOutcome]:
+    """Converge every release of one service as the desired state has it, in order (CRDs before what uses them).
 
     A release whose stored record already matches is reported unchanged without running helm (one API call for
     the whole service instead of several helm processes per release); any other goes through pyhelm3."""
-    from gpuforge.render import render_releases
-
-    releases = [r for r in render_releases(config, learned) if r.service == service]
-    mirror = chart_mirror(config, os.environ)
+    releases = state.service_releases(service)
+    mirror = chart_mirror(state.config, os.environ)
     records = release_records(kubeconfig)
     outcomes = []
     for r in releases:
@@ -255,3 +254,34 @@ def phase_summary(outcomes: list[ReleaseOutcome], extra: str = "") -> str:
     changed = [f"{o.release} {o.action} (revision {o.revision})" for o in outcomes if o.action != "unchanged"]
     head = ", ".join(changed) if changed else f"skipped: {len(outcomes)} release(s) unchanged"
     return f"{head}; {extra}" if extra else head
+
+
+# --- upgrade plan: what each release deployed, beyond its version (read-only) ---
+
+
+def release_details(kubeconfig: Path) -> dict[str, dict[str, Any]]:
+    """Every release's deployed revision by name, from Helm's storage in one API call: namespace, chart, version,
+    status, the chart's own values.yaml as Helm stored it with the release (defaults the user did not override,
+    such as the GPU Operator's driver and dcgm-exporter versions), the user-supplied values, and the
+    (apiVersion, kind, name) of every object of its manifest."""
+    with kube.api_client(kubeconfig) as api:
+        secrets = client.CoreV1Api(api).list_secret_for_all_namespaces(label_selector="owner=helm,status=deployed")
+    out: dict[str, dict[str, Any]] = {}
+    for secret in secrets.items:
+        raw = json.loads(gzip.decompress(base64.b64decode(base64.b64decode(secret.data["release"]))))
+        chart = raw.get("chart") or {}
+        objects = [
+            (doc.get("apiVersion", ""), doc.get("kind", ""), (doc.get("metadata") or {}).get("name", ""))
+            for doc in yaml.safe_load_all(raw.get("manifest") or "")
+            if isinstance(doc, dict)
+        ]
+        out[raw["name"]] = {
+            "namespace": raw.get("namespace", secret.metadata.namespace),
+            "chart": (chart.get("metadata") or {}).get("name", ""),
+            "version": (chart.get("metadata") or {}).get("version", ""),
+            "status": (raw.get("info") or {}).get("status", ""),
+            "chart_values": chart.get("values") or {},
+            "values": raw.get("config") or {},
+            "objects": objects,
+        }
+    return out

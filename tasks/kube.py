@@ -6,6 +6,7 @@ until its own deadline.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from urllib3.exceptions import HTTPError
 
 from gpuforge import checks, validation
 from gpuforge.config import Config
+from gpuforge.desired import GPU_OPERATOR_RELEASE, DesiredState
 from gpuforge.remediation import CORDON_ANNOTATION
 from gpuforge.validation import FAIL, PASS, SKIP, CheckResult
 from tasks.retry import is_transient_error, retry_transient
@@ -57,26 +59,37 @@ class NodeState:
     taints: list[str] = field(default_factory=list)
 
 
-def _node_state(node: client.V1Node) -> NodeState:
-    conditions = {c.type: c.status for c in (node.status.conditions or [])}
-    alloc = (node.status.allocatable or {}).get(GPU, "0")
-    taints = [f"{t.key}={t.value}:{t.effect}" if t.value else f"{t.key}:{t.effect}" for t in (node.spec.taints or [])]
-    return NodeState(
-        name=node.metadata.name,
-        ready=conditions.get("Ready") == "True",
-        kubelet_version=(node.status.node_info.kubelet_version if node.status.node_info else "").lstrip("v"),
-        allocatable_gpus=int(alloc),
-        unschedulable=bool(node.spec.unschedulable),
-        labels=dict(node.metadata.labels or {}),
-        annotations=dict(node.metadata.annotations or {}),
-        taints=taints,
-    )
+def node_fields(node: dict[str, Any]) -> dict[str, Any]:
+    """A node as the API server sends it (JSON) -> the fields of NodeState: the one mapping of a node."""
+    meta, spec, status = node.get("metadata") or {}, node.get("spec") or {}, node.get("status") or {}
+    conditions = {c.get("type"): c.get("status") for c in status.get("conditions") or []}
+    taints = [
+        f"{t['key']}={t['value']}:{t['effect']}" if t.get("value") else f"{t['key']}:{t['effect']}"
+        for t in spec.get("taints") or []
+    ]
+    return {
+        "name": meta["name"],
+        "ready": conditions.get("Ready") == "True",
+        "kubelet_version": ((status.get("nodeInfo") or {}).get("kubeletVersion") or "").lstrip("v"),
+        "allocatable_gpus": int((status.get("allocatable") or {}).get(GPU, "0")),
+        "unschedulable": bool(spec.get("unschedulable")),
+        "labels": dict(meta.get("labels") or {}),
+        "annotations": dict(meta.get("annotations") or {}),
+        "taints": taints,
+    }
+
+
+def list_node_fields(kubeconfig: Path) -> list[dict[str, Any]]:
+    """Every node in one list call, as node_fields, read from the raw JSON: building the client's typed models
+    for a thousand nodes costs more than the call itself."""
+    with api_client(kubeconfig) as api:
+        resp = client.CoreV1Api(api).list_node(_preload_content=False)
+        return [node_fields(item) for item in json.loads(resp.data).get("items") or []]
 
 
 def list_nodes(kubeconfig: Path) -> dict[str, NodeState]:
     """Every node, in one list call."""
-    with api_client(kubeconfig) as api:
-        return {n.metadata.name: _node_state(n) for n in client.CoreV1Api(api).list_node().items}
+    return {fields["name"]: NodeState(**fields) for fields in list_node_fields(kubeconfig)}
 
 
 def wait_for(
@@ -253,88 +266,123 @@ def smoke_pod(name: str, node: str, image: str, gpus: int = 1) -> dict[str, Any]
 
 
 def run_pods_to_completion(
-    kubeconfig: Path,
+    core: client.CoreV1Api,
     namespace: str,
     pods: list[dict[str, Any]],
     timeout_s: float,
     unschedulable_grace_s: float = 30,
     on_done: Callable[[client.V1Pod], None] | None = None,
+    refusal_expected: frozenset[str] = frozenset(),
+    refusal_wait_s: float = 60,
 ) -> dict[str, client.V1Pod]:
-    """Create all pods at once and watch the namespace (one watch, not a poll per pod) until each is terminal.
+    """Create all pods at once and follow the namespace with one watch until each pod is settled: terminal, or,
+    for the pods named in `refusal_expected`, given the scheduler's verdict (refused, or bound to a node).
 
     A pod the scheduler keeps refusing for `unschedulable_grace_s` counts as done too (a verdict, not a reason
-    to wait out the timeout); a refusal that clears sooner (a node still settling) is waited for. `on_done` is
+    to wait out the timeout); a refusal that clears sooner (a node still settling) is waited for. A pod whose
+    refusal is expected gets `refusal_wait_s` for the scheduler's verdict, then is settled as it is. `on_done` is
     called with each pod as it is settled (e.g. to read its log while the others still run).
+    The watch resumes from the last resourceVersion it saw (no pod is sent twice); only when the server has
+    compacted past it (410) is the namespace listed again.
     """
     from kubernetes import watch
 
-    with api_client(kubeconfig) as api:
-        core = client.CoreV1Api(api)
-        with ThreadPoolExecutor(max_workers=16) as pool:  # all at once: 64 nodes cost about what 1 does
-            list(pool.map(lambda pod: core.create_namespaced_pod(namespace, pod), pods))
-        names = {p["metadata"]["name"] for p in pods}
-        final: dict[str, client.V1Pod] = {}
+    with ThreadPoolExecutor(max_workers=16) as pool:  # all at once: 64 nodes cost about what 1 does
+        list(pool.map(lambda pod: core.create_namespaced_pod(namespace, pod), pods))
+    names = {p["metadata"]["name"] for p in pods}
+    latest: dict[str, client.V1Pod] = {}
+    final: dict[str, client.V1Pod] = {}
 
-        def settle(pod: client.V1Pod) -> None:
-            final[pod.metadata.name] = pod
+    def seen(pod: client.V1Pod) -> None:
+        name = pod.metadata.name
+        if name not in names or name in final:
+            return
+        latest[name] = pod
+        if name in refusal_expected:
+            done = bool(pod.spec.node_name) or _unschedulable_for(pod) is not None
+        else:
+            done = pod.status.phase in ("Succeeded", "Failed")
+        if done:
+            final[name] = pod
             if on_done:
                 on_done(pod)
 
-        deadline = time.monotonic() + timeout_s
-        while names - final.keys() and time.monotonic() < deadline:
+    started = time.monotonic()
+    deadline = started + timeout_s
+    resource_version = None
+    while names - final.keys() and time.monotonic() < deadline:
+        try:
+            if resource_version is None:
+                listed = core.list_namespaced_pod(namespace)
+                for pod in listed.items:
+                    seen(pod)
+                resource_version = listed.metadata.resource_version
             w = watch.Watch()
-            window = max(1, min(5, int(deadline - time.monotonic())))
-            try:
-                for event in w.stream(core.list_namespaced_pod, namespace, timeout_seconds=window):
-                    pod = event["object"]
-                    if pod.metadata.name in names - final.keys() and pod.status.phase in ("Succeeded", "Failed"):
-                        settle(pod)
-                    if not names - final.keys():
-                        w.stop()
-            except (ApiException, HTTPError, OSError) as exc:
-                if not is_transient_error(exc):
-                    raise
-                time.sleep(1)
-            for pod in core.list_namespaced_pod(namespace).items if names - final.keys() else []:
-                if pod.metadata.name in names - final.keys() and _unschedulable_for(pod) >= unschedulable_grace_s:
-                    settle(pod)
+            window = max(1, min(5, int(deadline - time.monotonic())))  # the grace below is judged between windows
+            for event in w.stream(
+                core.list_namespaced_pod, namespace, resource_version=resource_version, timeout_seconds=window
+            ):
+                seen(event["object"])
+                if not names - final.keys():
+                    w.stop()
+            resource_version = w.resource_version
+        except (ApiException, HTTPError, OSError) as exc:
+            if isinstance(exc, ApiException) and exc.status == 410:  # compacted past our resourceVersion
+                resource_version = None
+                continue
+            if not is_transient_error(exc):
+                raise
+            resource_version = None
+            time.sleep(1)
         for name in names - final.keys():
-            settle(core.read_namespaced_pod(name, namespace))
-        return final
+            refused_s = _unschedulable_for(latest[name]) if name in latest else None
+            no_verdict = name in refusal_expected and time.monotonic() - started >= refusal_wait_s
+            if name in latest and (no_verdict or (refused_s is not None and refused_s >= unschedulable_grace_s)):
+                final[name] = latest[name]
+                if on_done:
+                    on_done(latest[name])
+    for name in names - final.keys():
+        seen_last = core.read_namespaced_pod(name, namespace)
+        final[name] = seen_last
+        if on_done:
+            on_done(seen_last)
+    return final
 
 
-def _unschedulable_for(pod: client.V1Pod) -> float:
-    """Seconds the scheduler has been refusing the pod (0 when it is not refused)."""
+def _unschedulable_for(pod: client.V1Pod) -> float | None:
+    """Seconds the scheduler has been refusing the pod (None when it is not refused)."""
     from datetime import UTC, datetime
 
     for c in pod.status.conditions or []:
         if c.type == "PodScheduled" and c.status == "False" and c.reason == "Unschedulable":
             since = pod.metadata.creation_timestamp or c.last_transition_time
             return (datetime.now(UTC) - since).total_seconds() if since else 0.0
-    return 0.0
+    return None
 
 
-def cluster_checks(config: Config, kubeconfig: Path, nodes: dict[str, NodeState]) -> list[CheckResult]:
-    """Every node Ready; the GPU Operator's ClusterPolicy ready, allocatable GPUs as configured, its pods up."""
+def cluster_checks(state: DesiredState, kubeconfig: Path, nodes: dict[str, NodeState]) -> list[CheckResult]:
+    """Every node Ready; the GPU Operator's ClusterPolicy ready, allocatable GPUs as expected, its pods up."""
     results = []
-    for node in config.nodes:
-        state = nodes.get(node.name)
-        ok = bool(state and state.ready)
+    for node in state.nodes:
+        live = nodes.get(node.name)
+        ok = bool(live and live.ready)
         results.append(
             CheckResult(
                 "node-ready",
                 node.name,
                 PASS if ok else FAIL,
-                "Ready" if ok else ("not registered" if state is None else "not Ready"),
+                "Ready" if ok else ("not registered" if live is None else "not Ready"),
             )
         )
-    if config.enabled("gpu-operator"):
-        policy = get_custom(kubeconfig, "nvidia.com", "v1", "clusterpolicies", "cluster-policy")
-        rows, _ = checks.gpu_node_rows(config, nodes, policy)
-        state = ((policy or {}).get("status") or {}).get("state")
+    if state.config.enabled("gpu-operator"):
+        policy = get_custom(kubeconfig, *checks.CLUSTER_POLICY_API, checks.CLUSTER_POLICY)
+        rows, _ = checks.gpu_node_rows(state.expected_gpus(), nodes, policy)
         results.append(
             CheckResult(
-                "cluster-policy", "cluster-policy", PASS if state == "ready" else FAIL, f"state {state or 'missing'}"
+                "cluster-policy",
+                checks.CLUSTER_POLICY,
+                PASS if checks.cluster_policy_ready(policy) else FAIL,
+                f"state {checks.cluster_policy_state(policy) or 'missing'}",
             )
         )
         for row in rows:
@@ -348,14 +396,15 @@ def cluster_checks(config: Config, kubeconfig: Path, nodes: dict[str, NodeState]
                     else row["result"],
                 )
             )
+        namespace = state.namespace(GPU_OPERATOR_RELEASE)
         bad = [
             f"{p.metadata.name} {p.status.phase}"
-            for p in list_pods(kubeconfig, "gpu-operator")
+            for p in list_pods(kubeconfig, namespace)
             if p.status.phase not in ("Running", "Succeeded")
         ]
         results.append(
             CheckResult(
-                "gpu-operator-pods", "gpu-operator", FAIL if bad else PASS, ", ".join(bad) or "all Running/Succeeded"
+                "gpu-operator-pods", namespace, FAIL if bad else PASS, ", ".join(bad) or "all Running/Succeeded"
             )
         )
     return results
@@ -368,103 +417,129 @@ def cuda_smoke(
     """A CUDA pod on every GPU node with a free GPU, all at once, and an oversized pod that must stay Pending.
 
     GPUs a Slurm NodeSet (or anything else) holds cannot take a smoke pod: such a node is skipped, naming who
-    holds them. Passed pods are removed, failed ones kept with their events; the namespace goes unless `keep`."""
-    held = gpus_held(kubeconfig)
-    results, free = [], []
-    for node in expected:
-        if node not in nodes:
-            continue
-        if nodes[node].allocatable_gpus - sum(held.get(node, {}).values()) >= 1:
-            free.append(node)
-        else:
-            holders = ", ".join(held.get(node, {})) or "nobody (0 allocatable)"
-            results.append(CheckResult("cuda-smoke", node, SKIP, f"no free GPU: held by {holders}"))
-    if not free:
-        return results
-    image = config.validation.cuda_image
-    namespace = _scratch_namespace(kubeconfig, "validate")
-    # More GPUs than any node has, so the scheduler must refuse it everywhere; judged while the others run.
-    too_many = max(expected.values()) + 1
-    with ThreadPoolExecutor(max_workers=16) as pool, api_client(kubeconfig) as api:
-        oversized = smoke_pod("cuda-oversized", "", image, too_many)
-        refusal = pool.submit(wait_unschedulable, kubeconfig, namespace, oversized, 60)
-        reading: dict[str, Future[str]] = {}
+    holds them. Passed pods are removed, failed ones kept with their events; the namespace goes unless `keep`.
+    One API client serves every call (a new one costs a kubeconfig parse and a TLS handshake)."""
+    with api_client(kubeconfig) as api:
         core = client.CoreV1Api(api)
+        held = gpus_held(core)
+        results, free = [], []
+        for node in expected:
+            if node not in nodes:
+                continue
+            if nodes[node].allocatable_gpus - sum(held.get(node, {}).values()) >= 1:
+                free.append(node)
+            else:
+                holders = ", ".join(held.get(node, {})) or "nobody (0 allocatable)"
+                results.append(CheckResult("cuda-smoke", node, SKIP, f"no free GPU: held by {holders}"))
+        if not free:
+            return results
+        image = config.validation.cuda_image
+        namespace = _scratch_namespace(core, "validate")
+        # More GPUs than any node has, so the scheduler must refuse it everywhere; judged in the same watch as
+        # the others, as soon as the scheduler says so.
+        too_many = max(expected.values()) + 1
+        oversized = smoke_pod("cuda-oversized", "", image, too_many)
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            reading: dict[str, Future[str]] = {}
 
-        def read_log(pod: client.V1Pod) -> None:  # as soon as it ends, while the other pods still run
-            reading[pod.metadata.name] = pool.submit(read_pod_log, core, namespace, pod.metadata.name)
+            def read_log(pod: client.V1Pod) -> None:  # as soon as it ends, while the other pods still run
+                if pod.metadata.name != "cuda-oversized":
+                    reading[pod.metadata.name] = pool.submit(read_pod_log, core, namespace, pod.metadata.name)
 
-        pods = [smoke_pod(f"cuda-smoke-{node}", node, image) for node in free]
-        final = run_pods_to_completion(kubeconfig, namespace, pods, config.timeouts.validate_, on_done=read_log)
-        logs = {name: future.result() for name, future in reading.items()}
-        refused, why = refusal.result()
-    passed = []
-    for node in free:
-        name = f"cuda-smoke-{node}"
-        result = _smoke_verdict(kubeconfig, namespace, node, final[name], logs[name])
-        results.append(result)
-        if result.result == PASS:
-            passed.append(name)
-    results.append(
-        CheckResult(
-            "gpu-scheduling",
-            f"{too_many} GPUs",
-            PASS if refused else FAIL,
-            f"stays Pending: {why}" if refused else f"should be unschedulable but {why}",
+            pods = [smoke_pod(f"cuda-smoke-{node}", node, image) for node in free]
+            final = run_pods_to_completion(
+                core,
+                namespace,
+                [*pods, oversized],
+                config.timeouts.validate_,
+                on_done=read_log,
+                refusal_expected=frozenset({"cuda-oversized"}),
+            )
+            logs = {name: future.result() for name, future in reading.items()}
+        passed = []
+        for node in free:
+            name = f"cuda-smoke-{node}"
+            result = _smoke_verdict(core, namespace, node, final[name], logs[name])
+            results.append(result)
+            if result.result == PASS:
+                passed.append(name)
+        refused, why = _refusal(final["cuda-oversized"])
+        results.append(
+            CheckResult(
+                "gpu-scheduling",
+                f"{too_many} GPUs",
+                PASS if refused else FAIL,
+                f"stays Pending: {why}" if refused else f"should be unschedulable but {why}",
+            )
         )
-    )
-    if not keep:
-        if len(passed) == len(free):
-            delete_namespace(kubeconfig, namespace)  # its pods go with it
+        if len(passed) == len(free) and not keep:
+            _delete_namespace(core, namespace)  # its pods go with it
         else:
-            delete_pods(kubeconfig, namespace, passed)  # the failed ones stay for a look
+            # the failed ones (or all, with `keep`) stay for a look; the oversized pod would stay Pending for ever
+            _delete_pods(core, namespace, ["cuda-oversized", *([] if keep else passed)])
     return results
+
+
+def _refusal(pod: client.V1Pod) -> tuple[bool, str]:
+    """The scheduler's verdict on the oversized pod: (True, its message) when refused as unschedulable."""
+    if pod.spec.node_name:
+        return False, f"scheduled onto {pod.spec.node_name}"
+    for cond in pod.status.conditions or []:
+        if cond.type == "PodScheduled" and cond.status == "False" and cond.reason == "Unschedulable":
+            return True, cond.message or "Unschedulable"
+    return False, "the scheduler gave no verdict in time"
 
 
 def revalidate_with_smoke_pod(config: Config, kubeconfig: Path, node: str) -> tuple[bool, str]:
     """cuda_smoke's pod on one node, tolerating the cordon (a node being returned to service is still cordoned)."""
-    namespace = _scratch_namespace(kubeconfig, "release")
     name = f"cuda-smoke-{node}"
     pod = smoke_pod(name, node, config.validation.cuda_image)
     pod["spec"]["tolerations"].append({"key": UNSCHEDULABLE_TAINT, "operator": "Exists", "effect": "NoSchedule"})
-    try:
-        final = run_pods_to_completion(kubeconfig, namespace, [pod], config.timeouts.validate_)[name]
-        result = _smoke_verdict(kubeconfig, namespace, node, final, pod_log(kubeconfig, namespace, name))
-    finally:
-        delete_namespace(kubeconfig, namespace)
+    with api_client(kubeconfig) as api:
+        core = client.CoreV1Api(api)
+        namespace = _scratch_namespace(core, "release")
+        try:
+            final = run_pods_to_completion(core, namespace, [pod], config.timeouts.validate_)[name]
+            result = _smoke_verdict(core, namespace, node, final, read_pod_log(core, namespace, name))
+        finally:
+            _delete_namespace(core, namespace)
     return result.result == PASS, result.detail
 
 
-def _scratch_namespace(kubeconfig: Path, purpose: str) -> str:
+def _scratch_namespace(core: client.CoreV1Api, purpose: str) -> str:
     """A fresh namespace of gpuforge's for one run's pods (a random suffix: runs never share one)."""
     namespace = f"gpuforge-{purpose}-{uuid.uuid4().hex[:6]}"
-    ensure_namespace(kubeconfig, namespace, {"app.kubernetes.io/managed-by": "gpuforge"})
+    core.create_namespace({"metadata": {"name": namespace, "labels": {"app.kubernetes.io/managed-by": "gpuforge"}}})
     return namespace
 
 
-def _smoke_verdict(kubeconfig: Path, namespace: str, node: str, pod: client.V1Pod, log: str) -> CheckResult:
+def _smoke_verdict(core: client.CoreV1Api, namespace: str, node: str, pod: client.V1Pod, log: str) -> CheckResult:
     """A finished smoke pod judged by its phase and log; a failed one carries its events."""
-    events = [] if pod.status.phase == "Succeeded" else pod_events(kubeconfig, namespace, pod.metadata.name)
+    events = []
+    if pod.status.phase != "Succeeded":
+        found = core.list_namespaced_event(namespace, field_selector=f"involvedObject.name={pod.metadata.name}")
+        events = [f"{e.reason}: {e.message}" for e in found.items]
     return validation.smoke_result(node, pod.status.phase, log, events)
 
 
-def gpus_held(kubeconfig: Path) -> dict[str, dict[str, int]]:
-    """Node -> {namespace/pod: GPUs} for every pod that holds GPUs (not finished), in one list call."""
+def gpus_held(core: client.CoreV1Api) -> dict[str, dict[str, int]]:
+    """Node -> {namespace/pod: GPUs} for every pod that holds GPUs (bound, not finished), in one list call.
+
+    The server leaves out finished and unbound pods, and the answer is read as plain JSON: typed models for
+    every pod in the cluster would cost more than the call."""
+    import json
+
+    resp = core.list_pod_for_all_namespaces(
+        field_selector="spec.nodeName!=,status.phase!=Succeeded,status.phase!=Failed", _preload_content=False
+    )
     held: dict[str, dict[str, int]] = {}
-    with api_client(kubeconfig) as api:
-        for pod in client.CoreV1Api(api).list_pod_for_all_namespaces().items:
-            if not pod.spec.node_name or pod.status.phase in ("Succeeded", "Failed"):
-                continue
-            gpus = sum(int((c.resources.limits or {}).get(GPU, 0)) for c in pod.spec.containers if c.resources)
-            if gpus:
-                held.setdefault(pod.spec.node_name, {})[f"{pod.metadata.namespace}/{pod.metadata.name}"] = gpus
+    for pod in json.loads(resp.data).get("items") or []:
+        containers = (pod.get("spec") or {}).get("containers") or []
+        gpus = sum(int(((c.get("resources") or {}).get("limits") or {}).get(GPU, 0)) for c in containers)
+        if gpus:
+            meta = pod["metadata"]
+            held.setdefault(pod["spec"]["nodeName"], {})[f"{meta['namespace']}/{meta['name']}"] = gpus
     return held
-
-
-def pod_log(kubeconfig: Path, namespace: str, name: str) -> str:
-    """The pod's last 200 log lines (see read_pod_log)."""
-    with api_client(kubeconfig) as api:
-        return read_pod_log(client.CoreV1Api(api), namespace, name)
 
 
 def read_pod_log(core: client.CoreV1Api, namespace: str, name: str, attempts: int = 24, pause_s: float = 0.25) -> str:
@@ -482,53 +557,21 @@ def read_pod_log(core: client.CoreV1Api, namespace: str, name: str, attempts: in
     return "(no log)"
 
 
-def pod_events(kubeconfig: Path, namespace: str, name: str) -> list[str]:
-    with api_client(kubeconfig) as api:
-        events = (
-            client.CoreV1Api(api).list_namespaced_event(namespace, field_selector=f"involvedObject.name={name}").items
-        )
-    return [f"{e.reason}: {e.message}" for e in events]
-
-
-def wait_unschedulable(kubeconfig: Path, namespace: str, pod: dict[str, Any], timeout_s: float) -> tuple[bool, str]:
-    """Create `pod` and wait for the scheduler's verdict: (True, why) when it was refused as unschedulable."""
-    name = pod["metadata"]["name"]
-    with api_client(kubeconfig) as api:
-        core = client.CoreV1Api(api)
-        core.create_namespaced_pod(namespace, pod)
-        deadline = time.monotonic() + timeout_s
+def _delete_pods(core: client.CoreV1Api, namespace: str, names: list[str]) -> None:
+    for name in names:
         try:
-            while time.monotonic() < deadline:
-                current = core.read_namespaced_pod(name, namespace)
-                if current.spec.node_name:
-                    return False, f"scheduled onto {current.spec.node_name}"
-                for cond in current.status.conditions or []:
-                    if cond.type == "PodScheduled" and cond.status == "False" and cond.reason == "Unschedulable":
-                        return True, cond.message or "Unschedulable"
-                time.sleep(0.5)
-            return False, "the scheduler gave no verdict in time"
-        finally:
             core.delete_namespaced_pod(name, namespace, grace_period_seconds=0)
-
-
-def delete_pods(kubeconfig: Path, namespace: str, names: list[str]) -> None:
-    with api_client(kubeconfig) as api:
-        core = client.CoreV1Api(api)
-        for name in names:
-            try:
-                core.delete_namespaced_pod(name, namespace, grace_period_seconds=0)
-            except ApiException as exc:
-                if exc.status != 404:
-                    raise
-
-
-def delete_namespace(kubeconfig: Path, name: str) -> None:
-    with api_client(kubeconfig) as api:
-        try:
-            client.CoreV1Api(api).delete_namespace(name)
         except ApiException as exc:
             if exc.status != 404:
                 raise
+
+
+def _delete_namespace(core: client.CoreV1Api, name: str) -> None:
+    try:
+        core.delete_namespace(name)
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
 
 
 def list_pods(kubeconfig: Path, namespace: str) -> list[client.V1Pod]:
@@ -618,3 +661,22 @@ def delete_node(kubeconfig: Path, node: str) -> bool:
             if exc.status == 404:
                 return False
             raise
+
+
+# --- upgrade plan: the live versions it compares with the pins (read-only) ---
+
+
+def server_version(kubeconfig: Path) -> str:
+    """The API server's gitVersion (e.g. v1.35.4)."""
+    with api_client(kubeconfig) as api:
+        return client.VersionApi(api).get_code().git_version
+
+
+def list_crds(kubeconfig: Path) -> list[dict[str, Any]]:
+    """Every CustomResourceDefinition as the API server returns it (plain JSON: served/storage versions, schemas,
+    status.storedVersions), in one list call."""
+    import json
+
+    with api_client(kubeconfig) as api:
+        resp = client.ApiextensionsV1Api(api).list_custom_resource_definition(_preload_content=False)
+        return json.loads(resp.data).get("items") or []

@@ -12,7 +12,7 @@ from prefect.cache_policies import NO_CACHE
 from prometheus_api_client import PrometheusApiClientException, PrometheusConnect
 from urllib3.util.retry import Retry
 
-from gpuforge import health, validation
+from gpuforge import health, pins, validation
 from gpuforge.config import Config
 from gpuforge.health import GpuVerdict, Thresholds
 from gpuforge.render import PROMETHEUS_SERVICE
@@ -35,7 +35,8 @@ def prometheus(config: Config, timeout_s: float = 10) -> PrometheusConnect:
         session.cert = (conf.cert_file, conf.key_file)
     session.verify = conf.ssl_ca_cert or True
     headers = {"Authorization": conf.api_key["authorization"]} if conf.api_key.get("authorization") else {}
-    proxy = f"{conf.host}/api/v1/namespaces/monitoring/services/{PROMETHEUS_SERVICE}:9090/proxy"
+    namespace = pins.release_namespace("kube-prometheus-stack")
+    proxy = f"{conf.host}/api/v1/namespaces/{namespace}/services/{PROMETHEUS_SERVICE}:9090/proxy"
     return PrometheusConnect(
         url=proxy, headers=headers, session=session, timeout=timeout_s, retry=Retry(total=1, backoff_factor=0.2)
     )
@@ -107,13 +108,15 @@ def evaluate_fleet(
     expected: dict[str, int | None],
     table: dict[str, Thresholds],
     queries: dict[str, str] | None = None,
+    concurrency: int | None = None,
 ) -> tuple[list[GpuVerdict], int]:
-    """Every GPU's verdict from the fixed fleet queries (sent concurrently), then, where any GPU showed an XID,
-    one more query for the exact XIDs of those GPUs' nodes; returns (verdicts, queries sent).
+    """Every GPU's verdict from the fixed fleet queries (`concurrency` at a time, default all at once), then,
+    where any GPU showed an XID, one more query for the exact XIDs of those GPUs' nodes; returns (verdicts,
+    queries sent).
 
     Raises PrometheusUnreachable when any query cannot be answered."""
     queries = queries or health.fleet_queries(table)
-    with ThreadPoolExecutor(max_workers=len(queries)) as pool:
+    with ThreadPoolExecutor(max_workers=concurrency or len(queries)) as pool:
         futures = {name: pool.submit(query, pc, q) for name, q in queries.items()}
         results = {name: f.result() for name, f in futures.items()}
     sent = len(queries)

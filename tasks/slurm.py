@@ -16,12 +16,16 @@ from prefect.cache_policies import NO_CACHE
 
 from gpuforge import remediation, validation
 from gpuforge.config import Config
+from gpuforge.desired import SLURM_RELEASE
+from gpuforge.pins import release_namespace
 from gpuforge.remediation import Action, SlurmNode
 from gpuforge.validation import FAIL, PASS, CheckResult
 from tasks.kube import api_client, pod_phase, slurm_pods
 
 CONTROLLER_POD = "slurm-controller-0"
 CONTROLLER_CONTAINER = "slurmctld"
+# Slinky's NodeSet custom resource (group, version, plural), as the slurm-operator 1.2 chart serves it.
+NODESET_API = ("slinky.slurm.net", "v1beta1", "nodesets")
 
 
 @dataclass(frozen=True)
@@ -100,7 +104,7 @@ class Slurm:
     """The Slurm side of one run: `sinfo` once, then scontrol/sbatch through the controller pod."""
 
     def __init__(self, config: Config, kubeconfig: Path):
-        self.kubeconfig, self.namespace = kubeconfig, config.validation.slurm_namespace
+        self.kubeconfig, self.namespace = kubeconfig, release_namespace(SLURM_RELEASE)
 
     def run(self, *argv: str, timeout: float = 20) -> ExecResult:
         return slurm_exec(self.kubeconfig, self.namespace, list(argv), timeout_s=timeout)
@@ -144,17 +148,20 @@ def wait_job(run, job_id: str, timeout_s: float) -> tuple[str, str] | None:
     return None
 
 
-def slurm_state(config: Config, kubeconfig: Path) -> tuple[dict[str, SlurmNode] | None, dict[str, str], str | None]:
-    """Slurm nodes (one sinfo), their Kubernetes names (one slurmd pod list), or why they could not be read."""
+def slurm_state(
+    config: Config, kubeconfig: Path, names: list[str] | None = None
+) -> tuple[dict[str, SlurmNode] | None, dict[str, str], str | None]:
+    """Slurm nodes (one sinfo), the Slurm names of Kubernetes nodes `names` (default: the config's GPU nodes; one
+    slurmd pod list), or why they could not be read."""
     if not config.enabled("slurm"):
         return None, {}, None
     try:
         nodes = Slurm(config, kubeconfig).nodes()
-        pods = slurm_pods(kubeconfig, config.validation.slurm_namespace)
+        pods = slurm_pods(kubeconfig, release_namespace(SLURM_RELEASE))
     except Exception as exc:  # noqa: BLE001 - reported; no Slurm action (and no cordon of Slurm nodes) follows
         return None, {}, f"Slurm could not be read: {str(exc).splitlines()[0][:300]}"
-    names = remediation.slurm_name_map([n.name for n in config.gpu_nodes], nodes, pods)
-    return nodes, names, None
+    wanted = names if names is not None else [n.name for n in config.gpu_nodes]
+    return nodes, remediation.slurm_name_map(wanted, nodes, pods), None
 
 
 @task(name="slurm-checks", cache_policy=NO_CACHE)
@@ -168,8 +175,7 @@ def validate_slurm(config: Config, kubeconfig: Path, expected: dict[str, int]) -
             CheckResult("slurm-controller", "slurmctld", FAIL, (ping.stdout + ping.stderr).strip() or f"rc {ping.rc}")
         ]
     results = [CheckResult("slurm-controller", "slurmctld", PASS, ping.stdout.strip())]
-    sinfo = slurm.run("sinfo", "-h", "-N", "-o", "%N %T %G")
-    results += validation.slurm_node_results(validation.sinfo_nodes(sinfo.stdout), expected)
+    results += validation.slurm_node_results(slurm.nodes(), expected)
     job = slurm.run(
         "sbatch", "--parsable", "--gres=gpu:1", "--output=/dev/null", "--wrap", 'test -n "$CUDA_VISIBLE_DEVICES"'
     )

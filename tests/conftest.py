@@ -1,4 +1,4 @@
-"""Shared fixtures: a Prefect test server and one lab per test session.
+"""Shared fixtures: a Prefect test server, one lab per test session, and the day-2 configs of that lab.
 
 The lab of the tests is a copy of deployments/lab/config.yml with its own cluster name, node names,
 addresses and ports, kept in a temporary folder, so it never collides with a developer's running lab.
@@ -97,3 +97,41 @@ def first_install(lab, lab_config, prefect_server):
 
     state = install(InstallParams(config=str(lab_config)), return_state=True)
     return state
+
+
+# The day-2 configs (gpu-health, remediation, faults): the lab config plus a 20 s XID window (the default 2 h would
+# keep an injected XID 79 in the verdicts for two hours).
+XID_WINDOW = "20s"
+
+
+def day2_variant(base: Path, name: str, **keys) -> Path:
+    yaml = YAML()
+    data = yaml.load(base.read_text())
+    data["health"] = {"thresholds": {"default": {"xid_window": XID_WINDOW}}}
+    data.update(keys)
+    path = base.parent / f"{name}.yml"
+    with path.open("w") as f:
+        yaml.dump(data, f)
+    return path
+
+
+@pytest.fixture(scope="module")
+def installed(lab, first_install):
+    assert first_install.is_completed(), first_install.message
+    return lab
+
+
+@pytest.fixture(scope="module")
+def configs(lab_config):
+    """Remediation off and on (cordon + Slurm drain, at most half the GPU nodes)."""
+    return {
+        "off": day2_variant(lab_config, "day2-off", remediate="off"),
+        "on": day2_variant(lab_config, "day2-on", remediate="cordon+drain-slurm", remediation_max_fraction=0.5),
+    }
+
+
+@pytest.fixture(scope="module")
+def cfg(configs):
+    from gpuforge.config import load_config
+
+    return load_config(configs["off"])

@@ -20,8 +20,9 @@ from typing import Any
 import pytest
 import yaml
 
-from gpuforge import checks, pins, plan, render
+from gpuforge import checks, desired, pins, plan, render
 from gpuforge.config import load_config, parse_config
+from gpuforge.plan import alert_rules
 
 REPO = Path(__file__).resolve().parents[1]
 UPSTREAM = REPO.parent / "shared" / "upstream"
@@ -61,7 +62,7 @@ def prod_config(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def plan_files(prod_config) -> dict[str, str]:
-    return plan.plan_files(prod_config)
+    return plan.plan_files(desired.build(prod_config))
 
 
 @pytest.fixture(scope="session")
@@ -234,7 +235,7 @@ def test_dcgm_servicemonitor_is_selected_by_the_rendered_prometheus(rendered, re
 
 
 def test_gpu_alert_rule_is_selected_and_passes_promtool(rendered, prod_config, tmp_path):
-    rule = render.render_alert_rules(prod_config)
+    rule = alert_rules(desired.build(prod_config))
     [prometheus] = objects_of(rendered, "kube-prometheus-stack", "Prometheus")
     assert checks.prometheus_selects(prometheus, "rule", rule)
     result = promtool_check_rules(rule["spec"]["groups"], tmp_path)

@@ -190,6 +190,9 @@ EXPECTED = {
     "slurm_flag_string": [
         '{file}:3:56: k8s_cluster_nodes[1].slurm: must be true or false, not \'no\'; write an unquoted YAML boolean ("yes"/"no"/"on" are strings)'
     ],
+    "slurm_namespace_moved": [
+        "{file}:4:3: validation.slurm_namespace: Slurm runs in the slurm release's namespace 'slurm'; remove this key"
+    ],
     "slurm_without_gpu_node": [
         "{file}:7:5: deepops_services.slurm.enabled: Slurm is enabled but no GPU node is in Slurm; add a gpu-worker node, remove `slurm: false` from one, or set enabled: false"
     ],

@@ -4,7 +4,7 @@ cordon + Slurm drain) and back (--release), and drift for changes made behind gp
 Uses the session lab of tests/conftest.py (installed here once; install is idempotent); with
 GPUFORGE_DAY2_OWN_LAB=1 a lab of its own (other names and addresses), to run beside a session holding that one. Every fault is reset
 after its test, and the next test starts only once every GPU is healthy again. The configs used here are the
-lab config plus a 20 s XID window (the default 2 h would keep an injected XID 79 in the verdicts for two hours).
+lab config plus a 20 s XID window (tests/conftest.py: configs, cfg).
 """
 
 from __future__ import annotations
@@ -16,11 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
-from ruamel.yaml import YAML
+
+from tests.conftest import day2_variant
 
 pytestmark = pytest.mark.timeout(900)
-
-XID_WINDOW = "20s"
 
 if os.environ.get("GPUFORGE_DAY2_OWN_LAB"):
     # Beside another pytest session that holds the shared lab's names and addresses: a lab of its own.
@@ -33,38 +32,6 @@ if os.environ.get("GPUFORGE_DAY2_OWN_LAB"):
         return make_lab_config(folder, prefix="x", ip_base=170, cluster="gpuforge-day2-test")
 
 
-def _variant(base: Path, name: str, **keys) -> Path:
-    yaml = YAML()
-    data = yaml.load(base.read_text())
-    data["health"] = {"thresholds": {"default": {"xid_window": XID_WINDOW}}}
-    data.update(keys)
-    path = base.parent / f"{name}.yml"
-    with path.open("w") as f:
-        yaml.dump(data, f)
-    return path
-
-
-@pytest.fixture(scope="module")
-def installed(lab, first_install):
-    assert first_install.is_completed(), first_install.message
-    return lab
-
-
-@pytest.fixture(scope="module")
-def configs(lab_config):
-    return {
-        "off": _variant(lab_config, "day2-off", remediate="off"),
-        "on": _variant(lab_config, "day2-on", remediate="cordon+drain-slurm", remediation_max_fraction=0.5),
-    }
-
-
-@pytest.fixture(scope="module")
-def cfg(configs):
-    from gpuforge.config import load_config
-
-    return load_config(configs["off"])
-
-
 @pytest.fixture(scope="module")
 def names(cfg):
     """The lab's GPU nodes: one in the Slurm NodeSet (8 GPUs), one for Kubernetes jobs only (4 GPUs)."""
@@ -74,13 +41,15 @@ def names(cfg):
 
 
 def verdicts_now(cfg):
-    from gpuforge.drift import expected_gpu_counts
+    from gpuforge.desired import expected_gpu_counts, learned_gpu_counts
     from gpuforge.health import resolve_thresholds
     from tasks import kube, prometheus
 
     nodes = kube.list_nodes(cfg.kubeconfig_path())
     verdicts, _ = prometheus.evaluate_fleet(
-        prometheus.prometheus(cfg), expected_gpu_counts(cfg, nodes), resolve_thresholds(cfg.health.thresholds)
+        prometheus.prometheus(cfg),
+        expected_gpu_counts(cfg, learned_gpu_counts(cfg, nodes)),
+        resolve_thresholds(cfg.health.thresholds),
     )
     return verdicts
 
@@ -224,7 +193,7 @@ def test_missing_gpu_is_unhealthy_with_the_default_2h_window(installed, lab_conf
 def test_prometheus_down_every_gpu_unknown_and_the_run_fails(installed, lab_config, cfg, tmp_path):
     from tests.conftest import free_port
 
-    down = _variant(lab_config, "day2-promdown", prometheus_url=f"http://127.0.0.1:{free_port()}")
+    down = day2_variant(lab_config, "day2-promdown", prometheus_url=f"http://127.0.0.1:{free_port()}")
     report, state = run_health(down)
     assert state.is_failed() and report["exit_code"] == 2
     total = sum(n.spec.gpu_count for n in cfg.gpu_nodes)

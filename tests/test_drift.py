@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-from gpuforge import drift, render
+from gpuforge import desired, drift, render
 from gpuforge.config import parse_config
 from gpuforge.drift import CRITICAL, INFO, WARNING, DriftItem, LiveState
 from gpuforge.remediation import SlurmNode
@@ -76,6 +76,19 @@ def converged(config) -> LiveState:
     )
 
 
+def state(config, live: LiveState) -> desired.DesiredState:
+    """The desired state as the drift flow builds it: GPU counts the config leaves open read off the live nodes."""
+    return desired.build(config, desired.learned_gpu_counts(config, live.nodes))
+
+
+def compute(config, live: LiveState) -> list[DriftItem]:
+    return drift.compute(state(config, live), live)
+
+
+def detect(config, live: LiveState) -> dict:
+    return drift.detect(state(config, live), live)
+
+
 def nodeset(live: LiveState, name: str) -> dict:
     return next(n for n in live.nodesets if n["metadata"]["name"] == name)
 
@@ -86,7 +99,7 @@ def only(items: list[DriftItem]) -> DriftItem:
 
 
 def test_converged_cluster_has_no_drift(config):
-    report = drift.detect(config, converged(config))
+    report = detect(config, converged(config))
     assert report["items"] == [] and report["exit_code"] == 0
     assert report["summary"] == "no drift"
 
@@ -94,7 +107,7 @@ def test_converged_cluster_has_no_drift(config):
 def test_helm_value_changed_is_one_item_with_pointer(config):
     live = converged(config)
     live.releases["gpu-operator"]["values"]["driver"]["enabled"] = True
-    item = only(drift.compute(config, live))
+    item = only(compute(config, live))
     assert (item.path, item.desired, item.live, item.severity) == (
         "/helm/gpu-operator/values/driver/enabled",
         False,
@@ -108,7 +121,7 @@ def test_helm_value_added_and_list_element(config):
     live = converged(config)
     live.releases["slurm"]["values"]["nodesets"]["gpu-8"]["extraConfMap"]["Gres"] = ["gpu:4"]
     live.releases["gpu-operator"]["values"]["toolkit"]["env"] = [{"name": "X", "value": "1"}]
-    items = drift.compute(config, live)
+    items = compute(config, live)
     assert [(i.path, i.desired, i.live) for i in items] == [
         ("/helm/gpu-operator/values/toolkit/env", None, [{"name": "X", "value": "1"}]),
         ("/helm/slurm/values/nodesets/gpu-8/extraConfMap/Gres/0", "gpu:8", "gpu:4"),
@@ -119,7 +132,7 @@ def test_bool_is_not_a_number_and_int_equals_float(config):
     live = converged(config)
     live.releases["slurm"]["values"]["nodesets"]["gpu-8"]["replicas"] = 1.0  # same as 1
     live.releases["gpu-operator"]["values"]["driver"]["enabled"] = 0  # not False
-    item = only(drift.compute(config, live))
+    item = only(compute(config, live))
     assert item.path == "/helm/gpu-operator/values/driver/enabled" and item.live == 0
 
 
@@ -127,12 +140,12 @@ def test_secrets_are_masked_but_reported(config):
     live = converged(config)
     live.releases["kube-prometheus-stack"]["values"]["grafana"]["adminPassword"] = "changed-by-hand"
     live.releases["kube-prometheus-stack"]["values"]["grafana"]["apiToken"] = "abc"
-    items = drift.compute(config, live)
+    items = compute(config, live)
     assert [(i.path, i.desired, i.live) for i in items] == [
         ("/helm/kube-prometheus-stack/values/grafana/adminPassword", "***", "***"),
         ("/helm/kube-prometheus-stack/values/grafana/apiToken", None, "***"),
     ]
-    assert "hunter2" not in str(drift.detect(config, live)) and "changed-by-hand" not in str(drift.detect(config, live))
+    assert "hunter2" not in str(detect(config, live)) and "changed-by-hand" not in str(detect(config, live))
 
 
 def test_release_status_version_and_missing(config):
@@ -140,7 +153,7 @@ def test_release_status_version_and_missing(config):
     live.releases["gpu-operator"]["status"] = "failed"
     live.releases["gpu-operator"]["version"] = "v26.3.0"
     del live.releases["cert-manager"]
-    items = {i.path: i for i in drift.compute(config, live)}
+    items = {i.path: i for i in compute(config, live)}
     assert set(items) == {"/helm/gpu-operator/status", "/helm/gpu-operator/version", "/helm/cert-manager"}
     assert items["/helm/gpu-operator/status"].severity == CRITICAL
     assert items["/helm/cert-manager"].live is None and items["/helm/cert-manager"].desired["chart"] == "cert-manager"
@@ -149,7 +162,7 @@ def test_release_status_version_and_missing(config):
 def test_relabelled_node_escapes_slash(config):
     live = converged(config)
     live.nodes["gpu-1"]["labels"]["gpuforge.io/nodeset"] = "other"
-    item = only(drift.compute(config, live))
+    item = only(compute(config, live))
     assert item.path == "/nodes/gpu-1/labels/gpuforge.io~1nodeset"
     assert (item.desired, item.live) == ("gpu-8", "other")
 
@@ -159,7 +172,7 @@ def test_only_managed_labels_are_compared(config):
     live.nodes["gpu-1"]["labels"]["nvidia.com/gpu.product"] = "H100"  # not gpuforge's
     live.nodes["gpu-1"]["labels"]["gpuforge.io/stray"] = "x"  # gpuforge's prefix: it owns it
     del live.nodes["gpu-1"]["labels"]["team"]  # the user's own label from the config
-    items = drift.compute(config, live)
+    items = compute(config, live)
     assert [(i.path, i.desired, i.live) for i in items] == [
         ("/nodes/gpu-1/labels/gpuforge.io~1stray", None, "x"),
         ("/nodes/gpu-1/labels/team", "vision", None),
@@ -170,7 +183,7 @@ def test_taints_and_kubelet_version(config):
     live = converged(config)
     live.nodes["gpu-1"]["taints"] = ["dedicated=cpu:NoSchedule", "node.kubernetes.io/unschedulable:NoSchedule"]
     live.nodes["gpu-3"]["kubelet_version"] = "1.34.2"
-    items = drift.compute(config, live)
+    items = compute(config, live)
     assert [(i.path, i.desired, i.live) for i in items] == [
         ("/nodes/gpu-1/taints/dedicated", "gpu:NoSchedule", "cpu:NoSchedule"),
         ("/nodes/gpu-3/kubeletVersion", "1.35.4", "1.34.2"),
@@ -178,14 +191,14 @@ def test_taints_and_kubelet_version(config):
     # cp-1 is a pure control plane: Kubespray taints it, and gpuforge says so.
     live = converged(config)
     live.nodes["cp-1"]["taints"] = []
-    item = only(drift.compute(config, live))
+    item = only(compute(config, live))
     assert item.path == "/nodes/cp-1/taints/node-role.kubernetes.io~1control-plane"
 
 
 def test_allocatable_gpus_lowered_uses_install_count_when_config_has_none(config):
     live = converged(config)
     live.nodes["gpu-2"]["allocatable_gpus"] = 7  # the config leaves gpu-2 open; 8 were recorded at install
-    item = only(drift.compute(config, live))
+    item = only(compute(config, live))
     assert (item.path, item.desired, item.live, item.severity) == ("/nodes/gpu-2/allocatableGpus", 8, 7, CRITICAL)
 
 
@@ -193,7 +206,7 @@ def test_nodes_missing_and_extra(config):
     live = converged(config)
     del live.nodes["gpu-3"]
     live.nodes["stranger"] = {"kubelet_version": "1.35.4", "labels": {}, "taints": [], "allocatable_gpus": 0}
-    items = {i.path: i for i in drift.compute(config, live)}
+    items = {i.path: i for i in compute(config, live)}
     assert set(items) == {"/nodes/gpu-3", "/nodes/stranger"}
     assert (items["/nodes/gpu-3"].desired, items["/nodes/gpu-3"].live, items["/nodes/gpu-3"].severity) == (
         "registered",
@@ -206,21 +219,21 @@ def test_nodes_missing_and_extra(config):
 def test_cluster_policy(config):
     live = converged(config)
     live.cluster_policy = {"status": {"state": "notReady"}}
-    item = only(drift.compute(config, live))
+    item = only(compute(config, live))
     assert (item.path, item.live) == ("/clusterpolicy/cluster-policy/status/state", "notReady")
     live.cluster_policy = None
-    assert only(drift.compute(config, live)).path == "/clusterpolicy/cluster-policy"
+    assert only(compute(config, live)).path == "/clusterpolicy/cluster-policy"
     live.cluster_policy_read = False  # could not be read: not compared (the flow reports the error)
-    assert drift.compute(config, live) == []
+    assert compute(config, live) == []
 
 
 def test_nodeset_scaled_is_one_item(config):
     live = converged(config)
     nodeset(live, "slurm-worker-gpu-8")["spec"]["replicas"] = 2
-    item = only(drift.compute(config, live))
+    item = only(compute(config, live))
     assert (item.path, item.desired, item.live) == ("/slurm/nodesets/gpu-8/replicas", 1, 2)
     live.nodesets.remove(nodeset(live, "slurm-worker-gpu"))
-    items = drift.compute(config, live)
+    items = compute(config, live)
     assert [(i.path, i.desired, i.live) for i in items] == [
         ("/slurm/nodesets/gpu", {"replicas": 1}, None),
         ("/slurm/nodesets/gpu-8/replicas", 1, 2),
@@ -232,7 +245,7 @@ def test_slurm_nodes_partitions_and_gres(config):
     live.slurm_nodes["gpu-1"] = SlurmNode("gpu-1", "idle", ("debug",), "gpu:8")
     live.slurm_nodes["gpu-2"] = SlurmNode("gpu-2", "idle", ("gpu",), "gpu:4")
     live.slurm_nodes["login-1"] = SlurmNode("login-1", "idle", ("gpu",), "")
-    items = [(i.path, i.desired, i.live) for i in drift.compute(config, live)]
+    items = [(i.path, i.desired, i.live) for i in compute(config, live)]
     assert items == [
         ("/slurm/nodes/gpu-2/gres", "gpu:8", "gpu:4"),
         ("/slurm/nodes/gpu-1/partitions", ["gpu"], ["debug"]),
@@ -240,7 +253,7 @@ def test_slurm_nodes_partitions_and_gres(config):
     ]
     live = converged(config)
     del live.slurm_nodes["gpu-2"]
-    assert only(drift.compute(config, live)).path == "/slurm/nodes/gpu-2"
+    assert only(compute(config, live)).path == "/slurm/nodes/gpu-2"
 
 
 def test_slurm_node_named_after_its_slurmd_pod(config):
@@ -254,7 +267,7 @@ def test_slurm_node_named_after_its_slurmd_pod(config):
         {"name": "slurm-worker-gpu-8-0", "hostname": "gpu-8-0", "node": "gpu-1"},
         {"name": "slurm-worker-gpu-8-1", "hostname": "gpu-8-1", "node": "gpu-2"},
     ]
-    assert drift.compute(config, live) == []
+    assert compute(config, live) == []
 
 
 def test_ignore_rules_match_whole_segments(config):
@@ -262,7 +275,7 @@ def test_ignore_rules_match_whole_segments(config):
     live.releases["gpu-operator"]["values"]["driver"]["version"] = "550"
     live.releases["gpu-operator"]["values"]["driverX"] = 1
     rules = ["/helm/gpu-operator/values/driver"]
-    kept, ignored = drift.apply_ignores(drift.compute(config, live), rules)
+    kept, ignored = drift.apply_ignores(compute(config, live), rules)
     assert [i.path for i in kept] == ["/helm/gpu-operator/values/driverX"]
     assert [i.path for i in ignored] == ["/helm/gpu-operator/values/driver/version"]
 
@@ -272,7 +285,7 @@ def test_config_ignore_rules_and_summary(config):
     live = converged(config)
     live.nodes["gpu-1"]["labels"]["gpuforge.io/nodeset"] = "other"
     nodeset(live, "slurm-worker-gpu-8")["spec"]["replicas"] = 2
-    report = drift.detect(config, live)
+    report = detect(config, live)
     assert report["exit_code"] == 2
     assert [i["path"] for i in report["items"]] == ["/slurm/nodesets/gpu-8/replicas"]
     assert [i["path"] for i in report["ignored"]] == ["/nodes/gpu-1/labels/gpuforge.io~1nodeset"]
@@ -293,7 +306,7 @@ def test_pointer_escaping():
 
 def test_disabled_or_unread_parts_are_not_compared(config):
     live = LiveState(nodes=converged(config).nodes)  # nothing but nodes was read
-    assert drift.compute(config, live) == []
+    assert compute(config, live) == []
 
 
 def test_automation_definition_validates_and_targets_both_day2_flows():

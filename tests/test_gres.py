@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gpuforge.gres import Gres, GresError, gpu_count, parse_gres
+from gpuforge.remediation import SlurmNode
 from gpuforge.validation import FAIL, PASS, slurm_node_results
 
 
@@ -78,14 +79,14 @@ def test_gpu_count(text: str, gpus: int) -> None:
     ],
 )
 def test_slurm_node_check_compares_gpu_counts_exactly(gres: str, expected: int, status: str) -> None:
-    (result,) = slurm_node_results({"n1": ("idle", gres)}, {"n1": expected})
+    (result,) = slurm_node_results({"n1": SlurmNode("n1", "idle", ("gpu",), gres)}, {"n1": expected})
     assert result.result == status, result.detail
     if status == FAIL:
         assert str(expected) in result.detail
 
 
 def test_slurm_node_check_names_the_count_found() -> None:
-    (result,) = slurm_node_results({"n1": ("mixed", "gpu:h100:16(S:0-1)")}, {"n1": 8})
+    (result,) = slurm_node_results({"n1": SlurmNode("n1", "mixed", ("gpu",), "gpu:h100:16(S:0-1)")}, {"n1": 8})
     assert result.detail == "gres gpu:h100:16(S:0-1) holds 16 GPUs, expected 8"
     (missing,) = slurm_node_results({}, {"n1": 8})
     assert missing.result == FAIL and "not known to Slurm" in missing.detail

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from gpuforge import desired
 from gpuforge.config import parse_config
 from gpuforge.node_lifecycle import (
     NodeRefused,
@@ -39,14 +40,18 @@ def config(text: str = CONFIG):
     return parse_config(text, "config.yml", Path("."))
 
 
+def state(text: str = CONFIG):
+    return desired.build(config(text))
+
+
 def hosts(text: str = CONFIG):
     return inventory_hosts(render_inventory(config(text)))
 
 
 def test_missing_nodes_are_config_nodes_kubernetes_lacks_in_config_order():
-    cfg = config()
-    assert [n.name for n in missing_nodes(cfg, {"cp-1", "cp-2", "cp-3", "gpu-1"})] == ["gpu-2", "cpu-1"]
-    assert missing_nodes(cfg, {n.name for n in cfg.nodes}) == []
+    wanted = state()
+    assert [n.name for n in missing_nodes(wanted, {"cp-1", "cp-2", "cp-3", "gpu-1"})] == ["gpu-2", "cpu-1"]
+    assert missing_nodes(wanted, {n.name for n in wanted.nodes}) == []
 
 
 def test_only_nodes_keeps_derived_names_and_labels():
@@ -56,7 +61,7 @@ def test_only_nodes_keeps_derived_names_and_labels():
 
 def test_an_unknown_node_is_refused_naming_the_known_ones():
     with pytest.raises(NodeRefused, match="gpu-9 is not in k8s_cluster_nodes of c .*gpu-1"):
-        config_node(config(), "gpu-9")
+        config_node(state(), "gpu-9")
 
 
 def test_node_playbooks_sit_beside_the_cluster_playbook():
@@ -109,14 +114,14 @@ GPU_1 = '  - { ip: "10.0.0.11", role: [gpu-worker], gpu_count: 8 }\n'
 
 
 def test_taking_a_derived_name_out_of_the_middle_renames_the_next_node_and_is_caught():
-    after = config(CONFIG.replace(GPU_1, ""))
+    after = state(CONFIG.replace(GPU_1, ""))
     assert address_changes(after, hosts()) == ["gpu-1: 10.0.0.11 -> 10.0.0.12"]
     named = CONFIG.replace("gpu_count: 8 }", "gpu_count: 8, name: a }", 1).replace(
         "gpu_count: 8, lab", "gpu_count: 8, name: b, lab"
     )
     assert (
         address_changes(
-            config(named.replace('  - { ip: "10.0.0.11", role: [gpu-worker], gpu_count: 8, name: a }\n', "")),
+            state(named.replace('  - { ip: "10.0.0.11", role: [gpu-worker], gpu_count: 8, name: a }\n', "")),
             hosts(named),
         )
         == []
@@ -124,7 +129,7 @@ def test_taking_a_derived_name_out_of_the_middle_renames_the_next_node_and_is_ca
 
 
 def test_a_replaced_node_may_change_its_address():
-    moved = config(CONFIG.replace("10.0.0.21", "10.0.0.99"))
+    moved = state(CONFIG.replace("10.0.0.21", "10.0.0.99"))
     assert address_changes(moved, hosts()) == ["cpu-1: 10.0.0.21 -> 10.0.0.99"]
     assert address_changes(moved, hosts(), keep="cpu-1") == []
 

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from gpuforge import health, render
+from gpuforge import desired, health, render
 from gpuforge.config import Config, parse_config
 from gpuforge.health import Verdict
+from gpuforge.plan import alert_rules
 from gpuforge_probe.probe import Probe, RecordedReader
 from tests.promtool import PROMTOOL, evaluate
 
@@ -136,7 +137,7 @@ def fleet_and_alerts(config_name: str, tmp: Path) -> dict[tuple[str, int], tuple
             host = f"n{len(hosts):03d}"
             hosts[host] = (model, i)
             series.update(series_of(host, model, case))
-    rules = render.render_alert_rules(config)["spec"]["groups"]
+    rules = alert_rules(desired.build(config))["spec"]["groups"]
     queries = health.fleet_queries(table)
     answers, alerts = evaluate(tmp, series, list(queries.values()), EVAL, groups=rules)
     results = {name: answers[q] for name, q in queries.items()}

@@ -10,8 +10,9 @@ from pathlib import Path
 import yaml as yaml_1_1
 from ruamel.yaml import YAML
 
-from gpuforge import render
+from gpuforge import desired, render
 from gpuforge.config import parse_config
+from gpuforge.plan import alert_rules
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = REPO / "deployments" / "prod" / "config.yml"
@@ -143,7 +144,7 @@ def test_slurm_nodesets_follow_gpu_counts():
 
 def test_alert_rules_and_dashboard_cover_the_gpu_faults():
     config = parse_config(MIXED)
-    rule = render.render_alert_rules(config)
+    rule = alert_rules(desired.build(config))
     names = [r["alert"] for r in rule["spec"]["groups"][0]["rules"]]
     assert names == [
         "GPUFatalXid",
@@ -170,7 +171,7 @@ def test_alert_rules_and_dashboard_cover_the_gpu_faults():
 def test_rendered_yaml_round_trips(tmp_path):
     from gpuforge.plan import plan_files
 
-    files = plan_files(parse_config(MIXED))
+    files = plan_files(desired.build(parse_config(MIXED)))
     yaml = YAML(typ="safe")
     assert yaml.load(files["values/slurm.yaml"]) == next(
         r.values for r in render.render_releases(parse_config(MIXED)) if r.name == "slurm"

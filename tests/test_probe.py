@@ -909,3 +909,32 @@ def test_health_queries_on_a_real_prometheus_scraping_the_probe(tmp_path: Path) 
     assert verdicts[6].reasons == ["GPU 6 missing (expected on h100-node-7)"]  # lost: exports nothing
     assert verdicts[7].reasons == ["row remap failure"]
     assert verdicts[0].values["ecc_sbe_increase"] == 0
+
+
+def test_cli_probe_expects_the_configured_gpu_count_of_its_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """`gpuforge probe --config --node`: the node's gpu_count in the config is what it must have, as for the
+    fleet check; --expected-gpus still wins. (The recorded A100 node has 2 GPUs.)"""
+    from click.testing import CliRunner
+
+    from gpuforge_cli.app import app
+    from gpuforge_probe import probe as gpu_probe
+
+    monkeypatch.setattr(gpu_probe, "NvmlReader", lambda: RecordedReader(A100))
+    cfg = tmp_path / "config.yml"
+    cfg.write_text(
+        "k8s_cluster_nodes:\n"
+        '  - { ip: "198.51.100.8", role: [control-plane, etcd] }\n'
+        '  - { ip: "198.51.100.9", name: n, role: [gpu-worker, schedulable], gpu_count: 4 }\n'
+    )
+    run = CliRunner().invoke(app, ["probe", "--config", str(cfg), "--node", "n", "--json"])
+    assert run.exit_code == 1, run.output
+    assert [(d["gpu"], d["verdict"]) for d in json.loads(run.output)] == [
+        (0, "healthy"),
+        (1, "healthy"),
+        (2, "unhealthy"),
+        (3, "unhealthy"),
+    ]
+    run = CliRunner().invoke(app, ["probe", "--config", str(cfg), "--node", "n", "--expected-gpus", "2"])
+    assert run.exit_code == 0, run.output
+    run = CliRunner().invoke(app, ["probe", "--config", str(cfg), "--node", "other"])
+    assert run.exit_code == 0, run.output

@@ -19,6 +19,7 @@ import pytest
 from prefect import flow
 from ruamel.yaml import YAML
 
+from gpuforge import desired
 from gpuforge.config import load_config
 from gpuforge.plan import write_plan
 from lab.sshhosts import HostSpec, SshHosts, free_lab_ips
@@ -87,7 +88,7 @@ def kubespray_tasks(config_path: str, inventory: str):
 def test_real_kubespray_validates_gathers_facts_then_the_lab_registers_nodes(site, tmp_path):
     config_path, _hosts = site
     config = load_config(config_path)
-    write_plan(config, tmp_path)
+    write_plan(desired.build(config), tmp_path)
     started = time.monotonic()
     checkout, run = kubespray_tasks(str(config_path), str(tmp_path / "hosts.yaml"))
     print(f"lab playbook (Kubespray facts.yml + registration) on 4 hosts: {time.monotonic() - started:.1f}s")
@@ -127,7 +128,7 @@ def test_even_etcd_count_is_refused_in_kubespray_own_words(site, tmp_path):
     Kubespray's own assert."""
     config_path, _hosts = site
     config = load_config(config_path)
-    write_plan(config, tmp_path)
+    write_plan(desired.build(config), tmp_path)
     yaml = YAML()
     inventory = yaml.load((tmp_path / "hosts.yaml").read_text())
     etcd = inventory["all"]["children"]["etcd"]["hosts"]
@@ -150,7 +151,7 @@ def test_lab_playbook_refuses_to_run_kubespray_without_skipping_bootstrap_os(sit
     config_path, hosts = site
     variant = config_variant(config_path, tmp_path, lambda data: data["kubespray"].update(skip_tags=[]))
     config = load_config(variant)
-    write_plan(config, tmp_path / "inventory")
+    write_plan(desired.build(config), tmp_path / "inventory")
     tripwire = tmp_path / "tripwire"
     (tripwire / "playbooks").mkdir(parents=True)
     (tripwire / "playbooks" / "facts.yml").write_text(
