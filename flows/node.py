@@ -1,6 +1,6 @@
 """Node lifecycle: add, remove and replace a node, GPU- and Slurm-aware, at the cost of that node only.
 
-add (`gpuforge node add`, or `install` finding config nodes the cluster lacks):
+add (`gpuforge node add`, or `install` finding worker nodes in the config that the running cluster lacks):
   1. preflight and host keys on the new hosts only;
   2. Kubespray's scale.yml limited to them, the other hosts' facts read from the fact cache kept with the
      cluster's state (warmed once with Kubespray's facts.yml when it lacks a host);
@@ -77,6 +77,13 @@ def node_add(params: NodeAddParams) -> list[dict]:
         return add_nodes(state, params.nodes)
 
 
+@flow(name="node-add", flow_run_name=run_name("node-add"))
+def add_for_install(params: NodeAddParams) -> list[dict]:
+    """`install`'s step for the config nodes a running cluster lacks (node_lifecycle.joining_nodes): the add
+    runbook under the cluster lock install holds, on the desired state it hands down."""
+    return add_nodes(desired_state(params), params.nodes)
+
+
 def add_nodes(state: DesiredState, names: list[str], replacing: str | None = None) -> list[dict]:
     """The add runbook (the caller holds the cluster lock); a row per new node. `replacing`: the node whose new
     machine this is (its address differs from the installed inventory's on purpose)."""
@@ -95,6 +102,8 @@ def add_nodes(state: DesiredState, names: list[str], replacing: str | None = Non
         )
     if not new:
         return [{"node": "-", "result": "nothing to add", "detail": "every config node is registered"}]
+    if refused := node_lifecycle.scale_refusals(new):
+        raise PreconditionFailed("; ".join(refused))
     installed = node_lifecycle.inventory_hosts(_read_yaml(state_dir(config) / "inventory" / "hosts.yaml"))
     if moved := node_lifecycle.address_changes(state, installed, keep=replacing):
         raise PreconditionFailed(
@@ -345,6 +354,8 @@ def node_replace(params: NodeReplaceParams) -> dict:
         new = node_lifecycle.config_node(state, params.node)
     except NodeRefused as exc:
         raise PreconditionFailed(str(exc)) from None
+    if refused := node_lifecycle.scale_refusals([new]):  # before anything goes: the new machine must be able to join
+        raise PreconditionFailed("; ".join(refused))
     installed = node_lifecycle.inventory_hosts(_read_yaml(state_dir(config) / "inventory" / "hosts.yaml"))
     old = installed.get(params.node)
     if old is None or old.vars.get("ansible_host") == new.ip:

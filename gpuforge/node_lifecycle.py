@@ -36,6 +36,27 @@ def missing_nodes(state: DesiredState, registered: set[str]) -> list[DesiredNode
     return [n for n in state.nodes if n.name not in registered]
 
 
+def joining_nodes(state: DesiredState, registered: set[str]) -> list[DesiredNode]:
+    """The config nodes a running cluster lacks, for `install` to add as `node add` does: none when the cluster
+    has none of the config's nodes yet (a first install), or when one of them is a control-plane or etcd node
+    (Kubespray's scale.yml adds workers only: those join through cluster.yml, the kubespray phase)."""
+    new = missing_nodes(state, registered)
+    if len(new) == len(state.nodes) or scale_refusals(new):
+        return []
+    return new
+
+
+def scale_refusals(nodes: list[DesiredNode]) -> list[str]:
+    """Why Kubespray's scale.yml cannot add these nodes: it joins workers only (its docs: a control-plane or etcd
+    node is appended to the inventory and joins with cluster.yml)."""
+    return [
+        f"{n.name} is {'a control-plane' if n.is_control_plane else 'an etcd'} node: Kubespray's scale.yml adds "
+        "workers only; it joins with cluster.yml, which `gpuforge install --force-phase kubespray` runs"
+        for n in nodes
+        if n.is_control_plane or n.is_etcd
+    ]
+
+
 def config_node(state: DesiredState, name: str) -> DesiredNode:
     if (node := state.node(name)) is not None:
         return node

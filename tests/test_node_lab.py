@@ -1,6 +1,7 @@
 """Node lifecycle against the lab: add a GPU node (Ready, GPUs allocatable, in the Slurm NodeSet, validated before
 it takes work), keep out a node whose smoke fails, remove a node that runs a Slurm job (waited for, reported,
-then --force), refuse removing the last control-plane node, replace a machine under the same name and labels.
+then --force), refuse removing the last control-plane node, replace a machine under the same name and labels,
+`install` adding a worker the config gained, a removal a PodDisruptionBudget holds (reported, the pod named).
 
 Uses the session lab of tests/conftest.py (installed once). The machines it adds are taken out again at the end,
 so the lab is as it found it.
@@ -19,6 +20,7 @@ pytestmark = pytest.mark.timeout(1200)
 
 SLURM_NODE = "tgpu-3"  # joins the Slurm NodeSet gpu-2 (2 GPUs)
 K8S_NODE = "tgpu-4"  # Kubernetes jobs only: validated by a CUDA smoke pod
+CPU_NODE = "tcpu-9"  # added by install
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +33,7 @@ def installed(lab, first_install):
 def addresses():
     from lab.sshhosts import free_lab_ips
 
-    return free_lab_ips(3, first=110)
+    return free_lab_ips(4, first=110)
 
 
 def _with_nodes(base: Path, folder: Path, nodes: list[dict], **keys) -> Path:
@@ -192,3 +194,62 @@ def test_replace_keeps_the_name_and_labels_and_validates_the_new_machine(
     gone = node_remove(NodeRemoveParams(config=str(lab_config), node=K8S_NODE), return_state=True)
     assert gone.is_completed(), gone.message
     _lab_for(new).remove_host(K8S_NODE)
+
+
+def test_install_adds_a_worker_the_config_gained(installed, lab_config, addresses, tmp_path_factory):
+    from flows.install import InstallParams, install
+    from gpuforge.config import load_config
+    from tasks import kube
+
+    cpu = {"ip": addresses[3], "name": CPU_NODE, "role": ["cpu-worker", "schedulable"]}
+    grown = _with_nodes(lab_config, tmp_path_factory.mktemp("install-grown"), [cpu])
+    _lab_for(grown).add_host(CPU_NODE)
+    state = install(InstallParams(config=str(grown)), return_state=True)
+    assert state.is_completed(), state.message
+    rows = {r["phase"]: r for r in state.result()}
+    assert list(rows)[0] == "node-add" and rows["node-add"]["result"] == "ran", rows["node-add"]
+    assert rows["node-add"]["detail"].startswith(f"{CPU_NODE} in service: ")
+    # The new node joined through scale.yml on it alone; the phases after it found every node converged.
+    assert rows["preflight"]["result"] == "skipped" and rows["kubespray"]["result"] == "skipped"
+    assert rows["validate"]["result"] == "ran"
+    cfg = load_config(grown)
+    node = kube.list_nodes(cfg.kubeconfig_path())[CPU_NODE]
+    assert node.ready and not node.unschedulable and node.kubelet_version == cfg.kubespray.kube_version
+
+
+def test_a_pod_disruption_budget_holds_a_removal_and_names_the_pod(installed, lab_config):
+    from kubernetes import client
+
+    from flows.node import NodeRemoveParams, node_remove
+    from gpuforge.config import load_config
+    from gpuforge.remediation import CORDON_ANNOTATION
+    from tasks import kube
+
+    kubeconfig = load_config(lab_config).kubeconfig_path()
+    meta = client.V1ObjectMeta(name="db-0", namespace="pdb-test", labels={"app": "db"})
+    with kube.api_client(kubeconfig) as api:
+        core, policy = client.CoreV1Api(api), client.PolicyV1Api(api)
+        core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name="pdb-test")))
+        try:
+            container = client.V1Container(name="db", image="busybox:1.36", command=["sleep", "3600"])
+            core.create_namespaced_pod("pdb-test", client.V1Pod(
+                metadata=meta, spec=client.V1PodSpec(node_name=CPU_NODE, containers=[container])))  # fmt: skip
+            policy.create_namespaced_pod_disruption_budget("pdb-test", client.V1PodDisruptionBudget(
+                metadata=client.V1ObjectMeta(name="db"),
+                spec=client.V1PodDisruptionBudgetSpec(min_available=1, selector=client.V1LabelSelector(
+                    match_labels={"app": "db"}))))  # fmt: skip
+            params = NodeRemoveParams(config=str(lab_config), node=CPU_NODE, drain_timeout_s=5)
+            held = node_remove(params, return_state=True)
+            assert held.is_failed() and "PodDisruptionBudgets keep pdb-test/db-0 (" in held.message, held.message
+            node = kube.list_nodes(kubeconfig)[CPU_NODE]
+            assert node.unschedulable and node.annotations[CORDON_ANNOTATION].startswith("gpuforge: node remove")
+
+            # The budget goes: the pod is evicted and the node leaves. Leave the lab as the session had it.
+            policy.delete_namespaced_pod_disruption_budget("db", "pdb-test")
+            gone = node_remove(params, return_state=True)
+            assert gone.is_completed(), gone.message
+            assert {s["step"]: s["detail"] for s in gone.result()["steps"]}["evict"] == "no pods left"
+            assert CPU_NODE not in kube.list_nodes(kubeconfig)
+        finally:
+            core.delete_namespace("pdb-test")
+    _lab_for(lab_config).remove_host(CPU_NODE)

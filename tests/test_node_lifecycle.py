@@ -15,10 +15,12 @@ from gpuforge.node_lifecycle import (
     config_node,
     drain_verdict,
     inventory_hosts,
+    joining_nodes,
     missing_nodes,
     node_playbook,
     only_nodes,
     removal_check,
+    scale_refusals,
     with_host,
 )
 from gpuforge.render import render_inventory
@@ -52,6 +54,22 @@ def test_missing_nodes_are_config_nodes_kubernetes_lacks_in_config_order():
     wanted = state()
     assert [n.name for n in missing_nodes(wanted, {"cp-1", "cp-2", "cp-3", "gpu-1"})] == ["gpu-2", "cpu-1"]
     assert missing_nodes(wanted, {n.name for n in wanted.nodes}) == []
+
+
+def test_install_adds_the_workers_a_running_cluster_lacks_but_builds_a_new_cluster_or_control_plane_itself():
+    wanted = state()
+    running = {"cp-1", "cp-2", "cp-3", "gpu-1"}
+    assert [n.name for n in joining_nodes(wanted, running)] == ["gpu-2", "cpu-1"]
+    assert joining_nodes(wanted, set()) == []  # a first install: Kubespray's cluster.yml builds every node
+    assert joining_nodes(wanted, {"gpu-1", "ex-node"}) == []  # control-plane nodes missing: cluster.yml again
+    assert joining_nodes(wanted, {n.name for n in wanted.nodes}) == []
+
+
+def test_scale_yml_is_refused_for_control_plane_and_etcd_nodes():
+    wanted = state(CONFIG + '  - { ip: "10.0.0.4", role: [etcd] }\n  - { ip: "10.0.0.5", role: [etcd] }\n')
+    (cp, etcd) = scale_refusals([wanted.node("cp-2"), wanted.nodes[-1], wanted.node("gpu-1")])
+    assert cp.startswith("cp-2 is a control-plane node: Kubespray's scale.yml adds workers only")
+    assert etcd.startswith(f"{wanted.nodes[-1].name} is an etcd node") and "--force-phase kubespray" in etcd
 
 
 def test_only_nodes_keeps_derived_names_and_labels():
