@@ -35,6 +35,7 @@ from flows.common import (
     state_dir,
 )
 from flows.gpu_operator import wait_for_gpus
+from flows.kubespray import raise_unless_ok, what_ran
 from gpuforge import desired, node_lifecycle
 from gpuforge import preflight as preflight_rules
 from gpuforge.config import Config
@@ -47,7 +48,7 @@ from tasks import slurm as slurm_tasks
 from tasks.ansible_tasks import collect_preflight_facts, log_events, prepare_kubespray, ssh_host_keys, verify_host_keys
 from tasks.helm import converge_service
 from tasks.hostkeys import scan_host_keys
-from tasks.kubespray import cached_fact_hosts, run_node_playbook, what_kubespray_did
+from tasks.kubespray import cached_fact_hosts, run_node_playbook
 
 
 class NodeAddParams(ClusterParams):
@@ -140,16 +141,16 @@ def add_nodes(state: DesiredState, names: list[str], replacing: str | None = Non
             config, checkout, checkout / "playbooks" / "facts.yml", inventory_dir / "hosts.yaml", binary,
             fact_cache=fact_cache, on_event=log_events(logger), host_keys=ssh_host_keys(config),
         )  # fmt: skip
-        _raise_unless_ok(facts_run, "Kubespray facts.yml")
+        raise_unless_ok(facts_run, "Kubespray facts.yml")
     playbook = _node_playbook(config, checkout, node_lifecycle.KUBESPRAY_SCALE)
     run = run_node_playbook(
         config, checkout, playbook, inventory_dir / "hosts.yaml", binary,
         fact_cache=fact_cache, limit=",".join([*new_names, "localhost"]),
         on_event=log_events(logger), host_keys=ssh_host_keys(config),
     )  # fmt: skip
-    did = _what_ran(config, run, checkout, playbook)
+    did = what_ran(config, run, checkout, playbook)
     publish_table("kubespray-recap", run.recap(), f"Kubespray {playbook.name} --limit {','.join(new_names)} ({did})")
-    _raise_unless_ok(run, f"Kubespray {playbook.name}")
+    raise_unless_ok(run, f"Kubespray {playbook.name}")
 
     # 3. Ready at the pin, then out of service until validated.
     version = config.kubespray.kube_version
@@ -319,9 +320,9 @@ def remove_node(
         extravars={"node": name, "skip_confirmation": True, "reset_nodes": not dead,
                    "allow_ungraceful_removal": force or dead},
     )  # fmt: skip
-    did = _what_ran(config, run, checkout, playbook)
+    did = what_ran(config, run, checkout, playbook)
     publish_table("kubespray-recap", run.recap(), f"Kubespray {playbook.name} -e node={name} ({did})")
-    _raise_unless_ok(run, f"Kubespray {playbook.name}")
+    raise_unless_ok(run, f"Kubespray {playbook.name}")
     step("kubespray", f"{playbook.name} -e node={name} reset_nodes={not dead}: {did}")
     if kube.delete_node(kubeconfig, name):
         step("delete node", f"Node {name} deleted")
@@ -387,27 +388,6 @@ def _node_playbook(config: Config, checkout, kubespray_name: str):
     if not playbook.is_file():
         raise PreconditionFailed(f"no {kubespray_name} for kubespray.playbook {ks.playbook}: {playbook} is missing")
     return playbook
-
-
-def _what_ran(config: Config, run, checkout, playbook) -> str:
-    ks = config.kubespray
-    return (
-        what_kubespray_did(run, checkout, ks.version)
-        if ks.own_playbook()
-        else f"Kubespray {ks.version} {playbook.name}"
-    )
-
-
-def _raise_unless_ok(run, what: str) -> None:
-    if run.status == "successful":
-        return
-    failed = [
-        f"{h} ({t.task}: {t.message})" for h, tasks in sorted(run.hosts.items()) for t in tasks if t.status == "failed"
-    ]
-    raise RuntimeError(
-        f"{what} {run.status} (rc {run.rc}); unreachable: {', '.join(run.unreachable) or 'none'}; "
-        f"failed: {', '.join(failed) or 'none'}"
-    )
 
 
 def _slurm_name(config: Config, kubeconfig, name: str) -> str | None:
