@@ -371,7 +371,7 @@ def node_replace(params: NodeReplaceParams) -> dict:
             state, params.node, force=params.force, timeout_s=params.drain_timeout_s, dead=dead, replacing=True
         )
         added = add_nodes(state, [params.node], replacing=params.node)
-    return {"node": params.node, "old_address": old.vars.get("ansible_host"), "new_address": new.spec.ip,
+    return {"node": params.node, "old_address": old.vars.get("ansible_host"), "new_address": new.ip,
             "removed": removed, "added": added}  # fmt: skip
 
 
