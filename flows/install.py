@@ -16,12 +16,15 @@ from flows.dashboard import dashboard
 from flows.gpu_operator import gpu_operator
 from flows.kubespray import KubesprayParams, kubespray
 from flows.monitoring import monitoring
+from flows.node import NodeAddParams, add_for_install
 from flows.notify import notify_failure
 from flows.preflight import preflight
 from flows.slurm import slurm
 from flows.validate import ValidateParams, validate
+from gpuforge import node_lifecycle
+from gpuforge.desired import DesiredState
 from gpuforge.phases import PhaseName, selected_phases
-from tasks.kube import nodes_converged
+from tasks.kube import list_nodes, nodes_converged
 
 
 class InstallParams(ClusterParams):
@@ -54,12 +57,26 @@ def install(params: InstallParams) -> list[dict]:
     state = desired_state(params, connects=True)
     config = state.config
     rows: list[dict] = []
+
     # Preflight guards what Kubespray does to the nodes; when Kubespray has nothing to do, neither has it.
-    nodes_done = "kubespray" not in params.force_phases and nodes_converged(
-        config.kubeconfig_path(), [n.name for n in state.nodes], config.kubespray.kube_version
-    )
+    def converged() -> bool:
+        return "kubespray" not in params.force_phases and nodes_converged(
+            config.kubeconfig_path(), [n.name for n in state.nodes], config.kubespray.kube_version
+        )
+
+    nodes_done = converged()
+    phases = selected_phases(params.only, params.from_phase)
     with cluster_lock(config.cluster_name, "install"), handing_down(params, state):
-        for phase in selected_phases(params.only, params.from_phase):
+        if joining := ([] if nodes_done else _joining(state, params)):
+            # Worker nodes new to a running cluster join as `node add` has them: scale.yml on them only,
+            # validated before they take work. Then every phase converges as usual, over all the nodes.
+            rows.append(_add_row(params, joining))
+            logger.info("node-add %s: %s", rows[-1]["result"], rows[-1]["detail"])
+            if rows[-1]["result"] == "failed":
+                phases = []
+            else:
+                nodes_done = converged()
+        for phase in phases:
             skip = None
             if phase.service and not config.enabled(phase.service):
                 skip = f"{phase.service} is disabled in the config"
@@ -94,8 +111,32 @@ def install(params: InstallParams) -> list[dict]:
     return rows
 
 
+def _joining(state: DesiredState, params: InstallParams) -> list[str]:
+    """Worker nodes of the config the running cluster lacks, added first by a plain install (one that names no
+    phase: `--only`, `--from` and `--force-phase kubespray` run what they name)."""
+    kubeconfig = state.config.kubeconfig_path()
+    if params.only or params.from_phase or params.force_phases or not kubeconfig.exists():
+        return []
+    return [n.name for n in node_lifecycle.joining_nodes(state, set(list_nodes(kubeconfig)))]
+
+
+def _add_row(params: InstallParams, names: list[str]) -> dict:
+    started = time.monotonic()
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        add_state = add_for_install(NodeAddParams(config=params.config, nodes=names), return_state=True)
+    failed = add_state.is_failed() or add_state.is_crashed()
+    return {
+        "phase": "node-add",
+        "result": "failed" if failed else "ran",
+        "seconds": round(time.monotonic() - started, 1),
+        "detail": _one_line(add_state.result(raise_on_failure=False))[:500],
+    }
+
+
 def _one_line(result) -> str:
-    """A phase's result as one summary line (validate returns its whole report)."""
+    """A phase's result as one summary line (validate returns its whole report, node-add a row per node)."""
+    if isinstance(result, list):
+        return "; ".join(f"{r['node']} {r['result']}: {r['detail']}" for r in result)
     if isinstance(result, dict) and "checks" in result:
         counts: dict[str, int] = {}
         for check in result["checks"]:

@@ -4,12 +4,15 @@ every node Ready."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 from prefect import flow, get_run_logger
 
 from flows.common import ClusterParams, desired_state, publish_markdown, publish_table, run_name, state_dir
+from gpuforge.config import Config
 from gpuforge.plan import write_plan
 from gpuforge.render import CONTAINERD_IMPORTS
+from tasks.ansible import PlaybookRun
 from tasks.ansible_tasks import prepare_kubespray, run_kubespray, verify_host_keys
 from tasks.kube import nodes_converged, nodes_ready_probe, wait_for
 from tasks.kubespray import what_kubespray_did
@@ -36,23 +39,9 @@ def kubespray(params: KubesprayParams) -> str:
         raise RuntimeError("; ".join(refused))
     checkout, playbook, binary = prepare_kubespray(config)
     run = run_kubespray(config, checkout, playbook, inventory_dir / "hosts.yaml", binary)
-    ks = config.kubespray
-    # Which part Kubespray did, from the roles of its checkout that ran, when the playbook is not its own.
-    did = (
-        what_kubespray_did(run, checkout, ks.version) if ks.own_playbook() else f"Kubespray {ks.version} {ks.playbook}"
-    )
+    did = what_ran(config, run, checkout, playbook)
     publish_table("kubespray-recap", run.recap(), f"Kubespray PLAY RECAP, a row per host ({did})")
-    if run.status != "successful":
-        failed = [
-            f"{h} ({t.task}: {t.message})"
-            for h, tasks in sorted(run.hosts.items())
-            for t in tasks
-            if t.status == "failed"
-        ]
-        raise RuntimeError(
-            f"Kubespray {run.status} (rc {run.rc}); unreachable: {', '.join(run.unreachable) or 'none'}; "
-            f"failed: {', '.join(failed) or 'none'}"
-        )
+    raise_unless_ok(run, "Kubespray")
 
     admin_conf = inventory_dir / "artifacts" / "admin.conf"  # written by kubeconfig_localhost: true
     if admin_conf.exists() and admin_conf.resolve() != kubeconfig.resolve():
@@ -72,3 +61,26 @@ def kubespray(params: KubesprayParams) -> str:
         "Kubespray phase summary",
     )
     return f"converged {len(names)} nodes at {version}: {did}"
+
+
+def what_ran(config: Config, run: PlaybookRun, checkout: Path, playbook: Path) -> str:
+    """What a Kubespray run did: for an operator's own playbook, from the roles of Kubespray's checkout that ran."""
+    ks = config.kubespray
+    return (
+        what_kubespray_did(run, checkout, ks.version)
+        if ks.own_playbook()
+        else f"Kubespray {ks.version} {playbook.name}"
+    )
+
+
+def raise_unless_ok(run: PlaybookRun, what: str) -> None:
+    """A Kubespray run that did not succeed fails the flow, naming the hosts unreachable and the tasks failed."""
+    if run.status == "successful":
+        return
+    failed = [
+        f"{h} ({t.task}: {t.message})" for h, tasks in sorted(run.hosts.items()) for t in tasks if t.status == "failed"
+    ]
+    raise RuntimeError(
+        f"{what} {run.status} (rc {run.rc}); unreachable: {', '.join(run.unreachable) or 'none'}; "
+        f"failed: {', '.join(failed) or 'none'}"
+    )

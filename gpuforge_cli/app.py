@@ -26,6 +26,7 @@ from gpuforge_cli.common import (
 )
 from gpuforge_cli.day2 import drift, health
 from gpuforge_cli.fleet import fleet
+from gpuforge_cli.node import node
 from gpuforge_cli.upgrade import upgrade
 
 
@@ -262,6 +263,7 @@ def validate(config_path: Path, keep: bool, as_json: bool) -> None:
 app.add_command(health)
 app.add_command(drift)
 app.add_command(fleet)
+app.add_command(node)
 app.add_command(upgrade)
 
 

@@ -126,6 +126,46 @@ class Lab:
                 else:
                     path.unlink(missing_ok=True)
 
+    # ------------------------------------------------------------------ machines coming and going
+
+    def add_host(self, name: str, slurm_reason: str = "new node: not in the cluster yet") -> None:
+        """The lab's stand-in for racking a new machine: node `name` of the config gets its SSH host (own
+        namespace, address, faked hardware), its slurmd when it is a Slurm GPU node (joining drained with
+        `slurm_reason`, as Slinky's slurmd registers a node that no one has resumed yet) and its DCGM exporter
+        target scraped by Prometheus. Its Kubernetes Node is registered by the Kubespray stand-in (the lab's
+        scale playbook), as on a real cluster. Idempotent."""
+        node = next((n for n in self.config.nodes if n.name == name), None)
+        if node is None:
+            raise LabConfigError(f"{name} is not a node of {self.config.cluster_name}'s config")
+        gpus = node.spec.gpu_count or (1 if node.spec.is_gpu else 0)
+        self.hosts.up([HostSpec(name, node.spec.ip, gpus)])
+        if node.spec.is_gpu:
+            self._gpu_nodes_changed()
+        if node.name in {n.name for n in self.config.slurm_gpu_nodes}:
+            self.slurm.add_node(name, node.spec.ip, gpus, slurm_reason)
+
+    def remove_host(self, name: str) -> None:
+        """The machine is pulled: its slurmd, DCGM target and SSH host go (its Kubernetes Node stays until
+        someone deletes it, as on a real cluster). Works whether or not the config still names it."""
+        self.slurm.remove_node(name)
+        self.hosts.remove(name)
+        self._gpu_nodes_changed(without=name)
+
+    def _gpu_nodes_changed(self, without: str | None = None) -> None:
+        """The DCGM simulator, Prometheus' targets and the reconciler's GPU inventory follow the GPU hosts."""
+        nodes = {
+            n.name: (n.spec.gpu_count or 1, n.spec.gpu_model or DEFAULT_GPU_MODEL)
+            for n in self.config.gpu_nodes
+            if n.name != without and n.name in {h.name for h in self.hosts.hosts()}
+        }
+        self.dcgm.up(nodes)
+        self.prometheus.up(
+            listen=f"127.0.0.1:{urlparse(self.prometheus.url).port}",
+            targets=self.dcgm.targets(),
+            scrape_interval=SCRAPE_INTERVAL,
+        )
+        self._write_gpu_inventory(nodes)
+
     def status(self) -> dict[str, object]:
         cp = self.cp.status()
         return {
@@ -208,16 +248,19 @@ class Lab:
             listen=f"127.0.0.1:{url.port or 0}", targets=self.dcgm.targets(), scrape_interval=SCRAPE_INTERVAL
         )
 
-    def _reconciler_up(self) -> None:
+    def _write_gpu_inventory(self, nodes: dict[str, tuple[int, str]]) -> Path:
+        """What the reconciler reads (and re-reads when it changes): which nodes have how many GPUs."""
         inventory = self.workdir / "gpu-inventory.json"
-        inventory.write_text(
-            json.dumps(
-                {
-                    n.name: {"gpus": n.spec.gpu_count or 1, "model": n.spec.gpu_model or DEFAULT_GPU_MODEL}
-                    for n in self.config.gpu_nodes
-                },
-                indent=1,
-            )
+        tmp = inventory.with_suffix(".tmp")
+        tmp.write_text(
+            json.dumps({name: {"gpus": gpus, "model": model} for name, (gpus, model) in nodes.items()}, indent=1)
+        )
+        tmp.replace(inventory)
+        return inventory
+
+    def _reconciler_up(self) -> None:
+        inventory = self._write_gpu_inventory(
+            {n.name: (n.spec.gpu_count or 1, n.spec.gpu_model or DEFAULT_GPU_MODEL) for n in self.config.gpu_nodes}
         )
         slurm_env = self.workdir / "slurm-env.json"
         slurm_env.write_text(json.dumps(self.slurm.client_env()))
@@ -267,6 +310,8 @@ class Lab:
                     "lab_python": sys.executable,
                     "lab_pythonpath": str(REPO),
                     "lab_kubeconfig": str(self.cp.kubeconfig),
+                    "lab_slurm_workdir": str(self.slurm.workdir),
+                    "lab_slurm_cluster": self.config.cluster_name,
                 },
                 indent=1,
             )

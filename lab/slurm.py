@@ -111,7 +111,8 @@ class SlurmLab:
             raise ValueError("a Slurm cluster needs at least one node")
         if len({n for n, _, _ in nodes}) != len(nodes):
             raise ValueError("duplicate Slurm node names")
-        if self._load() == spec and self._all_running(spec):
+        current = {k: v for k, v in self._load().items() if k != "joining"}  # joined since: as if configured
+        if current == spec and self._all_running(spec):
             return
         self.down()
         self._write_files(spec)
@@ -169,6 +170,43 @@ class SlurmLab:
             time.sleep(0.2)
         tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
         raise RuntimeError(f"slurmctld did not come up within {timeout:.0f}s:\n{tail}")
+
+    def add_node(self, name: str, ip: str, gpus: int, reason: str, timeout: float = 30.0) -> None:
+        """A node joins the running cluster (a host added to the lab), drained with `reason` until someone
+        resumes it: the config gets its NodeName line (State=DRAIN), slurmctld restarts on its saved state (jobs
+        and node states survive), the other slurmds re-read the config, and the node's slurmd starts."""
+        spec = self._load()
+        if not spec:
+            raise RuntimeError("Slurm lab is not configured; call up() first")
+        if not _NAME_RE.match(name):
+            raise ValueError(f"invalid Slurm node name {name!r}")
+        if not netns_exists(name):
+            raise ValueError(f"lab host {name} has no network namespace {netns_name(name)}; add the SSH host first")
+        nodes = [n for n in spec["nodes"] if n[0] != name] + [[name, validate_ip(ip), int(gpus)]]
+        self._change_nodes({**spec, "nodes": nodes, "joining": {**spec.get("joining", {}), name: reason}}, timeout)
+        self._start_slurmd(name)
+
+    def remove_node(self, name: str, timeout: float = 30.0) -> None:
+        """A node leaves the running cluster: its slurmd stops and its NodeName line goes (slurmctld restarts
+        on its saved state). Jobs still on it are lost, as when a machine is pulled."""
+        spec = self._load()
+        if name not in [n for n, _ip, _g in spec.get("nodes", [])]:
+            return
+        self.stop_node(name)
+        nodes = [n for n in spec["nodes"] if n[0] != name]
+        if not nodes:
+            raise ValueError("a Slurm cluster needs at least one node")
+        joining = {k: v for k, v in spec.get("joining", {}).items() if k != name}
+        self._change_nodes({**spec, "nodes": nodes, "joining": joining}, timeout)
+
+    def _change_nodes(self, spec: dict, timeout: float) -> None:
+        # Slurm 22.05 takes a changed node list only at a slurmctld restart (it reloads its saved state), then
+        # `scontrol reconfigure` makes every slurmd re-read slurm.conf.
+        self._write_files(spec, fresh=False)
+        self._state_file.write_text(json.dumps(spec, indent=1))
+        self.stop_controller()
+        self.start_controller(timeout=timeout)
+        self.run("scontrol", "reconfigure", timeout=timeout)
 
     def stop_node(self, name: str) -> None:
         """Stop one node's slurmd (the controller marks it down after SlurmdTimeout=20s)."""
@@ -260,12 +298,13 @@ class SlurmLab:
     def _daemon_env(self) -> dict[str, str]:
         return {"SLURM_CONF": str(self.conf)}
 
-    def _write_files(self, spec: dict) -> None:
+    def _write_files(self, spec: dict, fresh: bool = True) -> None:
         d = self.workdir
         for sub in ("state", "spool", "log", "run", "jobs", "dev"):
             (d / sub).mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(d / "state")  # fresh cluster: no old jobs or node states
-        (d / "state").mkdir()
+        if fresh:
+            shutil.rmtree(d / "state")  # fresh cluster: no old jobs or node states
+            (d / "state").mkdir()
         munge = d / "munge"
         munge.mkdir(parents=True, exist_ok=True)
         munge.chmod(0o755)  # "Socket is inaccessible: execute permissions for all required"
@@ -321,7 +360,9 @@ class SlurmLab:
                     if not dev.exists():
                         subprocess.run(["mknod", "-m", "666", str(dev), "c", "1", "3"], check=True, timeout=10)
                 gres.append(f"NodeName={name} Name=gpu File={devdir}/nvidia[0-{gpus - 1}]")
-            lines.append(node_line + " State=UNKNOWN")
+            joining = spec.get("joining", {}).get(name)
+            # A node that joins a running cluster takes no job until it is resumed (validated first).
+            lines.append(node_line + (f' State=DRAIN Reason="{joining}"' if joining else " State=UNKNOWN"))
         partition = spec["partition"]
         if gpu_nodes:
             lines.append(
@@ -421,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("down")
     sub.add_parser("status")
     sub.add_parser("env")
+    remove = sub.add_parser("remove-node", help="NAME: the node's slurmd stops and it leaves slurm.conf")
+    remove.add_argument("name")
     a = p.parse_args(argv)
     lab = SlurmLab(a.workdir, a.cluster)
     if a.cmd == "up":
@@ -437,6 +480,10 @@ def main(argv: list[str] | None = None) -> int:
         lab.down()
     elif a.cmd == "status":
         print(json.dumps(lab.status(), indent=1))
+    elif a.cmd == "remove-node":
+        present = a.name in [n for n, _ip, _g in lab._load().get("nodes", [])]
+        lab.remove_node(a.name)
+        print(json.dumps({"name": a.name, "changed": present}))
     elif a.cmd == "env":
         for k, v in lab.client_env().items():
             print(f"export {k}={v}")

@@ -409,6 +409,18 @@ class SshHosts:
         self._state_file.unlink(missing_ok=True)
         remove_bridge_if_unused()
 
+    def remove(self, name: str) -> None:
+        """Take one host out of the lab for good (a machine pulled from the rack): its processes, namespace,
+        veth, claims and files go; the other hosts' /etc/hosts no longer name it."""
+        state = self._load()
+        if name not in state:
+            return
+        self._destroy(name)
+        shutil.rmtree(self._hostdir(name), ignore_errors=True)
+        del state[name]
+        self._save(state)
+        self._write_etc_hosts(state)
+
     def _close_control_masters(self) -> None:
         """Ask Ansible's ControlPersist ssh masters (root namespace) to exit."""
         root = self._cp_root()

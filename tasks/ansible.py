@@ -121,10 +121,13 @@ def run_playbook(
     envvars: dict[str, str] | None = None,
     host_key_checking: str,
     known_hosts: Sequence[Path] = (),
+    fact_cache: Path | None = None,
 ) -> PlaybookRun:
     """Run one playbook; every event goes to `on_event` as it happens. Never raises for a failed play.
 
-    `host_key_checking` (accept-new, strict, off) and `known_hosts`: see host_key_env."""
+    `host_key_checking` (accept-new, strict, off) and `known_hosts`: see host_key_env. `fact_cache`: a folder
+    for Ansible's jsonfile fact cache that outlives the run (Kubespray's `--limit` runs read the other hosts'
+    facts there); without it the facts die with the run."""
     hosts: dict[str, list[HostTask]] = {}
     task_files: set[str] = set()
     custom_stats: dict[str, Any] = {}
@@ -175,6 +178,8 @@ def run_playbook(
             binary=binary,
             forks=forks,
             limit=limit,
+            # ansible-runner joins this under its artifacts folder; an absolute path stays as it is.
+            fact_cache=str(Path(fact_cache).resolve()) if fact_cache else None,
             skip_tags=",".join(skip_tags) if skip_tags else None,
             timeout=timeout_s,
             envvars=env,

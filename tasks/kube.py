@@ -610,6 +610,59 @@ def slurm_pods(kubeconfig: Path, namespace: str) -> list[dict[str, str]]:
     return out
 
 
+# ----------------------------------------------------------------------------- node lifecycle (add / remove)
+
+
+def evict_pods(kubeconfig: Path, node: str, timeout_s: float, log: Callable[[str], None]) -> list[str]:
+    """Evict every pod on `node` through the Eviction API, so PodDisruptionBudgets are respected: an eviction a
+    budget refuses (429) is asked again every 2 s until `timeout_s`. DaemonSet pods and mirror pods stay, as
+    with `kubectl drain --ignore-daemonsets`. Returns the pods still there when time ran out (blocked by a
+    budget, named with it)."""
+    deadline = time.monotonic() + timeout_s
+    with api_client(kubeconfig) as api:
+        core = client.CoreV1Api(api)
+        blocked: dict[str, str] = {}
+        while True:
+            pods = core.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={node}").items
+            movable = [
+                p
+                for p in pods
+                if p.status.phase not in ("Succeeded", "Failed")
+                and not any(ref.kind == "DaemonSet" for ref in p.metadata.owner_references or [])
+                and "kubernetes.io/config.mirror" not in (p.metadata.annotations or {})
+            ]
+            blocked = {}
+            for pod in movable:
+                body = client.V1Eviction(
+                    metadata=client.V1ObjectMeta(name=pod.metadata.name, namespace=pod.metadata.namespace)
+                )
+                where = f"{pod.metadata.namespace}/{pod.metadata.name}"
+                try:
+                    core.create_namespaced_pod_eviction(pod.metadata.name, pod.metadata.namespace, body)
+                    log(f"evicted {where} from {node}")
+                except ApiException as exc:
+                    if exc.status == 404:
+                        continue
+                    if exc.status != 429:
+                        raise
+                    blocked[where] = (exc.body or exc.reason or "").strip()[:200]
+            if not blocked or time.monotonic() >= deadline:
+                return [f"{pod} ({why})" for pod, why in blocked.items()]
+            time.sleep(2)
+
+
+def delete_node(kubeconfig: Path, node: str) -> bool:
+    """Delete the Node object; False when it was already gone."""
+    with api_client(kubeconfig) as api:
+        try:
+            client.CoreV1Api(api).delete_node(node)
+            return True
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+
+
 # --- upgrade plan: the live versions it compares with the pins (read-only) ---
 
 

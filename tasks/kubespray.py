@@ -21,8 +21,14 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from tasks.ansible import PlaybookRun
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from gpuforge.config import Config
+from tasks.ansible import PlaybookRun, run_playbook
+from tasks.secrets import ssh_key_extravars
 
 KUBESPRAY_GIT = "https://github.com/kubernetes-sigs/kubespray"
 _GALAXY_VERSION = re.compile(r"^version:\s*['\"]?([0-9][^'\"\s]*)", re.MULTILINE)
@@ -207,3 +213,54 @@ def what_kubespray_did(run: PlaybookRun, checkout: Path, version: str) -> str:
     parts = [f"{did} by Kubespray {version}" + (f" (also ran: {', '.join(others)})" if others else "")]
     notes = run.custom_stats.get("gpuforge_notes") or []
     return "; ".join(parts + [str(n) for n in (notes if isinstance(notes, list) else [notes])])
+
+
+# ----------------------------------------------------------------------------- node add / remove (scale.yml)
+
+# Kubespray's ansible.cfg keeps cached facts for a day (fact_caching_timeout); older ones count as missing.
+FACT_CACHE_TIMEOUT_S = 86400
+
+
+def cached_fact_hosts(fact_cache: Path, now: float) -> set[str]:
+    """Hosts whose facts Ansible's jsonfile cache holds, younger than Kubespray's cache timeout (a file per host,
+    named after it)."""
+    if not fact_cache.is_dir():
+        return set()
+    return {p.name for p in fact_cache.iterdir() if p.is_file() and now - p.stat().st_mtime < FACT_CACHE_TIMEOUT_S}
+
+
+@task(name="kubespray-nodes", cache_policy=NO_CACHE)
+def run_node_playbook(
+    config: Config,
+    checkout: Path,
+    playbook: Path,
+    inventory: Path,
+    binary: str,
+    *,
+    fact_cache: Path,
+    on_event: Callable[[dict[str, Any]], None],
+    host_keys: dict[str, Any],
+    limit: str | None = None,
+    extravars: dict[str, Any] | None = None,
+) -> PlaybookRun:
+    """A Kubespray playbook that changes some nodes (facts.yml, scale.yml, remove-node.yml or the site's own),
+    from the checkout with Kubespray's venv, become, every event logged, facts read from and written to the
+    cluster's persistent `fact_cache`, limited to `limit`. `on_event` and `host_keys` as for run_kubespray
+    (tasks.ansible_tasks.log_events and ssh_host_keys)."""
+    fact_cache.mkdir(parents=True, exist_ok=True)
+    base = {"gpuforge_kubespray_dir": str(checkout), "gpuforge_kubeconfig": str(config.kubeconfig_path())}
+    with ssh_key_extravars(config) as key_vars:
+        return run_playbook(
+            playbook=playbook,
+            inventory=inventory,
+            project_dir=checkout,
+            binary=binary,
+            become=True,
+            extravars={**base, **(extravars or {}), **key_vars},
+            limit=limit,
+            skip_tags=config.kubespray.skip_tags,
+            timeout_s=config.timeouts.kubespray,
+            on_event=on_event,
+            fact_cache=fact_cache,
+            **host_keys,
+        )

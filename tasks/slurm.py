@@ -148,8 +148,11 @@ def wait_job(run, job_id: str, timeout_s: float) -> tuple[str, str] | None:
     return None
 
 
-def slurm_state(config: Config, kubeconfig: Path) -> tuple[dict[str, SlurmNode] | None, dict[str, str], str | None]:
-    """Slurm nodes (one sinfo), their Kubernetes names (one slurmd pod list), or why they could not be read."""
+def slurm_state(
+    config: Config, kubeconfig: Path, names: list[str] | None = None
+) -> tuple[dict[str, SlurmNode] | None, dict[str, str], str | None]:
+    """Slurm nodes (one sinfo), the Slurm names of Kubernetes nodes `names` (default: the config's GPU nodes; one
+    slurmd pod list), or why they could not be read."""
     if not config.enabled("slurm"):
         return None, {}, None
     try:
@@ -157,8 +160,8 @@ def slurm_state(config: Config, kubeconfig: Path) -> tuple[dict[str, SlurmNode] 
         pods = slurm_pods(kubeconfig, release_namespace(SLURM_RELEASE))
     except Exception as exc:  # noqa: BLE001 - reported; no Slurm action (and no cordon of Slurm nodes) follows
         return None, {}, f"Slurm could not be read: {str(exc).splitlines()[0][:300]}"
-    names = remediation.slurm_name_map([n.name for n in config.gpu_nodes], nodes, pods)
-    return nodes, names, None
+    wanted = names if names is not None else [n.name for n in config.gpu_nodes]
+    return nodes, remediation.slurm_name_map(wanted, nodes, pods), None
 
 
 @task(name="slurm-checks", cache_policy=NO_CACHE)
@@ -280,3 +283,25 @@ def revalidate_with_job(
     finally:
         if reserve:
             slurm.run("scontrol", "delete", f"reservationname={resv}")
+
+
+# ----------------------------------------------------------------------------- node lifecycle (add / remove)
+
+
+def running_jobs(slurm: Slurm, node: str) -> list[str]:
+    """Jobs running (or finishing) on Slurm node `node`, as `id name (user)`."""
+    res = slurm.run("squeue", "-h", "-w", node, "-t", "RUNNING,COMPLETING,CONFIGURING", "-o", "%i %j (%u)")
+    if not res.ok:
+        raise RuntimeError(f"squeue -w {node} failed (rc {res.rc}): {(res.stderr or res.stdout).strip()[:300]}")
+    return [line.strip() for line in res.stdout.splitlines() if line.strip()]
+
+
+def delete_node(slurm: Slurm, node: str) -> str:
+    """Take `node` out of slurmctld's node table (`scontrol delete nodename=`, dynamic nodes such as Slinky's).
+    A node slurm.conf names leaves only with that file; said so rather than failed."""
+    res = slurm.run("scontrol", "delete", f"nodename={node}")
+    if res.ok:
+        return f"{node} deleted from Slurm"
+    if node not in slurm.nodes():
+        return f"{node} no longer in Slurm"
+    return f"{node} stays in Slurm until slurm.conf drops it: {(res.stderr or res.stdout).strip()[:200]}"
