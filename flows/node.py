@@ -221,7 +221,7 @@ def _validate_new_node(state: DesiredState, kubeconfig, name: str) -> tuple[bool
     if not node.is_gpu:
         return True, "Ready", "CPU node: Ready at the pin"
     if config.enabled("monitoring_stack"):
-        dcgm = prometheus.dcgm_coverage(config, {name: node.expected_gpus or 1})
+        dcgm = prometheus.dcgm_coverage(config, {name: node.expected_gpus or 1}, state.metrics)
         if bad := [r for r in dcgm if r.result != "pass"]:
             return False, "DCGM series", "; ".join(f"{r.target}: {r.detail}" for r in bad)[:400]
     if node.in_slurm:
