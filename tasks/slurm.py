@@ -245,8 +245,7 @@ def revalidate_with_job(
     resv = f"gpuforge-release-{sname}"
     left_over = slurm.run("scontrol", "show", "reservation", resv).ok
     reserve = snode.out_of_service or left_over
-    if reserve:
-        slurm.run("scontrol", "delete", f"reservationname={resv}")
+    if reserve and not left_over:  # one an earlier run left is ours (users=root, no end): used as it is
         res = slurm.run(
             "scontrol", "create", "reservation", f"reservationname={resv}", f"nodes={sname}", "starttime=now",
             "duration=UNLIMITED", "users=root", "flags=maint,ignore_jobs",
@@ -281,8 +280,8 @@ def revalidate_with_job(
         slurm.run("scancel", job_id)
         return False, f"Slurm job {job_id} on {sname} did not finish within {config.timeouts.validate_}s"
     finally:
-        if reserve:
-            slurm.run("scontrol", "delete", f"reservationname={resv}")
+        if reserve and not (gone := slurm.run("scontrol", "delete", f"reservationname={resv}")).ok:
+            log(f"reservation {resv} kept, the next release takes it over: {(gone.stderr or gone.stdout).strip()}")
 
 
 # ----------------------------------------------------------------------------- node lifecycle (add / remove)
