@@ -1,5 +1,5 @@
 """What every flow shares: its one parameter model, loading the config, publishing artifacts, the cluster lock,
-and acting on both sides of a node (Kubernetes and Slurm) at once."""
+acting on both sides of a node (Kubernetes and Slurm) at once, and reading the upgrade plan (Kubernetes and Helm)."""
 
 from __future__ import annotations
 
@@ -16,11 +16,13 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel
 
 from gpuforge import desired
+from gpuforge import upgrade as upgrade_plan
 from gpuforge.config import Config, ConfigError, load_config, node_access_problems
 from gpuforge.desired import DesiredState
 from gpuforge.remediation import CORDON, DRAIN_SLURM, UNCORDON, Change, Step
+from gpuforge.render import Release, chart_mirror
 from gpuforge.state import cluster_state_dir
-from tasks import kube
+from tasks import helm, kube
 from tasks.slurm import Slurm
 
 
@@ -211,3 +213,20 @@ def act_on_both_sides(steps: Sequence[Step], apply: Callable[[Change], None], lo
         done.append(step)
         log(str(step.change))
     return True
+
+
+def read_upgrade_plan(
+    config: Config, releases: Sequence[Release]
+) -> tuple[upgrade_plan.UpgradePlan, upgrade_plan.LiveState, list[upgrade_plan.TargetRelease]]:
+    """The upgrade plan from the live cluster (API server and kubelet versions, Helm's release records, the CRDs)
+    to `releases` (their chart archives from the chart mirror) and the config's Kubernetes pin. Raises the client's
+    error when the cluster cannot be read, upgrade.PlanError when a chart archive cannot."""
+    kubeconfig = config.kubeconfig_path()
+    live = upgrade_plan.live_state(
+        kube.server_version(kubeconfig),
+        {name: node.kubelet_version for name, node in kube.list_nodes(kubeconfig).items()},
+        helm.release_details(kubeconfig),
+        kube.list_crds(kubeconfig),
+    )
+    wanted = upgrade_plan.targets(releases, chart_mirror(config, os.environ))
+    return upgrade_plan.plan(live, wanted, config.kubespray.kube_version, config.kubespray.version), live, wanted

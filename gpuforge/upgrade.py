@@ -167,6 +167,8 @@ class ChartFacts:
     version: str
     values: dict[str, Any]  # the chart's own values.yaml
     crds: dict[str, tuple[str | None, Crd]]  # CRD name -> (subchart condition or None, facts)
+    # CRD name -> the object as a crds/ folder writes it (what an upgrade applies itself: Helm never does)
+    crd_objects: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def crds_for(self, values: Mapping[str, Any]) -> dict[str, Crd]:
         """The CRDs an install with `values` (the user-supplied ones) applies: a subchart's only when its
@@ -215,6 +217,7 @@ def chart_facts(archive: Path) -> ChartFacts:
     chart = yaml.safe_load(files[f"{top}/Chart.yaml"]) or {}
     conditions = {d["name"]: d.get("condition") for d in chart.get("dependencies") or []}
     crds: dict[str, tuple[str | None, Crd]] = {}
+    crd_objects: dict[str, dict[str, Any]] = {}
     for path in sorted(files):
         parts = path.split("/")
         # <top>/[charts/<sub>/]{crds,templates}/...: which chart owns the file, and which folder it sits in.
@@ -229,11 +232,14 @@ def chart_facts(archive: Path) -> ChartFacts:
             if isinstance(doc, dict) and doc.get("kind") == "CustomResourceDefinition":
                 crd = crd_from_object(doc, helm_upgrades_it=folder == "templates")
                 crds[crd.name] = (conditions.get(sub) if sub else None, crd)
+                if folder == "crds":
+                    crd_objects[crd.name] = doc
     return ChartFacts(
         name=chart.get("name", ""),
         version=str(chart.get("version", "")),
         values=yaml.safe_load(files.get(f"{top}/values.yaml", "")) or {},
         crds=crds,
+        crd_objects=crd_objects,
     )
 
 

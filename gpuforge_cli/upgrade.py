@@ -1,20 +1,21 @@
-"""`gpuforge upgrade plan`: what moving the live cluster to the pins would change, read-only.
+"""`gpuforge upgrade plan|apply`: what moving the live cluster to the pins would change (read-only), then doing it.
 
-Exit codes as `gpuforge drift` (helm-diff / Terraform convention): 0 nothing to do, 2 changes, 1 error (a bad
-config, an unreachable cluster, or something the plan cannot be made past).
+Like Terraform: `plan` shows, `apply` does. Exit codes of `plan` as `gpuforge drift` (helm-diff / Terraform
+convention): 0 nothing to do, 2 changes, 1 error (a bad config, an unreachable cluster, or something the plan
+cannot be made past). `apply`: 0 upgraded (or nothing to do), 1 a step failed and was rolled back, 2 refused
+before any change (what the plan holds cannot be carried out, a pre-check failed, or the cluster cannot be read).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import click
 
 from gpuforge.config import ConfigError, load_config
-from gpuforge_cli.common import config_option, fail, json_option
+from gpuforge_cli.common import config_option, fail, json_option, report_of, run_flow
 
 
 @click.group("upgrade")
@@ -32,29 +33,49 @@ def plan(config_path: Path, as_json: bool) -> None:
         config = load_config(config_path)
     except ConfigError as exc:
         fail(str(exc), 1)
+    from flows.common import read_upgrade_plan
     from gpuforge import upgrade as core
-    from gpuforge.render import chart_mirror, render_releases
-    from tasks import helm, kube
+    from gpuforge.render import render_releases
 
-    kubeconfig = config.kubeconfig_path()
     try:
-        live = core.live_state(
-            kube.server_version(kubeconfig),
-            {name: node.kubelet_version for name, node in kube.list_nodes(kubeconfig).items()},
-            helm.release_details(kubeconfig),
-            kube.list_crds(kubeconfig),
-        )
-    except Exception as exc:  # noqa: BLE001 - any failing read: say which cluster, in the client's words
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        fail(f"upgrade plan: cannot read the cluster ({kubeconfig}): {first}", 1)
-    try:
-        wanted = core.targets(render_releases(config), chart_mirror(config, os.environ))
+        result, _, _ = read_upgrade_plan(config, render_releases(config))
     except core.PlanError as exc:
         fail(f"upgrade plan: {exc}", 1)
-    result = core.plan(live, wanted, config.kubespray.kube_version, config.kubespray.version)
+    except Exception as exc:  # noqa: BLE001 - any failing read: say which cluster, in the client's words
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        fail(f"upgrade plan: cannot read the cluster ({config.kubeconfig_path()}): {first}", 1)
     if as_json:
         click.echo(json.dumps(result.as_dict(), indent=2))
     else:
         for line in core.plan_lines(result):
             click.echo(line, err=line.startswith("error: "))
     sys.exit(result.exit_code)
+
+
+@upgrade.command("apply")
+@config_option
+@json_option
+def apply(config_path: Path, as_json: bool) -> None:
+    """Upgrade to the pins, one gated step at a time: pre-checks (etcd, nodes, a green validation), the charts'
+    crds/ CRDs, then monitoring, GPU Operator, Slurm, dashboard, each followed by a validation; a failed step is
+    rolled back (Helm history) and stops the run. Exit 0 done or nothing to do, 1 a step failed, 2 refused."""
+    try:
+        load_config(config_path)
+    except ConfigError as exc:
+        fail(str(exc), 2)
+    from flows.common import ClusterParams
+    from flows.upgrade import UpgradeFailed
+    from flows.upgrade import upgrade as upgrade_flow
+
+    report = report_of(run_flow(upgrade_flow, ClusterParams(config=str(config_path))), UpgradeFailed, "upgrade", 2)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        for row in report["steps"]:
+            click.echo(
+                f"{row['step']:<13} {row['result']:<12} {row['seconds']:>6}s  {row['revisions']}  {row['detail']}"
+            )
+            if row["gate"]:
+                click.echo(f"{'':<13} gate: {row['gate']}")
+        click.echo(report["outcome"], err=bool(report["exit_code"]))
+    sys.exit(report["exit_code"])

@@ -16,7 +16,8 @@ import yaml
 from kubernetes import client
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from pyhelm3 import Client, errors
+from pyhelm3 import Client, Command, errors
+from pyhelm3 import Release as HelmRelease
 
 from gpuforge.desired import DesiredState
 from gpuforge.render import Release, chart_archive, chart_mirror, mirror_file
@@ -42,8 +43,12 @@ def helm_executable() -> str:
     raise HelmError("no helm binary: run `make setup` or put helm on PATH")
 
 
+def helm_command(kubeconfig: Path) -> Command:
+    return Command(executable=helm_executable(), kubeconfig=kubeconfig, history_max_revisions=10)
+
+
 def helm_client(kubeconfig: Path) -> Client:
-    return Client(executable=helm_executable(), kubeconfig=kubeconfig, history_max_revisions=10)
+    return Client(helm_command(kubeconfig), executable=helm_executable())
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,7 @@ async def _converge(
         release.values,
         namespace=release.namespace,
         atomic=True,  # a release that does not become ready is rolled back
+        reset_values=True,  # the rendered values are the whole truth: Helm reuses the old ones when given none
         wait=True,
         timeout=f"{timeout_s}s",
         create_namespace=True,
@@ -256,6 +262,32 @@ def phase_summary(outcomes: list[ReleaseOutcome], extra: str = "") -> str:
     changed = [f"{o.release} {o.action} (revision {o.revision})" for o in outcomes if o.action != "unchanged"]
     head = ", ".join(changed) if changed else f"skipped: {len(outcomes)} release(s) unchanged"
     return f"{head}; {extra}" if extra else head
+
+
+# --- upgrade: a release's history and the way back ---
+
+
+def release_history(kubeconfig: Path, name: str, namespace: str) -> list[dict[str, Any]]:
+    """`helm history`: each revision's number, status, chart and description (e.g. "Rollback to 3")."""
+    command = helm_command(kubeconfig)
+    try:
+        return list(asyncio.run(command.history(name, namespace=namespace)))
+    except errors.Error as exc:
+        raise HelmError(f"helm history {namespace}/{name}: {str(exc).strip()}") from None
+
+
+@task(name="helm-rollback", task_run_name="helm-rollback-{name}", cache_policy=NO_CACHE)
+def rollback_release(kubeconfig: Path, name: str, namespace: str, revision: int, timeout_s: int) -> int:
+    """`helm rollback NAME REVISION --wait`; returns the revision the rollback made."""
+    release = HelmRelease(helm_command(kubeconfig), name=name, namespace=namespace)
+    try:
+        made = asyncio.run(release.rollback(revision, wait=True, timeout=f"{timeout_s}s", cleanup_on_fail=True))
+    except errors.Error as exc:
+        raise HelmError(f"helm rollback {namespace}/{name} {revision}: {str(exc).strip()}") from None
+    get_run_logger().info(
+        "helm %s/%s: rolled back to revision %s (revision %s)", namespace, name, revision, made.revision
+    )
+    return made.revision
 
 
 # --- upgrade plan: what each release deployed, beyond its version (read-only) ---

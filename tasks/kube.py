@@ -680,3 +680,13 @@ def list_crds(kubeconfig: Path) -> list[dict[str, Any]]:
     with api_client(kubeconfig) as api:
         resp = client.ApiextensionsV1Api(api).list_custom_resource_definition(_preload_content=False)
         return json.loads(resp.data).get("items") or []
+
+
+def readyz(kubeconfig: Path) -> tuple[bool, str]:
+    """The API server's `/readyz?verbose`: whether it is ready (HTTP 200), and its check list (`[+]etcd ok`, ...)."""
+    with api_client(kubeconfig) as api:
+        request = api.param_serialize(
+            "GET", "/readyz", query_params=[("verbose", "true")], auth_settings=["BearerToken"]
+        )
+        resp = api.call_api(*request)
+        return resp.status == 200, resp.read().decode(errors="replace")

@@ -55,6 +55,7 @@ def test_workflow_table_names_the_real_flows():
     assert [(w.flow, w.cron) for w in fleet.WORKFLOWS] == [
         ("install", None),
         ("validate", None),
+        ("upgrade", None),
         ("gpu-health", "0 2 * * *"),
         ("drift", "0 * * * *"),
     ]
@@ -65,13 +66,13 @@ def test_adding_a_cluster_is_adding_a_folder(tmp_path):
     write_cluster(tmp_path, "tokyo", cluster_name="train-tokyo", timezone="Asia/Tokyo")
     data = YAML(typ="safe").load(fleet.generate(tmp_path))
     tokyo = {d["entrypoint"].split(":")[1]: d for d in data["deployments"] if d["name"] == "tokyo"}
-    assert set(tokyo) == {"install", "validate", "gpu_health", "drift"}
+    assert set(tokyo) == {"install", "validate", "upgrade", "gpu_health", "drift"}
     assert tokyo["gpu_health"]["schedules"] == [{"cron": "0 2 * * *", "timezone": "Asia/Tokyo", "active": True}]
     assert tokyo["drift"]["schedules"] == [{"cron": "0 * * * *", "timezone": "Asia/Tokyo", "active": True}]
-    assert "schedules" not in tokyo["install"] and "schedules" not in tokyo["validate"]
+    assert not {"schedules"} & (tokyo["install"].keys() | tokyo["validate"].keys() | tokyo["upgrade"].keys())
     assert tokyo["install"]["tags"] == ["install", "tokyo", "cluster:train-tokyo"]
     assert tokyo["install"]["parameters"] == {"params": {"config": "deployments/tokyo/config.yml"}}
-    assert len(data["deployments"]) == 8
+    assert len(data["deployments"]) == 10
 
 
 def test_check_reports_a_stale_file(tmp_path, capsys):

@@ -17,7 +17,7 @@ from gpuforge import fleet
 from tests.prefect_pg import REPO, free_port, listeners, postgres, prefect_server
 
 TIMINGS: dict[str, float] = {}
-FLOWS = ["install", "validate", "gpu-health", "drift"]
+FLOWS = ["install", "validate", "upgrade", "gpu-health", "drift"]
 
 
 @pytest.fixture(scope="module")
@@ -119,8 +119,8 @@ def test_deploy_all_registers_one_set_per_cluster(server, deployed, client):
         time.sleep(1)
     starts = {r.expected_start_time.astimezone(ZoneInfo("Asia/Tokyo")).strftime("%H:%M") for r in scheduled}
     assert starts == {"02:00"}, starts
-    # stored in PostgreSQL, 4 per cluster
-    assert server.pg.psql("select count(*) from deployment") == str(4 * len(envs))
+    # stored in PostgreSQL, one per workflow and cluster
+    assert server.pg.psql("select count(*) from deployment") == str(len(FLOWS) * len(envs))
 
 
 def by_id(deployment_id):

@@ -1,0 +1,165 @@
+"""upgrade: move a live cluster to gpuforge's pins, one gated step at a time (`gpuforge upgrade apply`).
+
+1. The plan (gpuforge.upgrade). Nothing to do: done, nothing touched. Something this flow cannot carry out (a plan
+   error, Kubernetes steps, removed APIs in use, stranded CRD versions): stop before touching anything.
+2. Pre-checks: the API server ready with `[+]etcd ok`, no node NotReady, a green validation now.
+3. The steps (gpuforge.upgrade_steps): the changed CRDs of the charts' crds/ folders applied server-side, then each
+   install phase with Helm releases (monitoring, GPU Operator, Slurm operator and Slurm, dashboard), through the
+   install's own converge at the rendered values (never --reuse-values). After each step a validation gate. A step
+   that fails, in Helm's words or at its gate, puts each release it moved back to its revision from before the
+   step (Helm history, `helm rollback`) and stops the run.
+4. The plan again: it must have nothing left to do.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prefect import flow, get_run_logger
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+from flows.common import (
+    ClusterParams,
+    cluster_lock,
+    desired_state,
+    handing_down,
+    publish_markdown,
+    publish_table,
+    read_upgrade_plan,
+    run_name,
+)
+from flows.install import RUNBOOKS, InstallParams
+from flows.notify import notify_failure
+from flows.validate import ValidateParams, validate
+from gpuforge import desired
+from gpuforge import upgrade_steps as steps
+from gpuforge.upgrade import plan_lines
+from tasks import helm, kube
+
+EXIT_DONE, EXIT_STEP_FAILED, EXIT_REFUSED = 0, 1, 2
+
+
+class UpgradeFailed(RuntimeError):
+    """The upgrade stopped: refused before touching anything (exit 2) or a step failed and was rolled back (1)."""
+
+    def __init__(self, report: dict):
+        self.report = report
+        super().__init__(report["outcome"])
+
+
+@flow(name="upgrade", flow_run_name=run_name("upgrade"), on_failure=[notify_failure], on_crashed=[notify_failure])
+def upgrade(params: ClusterParams) -> dict:
+    config = desired_state(params).config
+    kubeconfig = config.kubeconfig_path()
+    nodes = kube.list_nodes(kubeconfig)
+    state = desired.build(config, desired.learned_gpu_counts(config, nodes))
+    rows: list[dict] = []
+    with cluster_lock(config.cluster_name, "install or upgrade"), handing_down(params, state):
+        plan, live, wanted = read_upgrade_plan(config, state.releases)
+        lines = plan_lines(plan)
+        publish_markdown("upgrade-plan", "```\n" + "\n".join(lines) + "\n```", f"upgrade plan of {config.cluster_name}")
+        if plan.exit_code == 0:
+            return _finish(config, lines, rows, "nothing to do: the cluster is at the pins", EXIT_DONE)
+        started = time.monotonic()
+        problems = steps.blockers(plan, live, wanted) or steps.precheck_problems(
+            *kube.readyz(kubeconfig), {name: node.ready for name, node in nodes.items()}
+        )
+        gate = None if problems else _gate(params)
+        ok = not problems and gate.startswith("green")
+        detail = "; ".join(problems) or "API server and etcd ready, every node Ready"
+        rows.append(_row("pre-check", started, detail, gate, result="done" if ok else "refused"))
+        if not ok:
+            return _finish(
+                config, lines, rows, f"refused before any change: {'; '.join(problems) or gate}", EXIT_REFUSED
+            )
+        records = helm.release_records(kubeconfig)
+        moving = {r.name for r in state.releases if not helm.unchanged(r, records.get((r.namespace, r.name)))}
+        services = {r.service: [s.name for s in state.service_releases(r.service)] for r in state.releases}
+        for step in steps.upgrade_steps(plan, services, moving):
+            rows.append(_step(step, params, wanted))
+            if rows[-1]["result"] != "done":
+                outcome = f"step {step.name} failed and was rolled back: {rows[-1]['detail']}"
+                return _finish(config, lines, rows, outcome, EXIT_STEP_FAILED)
+        after, _, _ = read_upgrade_plan(config, state.releases)
+        if after.exit_code != 0:
+            left = "; ".join(plan_lines(after)[1:])[:800]
+            return _finish(config, lines, rows, f"the plan still has work after every step: {left}", EXIT_STEP_FAILED)
+    return _finish(config, lines, rows, f"upgraded: {len(rows) - 1} step(s), each gated green", EXIT_DONE)
+
+
+def _step(step: steps.Step, params: ClusterParams, wanted) -> dict:
+    """One step and its gate; on failure every release of the step goes back to its revision from before it."""
+    logger = get_run_logger()
+    kubeconfig = desired_state(params).config.kubeconfig_path()
+    started = time.monotonic()
+    before = _by_name(helm.release_records(kubeconfig))
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):  # the upgrade run's heartbeat suffices
+        if step.name == steps.CRDS_STEP:
+            for crd in steps.crd_manifests(step, wanted):
+                kube.apply(kubeconfig, crd)
+            error = None
+        else:
+            phase = RUNBOOKS[step.name](InstallParams(config=params.config))
+            error = None if phase.is_completed() else str(phase.result(raise_on_failure=False))
+        gate = None if error else _gate(params)
+    after = _by_name(helm.release_records(kubeconfig))
+    moved = ", ".join(
+        f"{n} {before[n].revision} -> {after[n].revision}"
+        for n in step.releases
+        if n in before and n in after and before[n].revision != after[n].revision
+    )
+    if error is None and gate.startswith("green"):
+        return _row(step.name, started, step.detail, gate, moved)
+    logger.error("step %s failed: %s", step.name, error or gate)
+    undone = []
+    timeout = desired_state(params).config.timeouts.model_dump(by_alias=True).get(step.name, 600)
+    for back in steps.rollbacks(step.releases, before, after):
+        try:
+            if back.to_revision is not None:
+                namespace = before[back.release].namespace
+                helm.rollback_release(kubeconfig, back.release, namespace, back.to_revision, timeout)
+            undone.append(f"{back.release}: {back.detail}")
+        except helm.HelmError as exc:
+            undone.append(f"{back.release}: {back.detail} FAILED, fix by hand: {exc}")
+    if step.name == steps.CRDS_STEP:
+        undone.append("CRDs are not put back: objects may already be stored at their new versions")
+    why = error or f"gate {gate}"
+    detail = f"{why}; way back: {'; '.join(undone)}; validation after it: {_gate(params)}"
+    return _row(step.name, started, detail, gate, moved, result="rolled back")
+
+
+def _gate(params: ClusterParams) -> str:
+    """The validation gate: "green (N checks)" or the validation's failures."""
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        state = validate(ValidateParams(config=params.config), return_state=True)
+    if state.is_completed():
+        return f"green ({len(state.result()['checks'])} checks)"
+    return f"red: {state.result(raise_on_failure=False)}"
+
+
+def _by_name(records: dict) -> dict:
+    return {name: record for (_, name), record in records.items()}
+
+
+def _row(step: str, started: float, detail: str, gate: str | None, revisions: str = "", result: str = "done") -> dict:
+    return {
+        "step": step,
+        "result": result,
+        "seconds": round(time.monotonic() - started, 1),
+        "revisions": revisions,
+        "gate": gate or "",
+        "detail": detail[:3000],
+    }
+
+
+def _finish(config, lines: list[str], rows: list[dict], outcome: str, code: int) -> dict:
+    publish_table("upgrade-steps", rows, f"upgrade of {config.cluster_name}: a row per step")
+    publish_markdown(
+        "upgrade-recap",
+        steps.recap_markdown(config.cluster_name, lines, rows, outcome),
+        f"upgrade of {config.cluster_name}",
+    )
+    report = {"cluster": config.cluster_name, "outcome": outcome, "exit_code": code, "steps": rows, "plan": lines}
+    if code:
+        raise UpgradeFailed(report)
+    return report
