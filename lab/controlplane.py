@@ -36,6 +36,9 @@ Simulation (kwok Stages written to workdir/k8s/kwok.yaml; they replace kwok's de
     node-kubelet-version  when that annotation changes later, nodeInfo.kubeletVersion follows it.
     node-heartbeat        Ready conditions refreshed every 20-25 s (and kwok renews node Leases).
     pod-ready             Pending -> Running/Ready, pod IP from pod_cidr.
+    pod-ready-again       a Running pod whose containers are ready but which is not Ready (the node lifecycle
+                          controller marks every pod of a node NotReady when its heartbeats stop, e.g. while
+                          etcd is down) is Ready again: what a kubelet reports once its node is back.
     pod-complete          Running pods owned by a Job, or with restartPolicy Never/OnFailure, terminate with
                           exit code 0 -> phase Succeeded. Annotations on the pod:
                           lab.gpuforge.io/exit-code: "3"      -> exit code 3, phase Failed
@@ -824,6 +827,7 @@ def _cluster_exec(rule: dict, index: int) -> dict:
 
 # jq (gojq) expressions evaluated by kwok's stage selectors.
 _READY = '.status.conditions.[] | select( .type == "Ready" ) | .status'
+_CONTAINERS_READY = '.status.conditions.[] | select( .type == "ContainersReady" ) | .status'
 _VERSION_DRIFT = (
     f'(.metadata.annotations // {{}})["{KUBELET_VERSION_ANNOTATION}"] as $v'
     ' | $v != null and ("v" + ($v | ltrimstr("v"))) != .status.nodeInfo.kubeletVersion'
@@ -1036,6 +1040,27 @@ startTime: {{ $now | Quote }}
 """
         },
     )
+    # A kubelet re-reports its pods' readiness after an outage; kwok's pod-ready stage only plays Pending -> Running,
+    # so without this stage a pod marked NotReady by the node lifecycle controller stayed NotReady for good (its
+    # DaemonSet never ready again: every later Helm --wait on the lab timed out).
+    pod_ready_again = _stage(
+        "pod-ready-again",
+        "Pod",
+        [
+            not_deleting,
+            {"key": ".status.phase", "operator": "In", "values": ["Running"]},
+            {"key": _CONTAINERS_READY, "operator": "In", "values": ["True"]},
+            {"key": _READY, "operator": "NotIn", "values": ["True"]},
+        ],
+        {
+            "statusTemplate": """{{ $now := Now }}
+conditions:
+- lastTransitionTime: {{ $now | Quote }}
+  status: "True"
+  type: Ready
+"""
+        },
+    )
     pod_complete = _stage(
         "pod-complete",
         "Pod",
@@ -1086,7 +1111,7 @@ phase: {{ if eq $code 0 }}Succeeded{{ else }}Failed{{ end }}
         [{"key": ".metadata.deletionTimestamp", "operator": "Exists"}],
         {"delete": True},
     )
-    return [node_initialize, node_version, node_heartbeat, pod_ready, pod_complete, pod_delete]
+    return [node_initialize, node_version, node_heartbeat, pod_ready, pod_ready_again, pod_complete, pod_delete]
 
 
 class _LiteralDumper(yaml.SafeDumper):

@@ -310,6 +310,24 @@ def test_run_once_pods_complete_and_service_pods_keep_running(cp, core, lab_node
         assert read_pod(core, name)["status"]["phase"] == "Running", name
 
 
+def _conditions(core, name: str) -> dict[str, str]:
+    return {c["type"]: c["status"] for c in read_pod(core, name)["status"].get("conditions") or []}
+
+
+def test_a_pod_marked_not_ready_by_the_node_controller_is_ready_again(cp, core, lab_nodes):
+    """What the node lifecycle controller does to every pod of a node whose heartbeats stopped (etcd down past the
+    grace period): Ready=False, ContainersReady kept. A kubelet re-reports Ready once back; so does the lab."""
+    core.create_namespaced_pod("default", pod("marked-not-ready"))
+    wait_for(lambda: _conditions(core, "marked-not-ready").get("Ready") == "True", 60, "pod Ready")
+    patch = {"status": {"conditions": [{"type": "Ready", "status": "False", "reason": "NodeNotReady"}]}}
+    marked = core.patch_namespaced_pod_status("marked-not-ready", "default", patch)
+    assert {c.type: c.status for c in marked.status.conditions}["Ready"] == "False"
+    wait_for(lambda: _conditions(core, "marked-not-ready").get("Ready") == "True", 60, "pod Ready again")
+    conditions = _conditions(core, "marked-not-ready")
+    assert conditions["ContainersReady"] == "True" and conditions["PodScheduled"] == "True", conditions
+    assert read_pod(core, "marked-not-ready")["status"]["phase"] == "Running"
+
+
 def test_job_completes(cp, api, lab_nodes):
     from kubernetes import client
 
