@@ -240,6 +240,24 @@ def upgrade_gpu_operator_behind_gpuforges_back(config):
     return kubeconfig, release
 
 
+def gpu_operator_phase_during(fault, config: Path):
+    """The install's gpu-operator phase for `config`, run while `fault(phase_ended)` runs in a thread beside it
+    (`phase_ended` is set once the phase has returned); returns (state, started, ended), monotonic seconds."""
+    from flows.install import InstallParams, install
+
+    phase_ended = threading.Event()
+    helper = threading.Thread(target=fault, args=(phase_ended,))
+    started = time.monotonic()
+    helper.start()
+    try:
+        state = install(InstallParams(config=str(config), only=["gpu-operator"]), return_state=True)
+    finally:
+        ended = time.monotonic()
+        phase_ended.set()
+        helper.join()
+    return state, started, ended
+
+
 def test_etcd_restarted_during_an_install_phase(installed, lab_config):
     """A Helm upgrade made behind gpuforge's back makes the gpu-operator phase upgrade again; etcd goes down for
     5 s two seconds into it. The phase completes or fails saying so; the next install converges."""
@@ -253,20 +271,13 @@ def test_etcd_restarted_during_an_install_phase(installed, lab_config):
 
     window: dict[str, float] = {}
 
-    def restart_etcd():
+    def restart_etcd(_phase_ended: threading.Event) -> None:
         time.sleep(2)
         window["down"] = time.monotonic()
         installed.cp.restart("etcd", downtime=5)
         window["up"] = time.monotonic()
 
-    helper = threading.Thread(target=restart_etcd)
-    started = time.monotonic()
-    helper.start()
-    try:
-        state = install(InstallParams(config=str(lab_config), only=["gpu-operator"]), return_state=True)
-    finally:
-        ended = time.monotonic()
-        helper.join()
+    state, started, ended = gpu_operator_phase_during(restart_etcd, lab_config)
     took = ended - started
     assert window.get("down", ended) < ended, "etcd went down after the phase had ended: no overlap"
     rows = table("install-summary")
@@ -402,9 +413,8 @@ def test_etcd_down_past_the_wait_during_an_install_phase(installed, lab_config, 
     kubeconfig, release = upgrade_gpu_operator_behind_gpuforges_back(config)
 
     window: dict[str, float] = {}
-    phase_ended = threading.Event()
 
-    def etcd_down_until_the_phase_ends():
+    def etcd_down_until_the_phase_ends(phase_ended: threading.Event) -> None:
         time.sleep(2)
         window["down"] = time.monotonic()
         installed.cp._stop("etcd")
@@ -412,15 +422,7 @@ def test_etcd_down_past_the_wait_during_an_install_phase(installed, lab_config, 
         installed.cp.restart("etcd")
         window["up"] = time.monotonic()
 
-    helper = threading.Thread(target=etcd_down_until_the_phase_ends)
-    started = time.monotonic()
-    helper.start()
-    try:
-        state = install(InstallParams(config=str(short), only=["gpu-operator"]), return_state=True)
-    finally:
-        ended = time.monotonic()
-        phase_ended.set()
-        helper.join()
+    state, started, ended = gpu_operator_phase_during(etcd_down_until_the_phase_ends, short)
     rows = table("install-summary")
     record = release_records(kubeconfig)[("gpu-operator", "gpu-operator")]
     seen(

@@ -39,17 +39,22 @@ def targets(cfg):
     return up.targets(render_releases(cfg), CHARTS)
 
 
+PREVIOUS_ARCHIVES = {
+    "gpu-operator": "gpu-operator-v26.3.3.tgz",
+    "slurm-operator-crds": "slurm-operator-crds-1.2.0.tgz",
+    "slurm-operator": "slurm-operator-1.2.0.tgz",
+    "slurm": "slurm-1.2.0.tgz",
+}
+
+
+def previous_chart_facts() -> dict[str, up.ChartFacts]:
+    """The facts of the charts the previous pins install (GPU Operator v26.3.3, Slinky 1.2.0), by release."""
+    return {name: up.chart_facts(PREVIOUS / archive) for name, archive in PREVIOUS_ARCHIVES.items()}
+
+
 @pytest.fixture(scope="module")
 def previous_facts():
-    return {
-        name: up.chart_facts(PREVIOUS / archive)
-        for name, archive in {
-            "gpu-operator": "gpu-operator-v26.3.3.tgz",
-            "slurm-operator-crds": "slurm-operator-crds-1.2.0.tgz",
-            "slurm-operator": "slurm-operator-1.2.0.tgz",
-            "slurm": "slurm-1.2.0.tgz",
-        }.items()
-    }
+    return previous_chart_facts()
 
 
 def live_from(targets, previous=None, server="v1.35.4") -> up.LiveState:

@@ -36,12 +36,6 @@ TIMINGS: dict[str, float] = {}
 
 
 @pytest.fixture(scope="module")
-def installed(lab, first_install):
-    assert first_install.is_completed(), first_install.message
-    return lab
-
-
-@pytest.fixture(scope="module")
 def cfg(lab_config):
     return load_config(lab_config)
 

@@ -15,7 +15,7 @@ from gpuforge import upgrade_steps as steps
 from gpuforge.config import load_config
 from gpuforge.render import render_releases
 from tests.conftest import config_variant
-from tests.test_upgrade import CHARTS, LAB_CONFIG, PREVIOUS, REPO, live_from
+from tests.test_upgrade import CHARTS, LAB_CONFIG, REPO, live_from, previous_chart_facts
 
 GPU_OPERATOR_CRDS_FOLDER_CHANGES = {
     ("gpu-operator", "gpuclusters.nvidia.com"),
@@ -48,15 +48,7 @@ def services(releases):
 @pytest.fixture(scope="module")
 def previous_live(targets):
     """The lab installed at the previous pins (GPU Operator v26.3.3, Slinky 1.2.0), Kubernetes at the pin."""
-    previous = {
-        name: up.chart_facts(PREVIOUS / archive)
-        for name, archive in {
-            "gpu-operator": "gpu-operator-v26.3.3.tgz",
-            "slurm-operator-crds": "slurm-operator-crds-1.2.0.tgz",
-            "slurm-operator": "slurm-operator-1.2.0.tgz",
-            "slurm": "slurm-1.2.0.tgz",
-        }.items()
-    }
+    previous = previous_chart_facts()
     return live_from(targets, previous, server=f"v{pins.KUBE_VERSION}")
 
 
