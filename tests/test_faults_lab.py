@@ -156,19 +156,25 @@ def test_ssh_host_that_accepts_and_hangs_is_named_within_the_timeouts(installed,
 # ------------------------------------------------------------------------------ 3. slurmctld restarted
 
 
-def test_slurmctld_restarted_during_release(installed, configs, cfg):
-    from tasks.kube import set_cordon
-
-    node = cfg.slurm_gpu_nodes[0].name
+def remediated_then_healthy_again(installed, configs, cfg, node: str) -> None:
+    """GPU 2 of `node` turns unhealthy (a double-bit ECC error), `health` with remediation on cordons and drains
+    the node, and the GPU is healthy again: the node waits for `health --release`."""
     installed.dcgm.set_value(node, 2, "ECC_DBE_VOL_TOTAL", 1)
     deadline = time.monotonic() + 40
     while not_healthy(verdicts_now(cfg)).get((node, 2), ("",))[0] != "unhealthy":
         assert time.monotonic() < deadline
         time.sleep(1)
-    report, _ = run_health(configs["on"])
+    run_health(configs["on"])
     assert node_state(cfg, node).unschedulable and sinfo(installed)[node].drained
     installed.dcgm.reset()
     wait_healthy(cfg)
+
+
+def test_slurmctld_restarted_during_release(installed, configs, cfg):
+    from tasks.kube import set_cordon
+
+    node = cfg.slurm_gpu_nodes[0].name
+    remediated_then_healthy_again(installed, configs, cfg, node)
 
     restarted = threading.Event()
     stop = threading.Event()
@@ -315,15 +321,7 @@ def test_slurmctld_down_past_the_retries_during_release(installed, configs, cfg)
     from tasks.kube import set_cordon
 
     node = cfg.slurm_gpu_nodes[0].name
-    installed.dcgm.set_value(node, 2, "ECC_DBE_VOL_TOTAL", 1)
-    deadline = time.monotonic() + 40
-    while not_healthy(verdicts_now(cfg)).get((node, 2), ("",))[0] != "unhealthy":
-        assert time.monotonic() < deadline
-        time.sleep(1)
-    run_health(configs["on"])
-    assert node_state(cfg, node).unschedulable and sinfo(installed)[node].drained
-    installed.dcgm.reset()
-    wait_healthy(cfg)
+    remediated_then_healthy_again(installed, configs, cfg, node)
 
     stopped = threading.Event()
     run_ended = threading.Event()
