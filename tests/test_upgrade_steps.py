@@ -95,13 +95,14 @@ def test_a_crd_missing_from_the_target_chart_is_an_error(targets):
 
 
 def test_what_the_flow_cannot_carry_out_stops_it_before_any_change(previous_live, targets):
-    old_kube = dataclasses.replace(previous_live, server_version="v1.34.3")
+    old_kube = dataclasses.replace(previous_live, server_version="v1.34.3", kubelets={"cp-1": "v1.34.3"})
     plan = up.plan(old_kube, targets, pins.KUBE_VERSION)
-    (kube,) = steps.blockers(plan, old_kube, targets)
-    assert kube.startswith("Kubernetes changes (kubernetes 1.34.3 -> 1.35.4): `gpuforge upgrade apply` upgrades charts")
-    behind = dataclasses.replace(previous_live, kubelets={"gpu-1": "v1.34.3"})
-    plan = up.plan(behind, targets, pins.KUBE_VERSION)
-    assert "kubelets gpu-1 1.34.3 -> 1.35.4" in steps.blockers(plan, behind, targets)[0]
+    assert steps.blockers(plan, old_kube, targets, {"cp-1"}) == []  # Kubernetes steps are carried out now
+    stray = dataclasses.replace(old_kube, kubelets={"cp-1": "v1.34.3", "old-9": "v1.34.3", "new-1": "v1.35.4"})
+    assert steps.blockers(up.plan(stray, targets, pins.KUBE_VERSION), stray, targets, {"cp-1"}) == [
+        "node old-9 (kubelet v1.34.3) is not in the config: Kubespray's upgrade-cluster.yml would not reach it; "
+        "add it to k8s_cluster_nodes or remove it from the cluster first"
+    ]
 
     stranded = live_from(targets)
     policy = stranded.crds["clusterpolicies.nvidia.com"]
@@ -196,3 +197,56 @@ def test_cli_apply_refuses_a_bad_config_in_one_line_exit_2(tmp_path):
     assert proc.returncode == 2 and proc.stdout == ""
     assert "deepops_services.gpu-operator.enabled: must be true or false, not 'yes'" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------------------------- Kubernetes
+
+
+@pytest.fixture(scope="module")
+def hosts():
+    from gpuforge import desired
+
+    return desired.build(load_config(LAB_CONFIG), {}).nodes  # cp-1 (control plane, etcd), gpu-1, gpu-2, cpu-1
+
+
+def kube_live(server: str, **kubelets: str) -> up.LiveState:
+    return up.LiveState(server, kubelets, {}, {})
+
+
+def test_kubernetes_goes_control_plane_first_then_node_by_node_gated_after_the_control_plane_and_at_the_end(hosts):
+    live = kube_live("v1.34.3", **{n.name: "v1.34.3" for n in hosts})
+    plan = up.plan(live, [], pins.KUBE_VERSION)
+    got = steps.kubernetes_steps(plan, live, hosts, pins.KUBE_VERSION, pins.KUBESPRAY_VERSION)
+    assert [(s.title, s.hosts, s.gated) for s in got] == [
+        ("kubernetes-control-plane", ("cp-1",), True),
+        ("kubernetes-node gpu-1", ("gpu-1",), False),
+        ("kubernetes-node gpu-2", ("gpu-2",), False),
+        ("kubernetes-node cpu-1", ("cpu-1",), True),
+    ]
+    assert {s.kube for s in got} == {up.KubeStep("1.34.3", "1.35.4", "v2.31.0")}
+    assert got[1].detail == "Kubernetes 1.34.3 -> 1.35.4: Kubespray v2.31.0 upgrade-cluster.yml --limit gpu-1"
+    assert steps.out_of_service_reason(got[1]) == "gpuforge: upgrade: Kubernetes 1.35.4 (Kubespray v2.31.0)"
+    why = steps.kept_out_reason(got[1], "jobs 12 train (alice) still run after 600s; " + "x" * 300)
+    assert why.startswith("gpuforge: upgrade to Kubernetes 1.35.4 failed: jobs 12 train (alice)")
+    assert len(why) == 200 and why.endswith("...")
+
+
+def test_two_minors_repeat_the_round_and_a_half_done_upgrade_gets_the_nodes_left_only(hosts):
+    live = kube_live("v1.33.7", **{n.name: "v1.33.7" for n in hosts})
+    plan = up.plan(live, [], pins.KUBE_VERSION)
+    got = steps.kubernetes_steps(plan, live, hosts, pins.KUBE_VERSION, pins.KUBESPRAY_VERSION)
+    assert [(s.title, s.kube.to) for s in got] == [
+        (name, to)
+        for to in ("1.34.7", "1.35.4")
+        for name in ("kubernetes-control-plane", *(f"kubernetes-node {n}" for n in ("gpu-1", "gpu-2", "cpu-1")))
+    ]
+    assert [s.gated for s in got] == [True, False, False, False, True, False, False, True]
+
+    # The server and two nodes are at the pin: the two others only, through the pinned Kubespray, last one gated.
+    half = kube_live("v1.35.4", **{"cp-1": "v1.35.4", "gpu-1": "v1.35.4", "gpu-2": "v1.34.3", "cpu-1": "v1.34.3"})
+    plan = up.plan(half, [], pins.KUBE_VERSION)
+    got = steps.kubernetes_steps(plan, half, hosts, pins.KUBE_VERSION, pins.KUBESPRAY_VERSION)
+    assert [(s.title, s.gated) for s in got] == [("kubernetes-node gpu-2", False), ("kubernetes-node cpu-1", True)]
+    assert got[0].kube == up.KubeStep("1.34.3", "1.35.4", "v2.31.0")
+    at_pin = kube_live("v1.35.4", **{n.name: "v1.35.4" for n in hosts})
+    assert steps.kubernetes_steps(up.plan(at_pin, [], pins.KUBE_VERSION), at_pin, hosts, "1.35.4", "v2.31.0") == []
