@@ -4,18 +4,29 @@ every node Ready."""
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from flows.common import ClusterParams, desired_state, publish_markdown, publish_table, run_name, state_dir
+from flows.common import (
+    ClusterParams,
+    PreconditionFailed,
+    desired_state,
+    publish_markdown,
+    publish_table,
+    run_name,
+    state_dir,
+)
+from gpuforge import node_lifecycle
 from gpuforge.config import Config
+from gpuforge.node_lifecycle import NodeRefused
 from gpuforge.plan import write_plan
 from gpuforge.render import CONTAINERD_IMPORTS
 from tasks.ansible import PlaybookRun
-from tasks.ansible_tasks import prepare_kubespray, run_kubespray, verify_host_keys
+from tasks.ansible_tasks import log_events, prepare_kubespray, run_kubespray, ssh_host_keys, verify_host_keys
 from tasks.kube import nodes_converged, nodes_ready_probe, wait_for
-from tasks.kubespray import what_kubespray_did
+from tasks.kubespray import cached_fact_hosts, run_node_playbook, what_kubespray_did
 
 
 class KubesprayParams(ClusterParams):
@@ -73,14 +84,50 @@ def what_ran(config: Config, run: PlaybookRun, checkout: Path, playbook: Path) -
     )
 
 
-def raise_unless_ok(run: PlaybookRun, what: str) -> None:
-    """A Kubespray run that did not succeed fails the flow, naming the hosts unreachable and the tasks failed."""
+def beside_cluster_playbook(config: Config, checkout: Path, kubespray_name: str) -> Path:
+    """Kubespray's playbook `kubespray_name` (scale.yml, remove-node.yml, upgrade-cluster.yml) from the checkout,
+    or, for an operator's own kubespray.playbook `<prefix>cluster.yml`, its `<prefix><kubespray_name>` beside it."""
+    ks = config.kubespray
+    try:
+        rel = node_lifecycle.node_playbook(ks.playbook, ks.own_playbook(), kubespray_name)
+    except NodeRefused as exc:
+        raise PreconditionFailed(str(exc)) from None
+    playbook = config.path(rel) if ks.own_playbook() else checkout / rel
+    if not playbook.is_file():
+        raise PreconditionFailed(f"no {kubespray_name} for kubespray.playbook {ks.playbook}: {playbook} is missing")
+    return playbook
+
+
+def warm_fact_cache(config: Config, checkout: Path, inventory: Path, binary: str, hosts: list[str]) -> Path:
+    """The cluster's fact cache (Kubespray's `--limit` runs read the facts of the hosts they leave out there),
+    filled by Kubespray's facts.yml over every host first when it lacks one of `hosts`."""
+    logger = get_run_logger()
+    fact_cache = node_lifecycle.fact_cache_dir(config.cluster_name)
+    uncached = sorted(set(hosts) - cached_fact_hosts(fact_cache, time.time()))
+    if uncached:
+        logger.info("fact cache lacks %s: Kubespray's facts.yml over every host first (once)", ", ".join(uncached))
+        facts_run = run_node_playbook(
+            config, checkout, checkout / "playbooks" / "facts.yml", inventory, binary,
+            fact_cache=fact_cache, on_event=log_events(logger), host_keys=ssh_host_keys(config),
+        )  # fmt: skip
+        raise_unless_ok(facts_run, "Kubespray facts.yml")
+    return fact_cache
+
+
+def run_failure(run: PlaybookRun, what: str) -> str | None:
+    """None for a Kubespray run that succeeded, else what went wrong: the hosts unreachable and the tasks failed."""
     if run.status == "successful":
-        return
+        return None
     failed = [
         f"{h} ({t.task}: {t.message})" for h, tasks in sorted(run.hosts.items()) for t in tasks if t.status == "failed"
     ]
-    raise RuntimeError(
+    return (
         f"{what} {run.status} (rc {run.rc}); unreachable: {', '.join(run.unreachable) or 'none'}; "
         f"failed: {', '.join(failed) or 'none'}"
     )
+
+
+def raise_unless_ok(run: PlaybookRun, what: str) -> None:
+    """A Kubespray run that did not succeed fails the flow, naming the hosts unreachable and the tasks failed."""
+    if why := run_failure(run, what):
+        raise RuntimeError(why)

@@ -35,7 +35,7 @@ from flows.common import (
     state_dir,
 )
 from flows.gpu_operator import wait_for_gpus
-from flows.kubespray import raise_unless_ok, what_ran
+from flows.kubespray import beside_cluster_playbook, raise_unless_ok, warm_fact_cache, what_ran
 from gpuforge import desired, node_lifecycle
 from gpuforge import preflight as preflight_rules
 from gpuforge.config import Config
@@ -48,7 +48,7 @@ from tasks import slurm as slurm_tasks
 from tasks.ansible_tasks import collect_preflight_facts, log_events, prepare_kubespray, ssh_host_keys, verify_host_keys
 from tasks.helm import converge_service
 from tasks.hostkeys import scan_host_keys
-from tasks.kubespray import cached_fact_hosts, run_node_playbook
+from tasks.kubespray import run_node_playbook
 
 
 class NodeAddParams(ClusterParams):
@@ -133,16 +133,8 @@ def add_nodes(state: DesiredState, names: list[str], replacing: str | None = Non
 
     # 2. Kubespray's scale.yml, limited to the new hosts, on cached facts.
     checkout, _, binary = prepare_kubespray(config)
-    fact_cache = node_lifecycle.fact_cache_dir(config.cluster_name)
-    uncached = sorted(set(others) - cached_fact_hosts(fact_cache, time.time()))
-    if uncached:
-        logger.info("fact cache lacks %s: Kubespray's facts.yml over every host first (once)", ", ".join(uncached))
-        facts_run = run_node_playbook(
-            config, checkout, checkout / "playbooks" / "facts.yml", inventory_dir / "hosts.yaml", binary,
-            fact_cache=fact_cache, on_event=log_events(logger), host_keys=ssh_host_keys(config),
-        )  # fmt: skip
-        raise_unless_ok(facts_run, "Kubespray facts.yml")
-    playbook = _node_playbook(config, checkout, node_lifecycle.KUBESPRAY_SCALE)
+    fact_cache = warm_fact_cache(config, checkout, inventory_dir / "hosts.yaml", binary, others)
+    playbook = beside_cluster_playbook(config, checkout, node_lifecycle.KUBESPRAY_SCALE)
     run = run_node_playbook(
         config, checkout, playbook, inventory_dir / "hosts.yaml", binary,
         fact_cache=fact_cache, limit=",".join([*new_names, "localhost"]),
@@ -179,7 +171,7 @@ def add_nodes(state: DesiredState, names: list[str], replacing: str | None = Non
     # 5. Validation, 6. back into service or kept out with the reason.
     rows = []
     for name in new_names:
-        ok, how, detail = _validate_new_node(state, kubeconfig, name)
+        ok, how, detail = validate_node(state, kubeconfig, name)
         if ok:
             if name in members:
                 sname = _member_slurm_name(config, kubeconfig, name)
@@ -214,9 +206,10 @@ def _with_recorded_gpus(state: DesiredState, kubeconfig) -> DesiredState:
     return desired.build(config, desired.learned_gpu_counts(config, kube.list_nodes(kubeconfig)))
 
 
-def _validate_new_node(state: DesiredState, kubeconfig, name: str) -> tuple[bool, str, str]:
-    """(passed, how, detail) for one new node. A CPU node needs Ready only (checked). A GPU node: its DCGM series
-    first, then a 1-GPU Slurm job pinned to it (a NodeSet's slurmd holds its GPUs) or a CUDA smoke pod."""
+def validate_node(state: DesiredState, kubeconfig, name: str) -> tuple[bool, str, str]:
+    """(passed, how, detail) for one node out of service (a new one, or one just upgraded). A CPU node needs Ready
+    only (checked by the caller). A GPU node: its DCGM series first, then a 1-GPU Slurm job pinned to it (a
+    NodeSet's slurmd holds its GPUs) or a CUDA smoke pod."""
     config, node = state.config, state.node(name)
     if not node.is_gpu:
         return True, "Ready", "CPU node: Ready at the pin"
@@ -277,17 +270,10 @@ def remove_node(
         kube.set_cordon(kubeconfig, name, True, REMOVE_REASON)
         step("cordon", f"{name} cordoned: {REMOVE_REASON}")
     slurm = slurm_tasks.Slurm(config, kubeconfig)
-    sname = _slurm_name(config, kubeconfig, name)
+    sname = slurm_name(config, kubeconfig, name)
     if sname:
         slurm.update(sname, "drain", REMOVE_REASON)
-        waited = time.monotonic()
-        while True:
-            verdict = node_lifecycle.drain_verdict(
-                slurm_tasks.running_jobs(slurm, sname), time.monotonic() - waited, timeout_s, force
-            )
-            if verdict is not None:
-                break
-            time.sleep(2)
+        verdict = slurm_tasks.wait_for_jobs(slurm, sname, timeout_s, force)
         step("slurm drain", f"{sname} drained; {verdict.detail}")
         if not verdict.proceed:
             publish_table("node-remove-report", steps, f"removal of {name} (stopped)")
@@ -312,7 +298,7 @@ def remove_node(
     write_plan(state, remove_inventory.parent)  # group_vars of the cluster as configured now
     remove_inventory.write_text(dump_yaml(node_lifecycle.with_host(render_inventory(config), host)))
     checkout, _, binary = prepare_kubespray(config)
-    playbook = _node_playbook(config, checkout, node_lifecycle.KUBESPRAY_REMOVE)
+    playbook = beside_cluster_playbook(config, checkout, node_lifecycle.KUBESPRAY_REMOVE)
     run = run_node_playbook(
         config, checkout, playbook, remove_inventory, binary,
         fact_cache=node_lifecycle.fact_cache_dir(config.cluster_name),
@@ -378,19 +364,7 @@ def node_replace(params: NodeReplaceParams) -> dict:
 # ------------------------------------------------------------------------------------------------- helpers
 
 
-def _node_playbook(config: Config, checkout, kubespray_name: str):
-    ks = config.kubespray
-    try:
-        rel = node_lifecycle.node_playbook(ks.playbook, ks.own_playbook(), kubespray_name)
-    except NodeRefused as exc:
-        raise PreconditionFailed(str(exc)) from None
-    playbook = config.path(rel) if ks.own_playbook() else checkout / rel
-    if not playbook.is_file():
-        raise PreconditionFailed(f"no {kubespray_name} for kubespray.playbook {ks.playbook}: {playbook} is missing")
-    return playbook
-
-
-def _slurm_name(config: Config, kubeconfig, name: str) -> str | None:
+def slurm_name(config: Config, kubeconfig, name: str) -> str | None:
     """Kubernetes node -> its Slurm node (same name, or the slurmd pod on it); None: Slurm has none (or is off)."""
     _, names, error = slurm_tasks.slurm_state(config, kubeconfig, [name])
     if error:
@@ -399,7 +373,7 @@ def _slurm_name(config: Config, kubeconfig, name: str) -> str | None:
 
 
 def _member_slurm_name(config: Config, kubeconfig, name: str) -> str:
-    found = _slurm_name(config, kubeconfig, name)
+    found = slurm_name(config, kubeconfig, name)
     if found is None:
         raise RuntimeError(
             f"Slurm has no node for {name} (neither that name nor a slurmd pod on it): is its NodeSet pod running?"

@@ -25,6 +25,7 @@ SMOKE_FAILED_REASON = "gpuforge: node add: validation failed"
 # Kubespray's playbooks that add and remove nodes, relative to its checkout.
 KUBESPRAY_SCALE = "scale.yml"
 KUBESPRAY_REMOVE = "remove-node.yml"
+KUBESPRAY_UPGRADE = "upgrade-cluster.yml"
 
 
 class NodeRefused(ValueError):
@@ -79,18 +80,21 @@ def fact_cache_dir(cluster_name: str) -> Path:
 
 
 def node_playbook(cluster_playbook: str, own: bool, kubespray_name: str) -> str:
-    """The playbook that adds (scale.yml) or removes (remove-node.yml) nodes beside the cluster playbook.
+    """The playbook that adds (scale.yml), removes (remove-node.yml) or upgrades (upgrade-cluster.yml) nodes
+    beside the cluster playbook.
 
-    Kubespray's own cluster.yml -> its scale.yml / remove-node.yml. An operator's own playbook
-    `<prefix>cluster.yml` (the lab's lab-cluster.yml) -> `<prefix>scale.yml` / `<prefix>remove-node.yml`
-    in the same folder, so a site that wraps Kubespray wraps all three the same way."""
+    Kubespray's own cluster.yml -> its scale.yml / remove-node.yml / upgrade-cluster.yml. An operator's own
+    playbook `<prefix>cluster.yml` (the lab's lab-cluster.yml) -> `<prefix>scale.yml` /
+    `<prefix>remove-node.yml` / `<prefix>upgrade-cluster.yml` in the same folder, so a site that wraps
+    Kubespray wraps them all the same way."""
     if not own:
         return kubespray_name
     path = Path(cluster_playbook)
     if not path.name.endswith("cluster.yml"):
         raise NodeRefused(
             f"kubespray.playbook {cluster_playbook} is not named <prefix>cluster.yml, so its {kubespray_name} "
-            "cannot be found beside it; name it so and put <prefix>scale.yml and <prefix>remove-node.yml next to it"
+            "cannot be found beside it; name it so and put <prefix>scale.yml, <prefix>remove-node.yml and "
+            "<prefix>upgrade-cluster.yml next to it"
         )
     return str(path.with_name(path.name[: -len("cluster.yml")] + kubespray_name))
 

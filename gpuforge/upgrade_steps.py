@@ -27,6 +27,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+from gpuforge.node_lifecycle import KUBESPRAY_UPGRADE
 from gpuforge.phases import INSTALL_PHASES
 from gpuforge.remediation import SLURM_REASON_MAX, SLURM_REASON_PREFIX
 from gpuforge.upgrade import KubeStep, LiveState, TargetRelease, UpgradePlan, kube_version, stranded_versions
@@ -35,7 +36,6 @@ CRDS_STEP = "crds"
 KUBE_CONTROL_PLANE_STEP = "kubernetes-control-plane"
 KUBE_NODE_STEP = "kubernetes-node"
 KUBE_STEPS = (KUBE_CONTROL_PLANE_STEP, KUBE_NODE_STEP)
-KUBESPRAY_UPGRADE = "upgrade-cluster.yml"
 
 
 @dataclass(frozen=True)

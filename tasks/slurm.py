@@ -17,6 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from gpuforge import remediation, validation
 from gpuforge.config import Config
 from gpuforge.desired import SLURM_RELEASE
+from gpuforge.node_lifecycle import JobWait, drain_verdict
 from gpuforge.pins import release_namespace
 from gpuforge.remediation import Action, SlurmNode
 from gpuforge.validation import FAIL, PASS, CheckResult
@@ -293,6 +294,15 @@ def running_jobs(slurm: Slurm, node: str) -> list[str]:
     if not res.ok:
         raise RuntimeError(f"squeue -w {node} failed (rc {res.rc}): {(res.stderr or res.stdout).strip()[:300]}")
     return [line.strip() for line in res.stdout.splitlines() if line.strip()]
+
+
+def wait_for_jobs(slurm: Slurm, node: str, timeout_s: float, force: bool = False) -> JobWait:
+    """Wait for the jobs running on drained Slurm node `node` to end, up to `timeout_s` (squeue every 2 s):
+    node_lifecycle.drain_verdict's verdict, naming the jobs that hold the node."""
+    waited = time.monotonic()
+    while (verdict := drain_verdict(running_jobs(slurm, node), time.monotonic() - waited, timeout_s, force)) is None:
+        time.sleep(2)
+    return verdict
 
 
 def delete_node(slurm: Slurm, node: str) -> str:
