@@ -336,6 +336,15 @@ class ControlPlane:
             "components": components,
         }
 
+    def set_version(self, timeout: float = 180.0) -> None:
+        """Bring the running control plane to this object's `k8s_version`, everything else as the last `up()` left
+        it (etcd with its data, the CIDRs, the exec rules): what a control-plane upgrade (or putting the lab back
+        at an older release) does here. The components whose binary changes restart, the others keep running."""
+        state = self._load_state()
+        if not state.get("address"):
+            raise RuntimeError("the lab control plane was never started; call up() first")
+        self.up(state["service_cidr"], None, pod_cidr=state["pod_cidr"], timeout=timeout)
+
     def restart(self, name: str, downtime: float = 0.0, timeout: float = 120.0) -> None:
         """Stop one component, keep it down for `downtime` seconds, start it again and wait until healthy."""
         if name not in COMPONENTS:
@@ -1293,13 +1302,14 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m lab.controlplane")
-    parser.add_argument("action", choices=["up", "down", "status", "restart-apiserver"])
+    parser.add_argument("action", choices=["up", "down", "status", "restart-apiserver", "set-version"])
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--bin-dir", type=Path, default=Path.home() / ".cache/gpuforge/bin")
+    parser.add_argument("--k8s-version", default=K8S_VERSION, help="the release to run (binaries per version)")
     parser.add_argument("--service-cidr", default=DEFAULT_SERVICE_CIDR)
     parser.add_argument("--purge", action="store_true", help="with down: delete etcd data and certificates")
     args = parser.parse_args(argv)
-    cp = ControlPlane(args.workdir, args.bin_dir, progress=lambda m: print(m, flush=True))
+    cp = ControlPlane(args.workdir, args.bin_dir, k8s_version=args.k8s_version, progress=lambda m: print(m, flush=True))
     if args.action == "up":
         cp.up(service_cidr=args.service_cidr)
         print(f"export KUBECONFIG={cp.kubeconfig}")
@@ -1307,6 +1317,10 @@ def main(argv: list[str] | None = None) -> int:
         cp.down(purge=args.purge)
     elif args.action == "restart-apiserver":
         cp.restart_apiserver()
+    elif args.action == "set-version":
+        before = cp._load_state().get("version")
+        cp.set_version()
+        print(json.dumps({"version": cp.version, "changed": before != cp.version}))
     else:
         print(json.dumps(cp.status(), indent=2))
     return 0

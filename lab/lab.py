@@ -310,6 +310,8 @@ class Lab:
                     "lab_python": sys.executable,
                     "lab_pythonpath": str(REPO),
                     "lab_kubeconfig": str(self.cp.kubeconfig),
+                    "lab_controlplane_workdir": str(self.cp.workdir),
+                    "lab_bin_dir": str(BIN_DIR),
                     "lab_slurm_workdir": str(self.slurm.workdir),
                     "lab_slurm_cluster": self.config.cluster_name,
                 },

@@ -188,6 +188,17 @@ def set_allocatable_gpus(kubeconfig: Path | str, node: str, count: int) -> None:
     _core(kubeconfig).patch_node_status(node, body, _content_type="application/merge-patch+json")
 
 
+def set_kubelet_version(kubeconfig: Path | str, name: str, version: str) -> bool:
+    """Annotate the node with the version its kubelet reports (kwok's node-kubelet-version stage moves
+    nodeInfo.kubeletVersion after it); False when it already said so."""
+    core = _core(kubeconfig)
+    want = normalize_version(version)
+    if (core.read_node(name).metadata.annotations or {}).get(KUBELET_VERSION_ANNOTATION) == want:
+        return False
+    core.patch_node(name, {"metadata": {"annotations": {KUBELET_VERSION_ANNOTATION: want}}})
+    return True
+
+
 def delete_node(kubeconfig: Path | str, name: str) -> bool:
     """Delete the node; False when it did not exist."""
     from kubernetes.client.exceptions import ApiException
@@ -304,6 +315,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     dele = sub.add_parser("delete", help="delete a node")
     dele.add_argument("--kubeconfig", required=True)
     dele.add_argument("--name", required=True)
+    version = sub.add_parser("set-kubelet-version", help="the version the node's simulated kubelet reports")
+    version.add_argument("--kubeconfig", required=True)
+    version.add_argument("--name", required=True)
+    version.add_argument("--kubelet-version", required=True)
     storage = sub.add_parser("local-path-storage-class", help="the StorageClass of Kubespray's local-path addon")
     storage.add_argument("--kubeconfig", required=True)
     storage.add_argument("--name", required=True)
@@ -332,6 +347,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if changed:
             set_allocatable_gpus(args.kubeconfig, args.name, args.count)
         result = {"name": args.name, "changed": changed, "gpus": args.count}
+    elif args.cmd == "set-kubelet-version":
+        changed = set_kubelet_version(args.kubeconfig, args.name, args.kubelet_version)
+        result = {"name": args.name, "changed": changed, "kubelet_version": normalize_version(args.kubelet_version)}
     elif args.cmd == "local-path-storage-class":
         created = ensure_local_path_storage_class(args.kubeconfig, args.name)
         result = {"name": args.name, "changed": created, "action": "created" if created else "unchanged"}
