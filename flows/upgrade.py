@@ -1,14 +1,19 @@
 """upgrade: move a live cluster to gpuforge's pins, one gated step at a time (`gpuforge upgrade apply`).
 
 1. The plan (gpuforge.upgrade). Nothing to do: done, nothing touched. Something this flow cannot carry out (a plan
-   error, Kubernetes steps, removed APIs in use, stranded CRD versions): stop before touching anything.
-2. Pre-checks: the API server ready with `[+]etcd ok`, no node NotReady, a green validation now.
+   error, nodes behind the pin that the config does not name, removed APIs in use, stranded CRD versions): stop
+   before touching anything.
+2. Pre-checks: the API server ready with `[+]etcd ok`, no node NotReady, a green validation now; with Kubernetes
+   steps, Kubespray ready too (checkout and venv of each release the plan names, playbook, host keys, facts).
 3. The steps (gpuforge.upgrade_steps): the changed CRDs of the charts' crds/ folders applied server-side, then each
    install phase with Helm releases (monitoring, GPU Operator, Slurm operator and Slurm, dashboard), through the
    install's own converge at the rendered values (never --reuse-values). After each step a validation gate. A step
    that fails, in Helm's words or at its gate, puts each release it moved back to its revision from before the
    step (Helm history, `helm rollback`) and stops the run.
-4. The plan again: it must have nothing left to do.
+4. Then Kubernetes (flows.upgrade_kubernetes): Kubespray's upgrade-cluster.yml on the control plane, gated, then
+   node by node, each GPU node drained the Slurm way first and re-validated before it takes work again, the last
+   step gated. A node step that fails leaves its node cordoned and drained with the reason and stops the run.
+5. The plan again: it must have nothing left to do.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import time
 from prefect import flow, get_run_logger
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
+from flows import upgrade_kubernetes
 from flows.common import (
     ClusterParams,
     cluster_lock,
@@ -39,8 +45,15 @@ from tasks import helm, kube
 EXIT_DONE, EXIT_STEP_FAILED, EXIT_REFUSED = 0, 1, 2
 
 
+class UpgradeParams(ClusterParams):
+    # How long a GPU node's Slurm jobs may run on after its drain before its Kubernetes step gives up (the node
+    # then stays drained and cordoned, and the run stops).
+    drain_timeout_s: float = 3600
+
+
 class UpgradeFailed(RuntimeError):
-    """The upgrade stopped: refused before touching anything (exit 2) or a step failed and was rolled back (1)."""
+    """The upgrade stopped: refused before touching anything (exit 2) or a step failed (1): a chart step rolled
+    back, or a node kept out of service."""
 
     def __init__(self, report: dict):
         self.report = report
@@ -48,7 +61,7 @@ class UpgradeFailed(RuntimeError):
 
 
 @flow(name="upgrade", flow_run_name=run_name("upgrade"), on_failure=[notify_failure], on_crashed=[notify_failure])
-def upgrade(params: ClusterParams) -> dict:
+def upgrade(params: UpgradeParams) -> dict:
     config = desired_state(params).config
     kubeconfig = config.kubeconfig_path()
     nodes = kube.list_nodes(kubeconfig)
@@ -61,12 +74,19 @@ def upgrade(params: ClusterParams) -> dict:
         if plan.exit_code == 0:
             return _finish(config, lines, rows, "nothing to do: the cluster is at the pins", EXIT_DONE)
         started = time.monotonic()
-        problems = steps.blockers(plan, live, wanted) or steps.precheck_problems(
+        problems = steps.blockers(plan, live, wanted, {n.name for n in state.nodes}) or steps.precheck_problems(
             *kube.readyz(kubeconfig), {name: node.ready for name, node in nodes.items()}
         )
+        ks = config.kubespray
+        kube_steps = steps.kubernetes_steps(plan, live, state.nodes, ks.kube_version, ks.version)
+        kubespray, problems = _kubespray(state, kube_steps, problems)
         gate = None if problems else _gate(params)
         ok = not problems and gate.startswith("green")
-        detail = "; ".join(problems) or "API server and etcd ready, every node Ready"
+        detail = "; ".join(problems) or "API server and etcd ready, every node Ready" + (
+            f"; Kubespray {', '.join(kubespray.releases)} ready for {len(kube_steps)} Kubernetes step(s)"
+            if kube_steps
+            else ""
+        )
         rows.append(_row("pre-check", started, detail, gate, result="done" if ok else "refused"))
         if not ok:
             return _finish(
@@ -80,11 +100,29 @@ def upgrade(params: ClusterParams) -> dict:
             if rows[-1]["result"] != "done":
                 outcome = f"step {step.name} failed and was rolled back: {rows[-1]['detail']}"
                 return _finish(config, lines, rows, outcome, EXIT_STEP_FAILED)
+        for step in kube_steps:
+            rows.append(upgrade_kubernetes.run_step(step, state, kubespray, params.drain_timeout_s))
+            if rows[-1]["result"] == "done" and step.gated:
+                rows[-1]["gate"] = _gate(params)
+                rows[-1]["result"] = "done" if rows[-1]["gate"].startswith("green") else "gate red"
+            if rows[-1]["result"] != "done":
+                outcome = f"step {step.title} failed: {rows[-1]['gate'] or rows[-1]['detail']}"
+                return _finish(config, lines, rows, outcome, EXIT_STEP_FAILED)
         after, _, _ = read_upgrade_plan(config, state.releases)
         if after.exit_code != 0:
             left = "; ".join(plan_lines(after)[1:])[:800]
             return _finish(config, lines, rows, f"the plan still has work after every step: {left}", EXIT_STEP_FAILED)
-    return _finish(config, lines, rows, f"upgraded: {len(rows) - 1} step(s), each gated green", EXIT_DONE)
+    return _finish(config, lines, rows, f"upgraded: {len(rows) - 1} step(s), every gate green", EXIT_DONE)
+
+
+def _kubespray(state, kube_steps: list[steps.Step], problems: list[str]):
+    """Kubespray made ready for the Kubernetes steps before anything changes; what stops it joins `problems`."""
+    if not kube_steps or problems:
+        return None, problems
+    try:
+        return upgrade_kubernetes.prepare(state, kube_steps), problems
+    except Exception as exc:  # noqa: BLE001 - a refusal before any change, in the words of what failed
+        return None, [f"Kubespray for the Kubernetes steps: {exc}"]
 
 
 def _step(step: steps.Step, params: ClusterParams, wanted) -> dict:

@@ -52,8 +52,9 @@ WORKFLOWS: tuple[Workflow, ...] = (
         "upgrade",
         "flows/upgrade.py:upgrade",
         "upgrade",
-        "Upgrade cluster {cluster} to the pins (deployments/{env}/config.yml), one validated step at a time; "
-        "a failed step is rolled back. Shares the Prefect limit cluster-{cluster} with install.",
+        "Upgrade cluster {cluster} to the pins (deployments/{env}/config.yml), one validated step at a time "
+        "(charts, then Kubernetes node by node); a failed chart step is rolled back, a failed node stays out of "
+        "service. Shares the Prefect limit cluster-{cluster} with install.",
     ),
     Workflow(
         "gpu-health",

@@ -55,27 +55,38 @@ def plan(config_path: Path, as_json: bool) -> None:
 @upgrade.command("apply")
 @config_option
 @json_option
-def apply(config_path: Path, as_json: bool) -> None:
+@click.option(
+    "--drain-timeout",
+    "drain_timeout_s",
+    type=click.FloatRange(min=0),
+    default=3600,
+    show_default=True,
+    help="seconds a GPU node's Slurm jobs may run on after its drain before its Kubernetes step gives up",
+)
+def apply(config_path: Path, as_json: bool, drain_timeout_s: float) -> None:
     """Upgrade to the pins, one gated step at a time: pre-checks (etcd, nodes, a green validation), the charts'
     crds/ CRDs, then monitoring, GPU Operator, Slurm, dashboard, each followed by a validation; a failed step is
-    rolled back (Helm history) and stops the run. Exit 0 done or nothing to do, 1 a step failed, 2 refused."""
+    rolled back (Helm history) and stops the run. Then Kubernetes through Kubespray's upgrade-cluster.yml: the
+    control plane, then node by node, each GPU node drained the Slurm way first (its jobs waited for) and
+    re-validated before it is back in service; a failed node stays cordoned and drained with the reason and stops
+    the run. Exit 0 done or nothing to do, 1 a step failed, 2 refused."""
     try:
         load_config(config_path)
     except ConfigError as exc:
         fail(str(exc), 2)
-    from flows.common import ClusterParams
-    from flows.upgrade import UpgradeFailed
+    from flows.upgrade import UpgradeFailed, UpgradeParams
     from flows.upgrade import upgrade as upgrade_flow
 
-    report = report_of(run_flow(upgrade_flow, ClusterParams(config=str(config_path))), UpgradeFailed, "upgrade", 2)
+    params = UpgradeParams(config=str(config_path), drain_timeout_s=drain_timeout_s)
+    report = report_of(run_flow(upgrade_flow, params), UpgradeFailed, "upgrade", 2)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
         for row in report["steps"]:
             click.echo(
-                f"{row['step']:<13} {row['result']:<12} {row['seconds']:>6}s  {row['revisions']}  {row['detail']}"
+                f"{row['step']:<24} {row['result']:<12} {row['seconds']:>6}s  {row['revisions']}  {row['detail']}"
             )
             if row["gate"]:
-                click.echo(f"{'':<13} gate: {row['gate']}")
+                click.echo(f"{'':<24} gate: {row['gate']}")
         click.echo(report["outcome"], err=bool(report["exit_code"]))
     sys.exit(report["exit_code"])
