@@ -3,7 +3,8 @@
 #   - Debian packages: the lab's real daemons (Slurm, munge, Prometheus, sshd, etcd), iproute2, and PostgreSQL
 #     (the tests start a private one for a production-shaped Prefect server)
 #   - .venv with gpuforge and its dev tools
-#   - the lab's binaries built from Go modules (Kubernetes control plane, kwok, Helm), cached by version
+#   - the lab's binaries built from Go modules (Kubernetes control plane at the pin and at the previous pin, kwok,
+#     Helm), cached by version
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,6 +32,9 @@ if ! .venv/bin/python -c "import gpuforge, prefect, pytest" 2>/dev/null \
 fi
 
 bash lab/build/build-binaries.sh >/dev/null
+# The previous pin's control plane (Kubernetes 1.34.3, Kubespray v2.30.0's): the upgrade lab tests put the lab there
+# and let `gpuforge upgrade apply` bring it to the pin (tests/test_upgrade_kubernetes_lab.py). Cached like the above.
+K8S_VERSION=1.34.3 bash lab/build/build-binaries.sh >/dev/null
 
 # Kubespray's own venv (its requirements.txt: ansible 11.13 / core 2.18), built once into the cache from the
 # pinned release tarball beside the project, so the lab's first kubespray phase does not pay for it.

@@ -60,19 +60,34 @@ def to_previous_pins(cfg, folder: Path) -> None:
         helm(cfg, "upgrade", name, str(archive), "-n", releases[name].namespace, "--reset-values", "-f", str(values))
 
 
-def apply(config: Path, prefect_home: Path) -> tuple[int, dict, str]:
-    started = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, "-m", "gpuforge_cli", "upgrade", "apply", "--config", str(config), "--json"],
-        capture_output=True,
+def start_apply(config: Path, prefect_home: Path, *args: str) -> tuple[subprocess.Popen, float]:
+    """`gpuforge upgrade apply --json` started in the background, and when (finish it with `finish_apply`)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "gpuforge_cli", "upgrade", "apply", "--config", str(config), "--json", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=1200,
         cwd=REPO,
         env={**os.environ, "PREFECT_HOME": str(prefect_home)},
-    )
-    TIMINGS[f"apply {config.name} ({len(TIMINGS) + 1})"] = round(time.monotonic() - started, 1)
-    assert proc.stdout, proc.stderr[-3000:]
-    return proc.returncode, json.loads(proc.stdout), proc.stderr
+    ), time.monotonic()
+
+
+def finish_apply(
+    running: tuple[subprocess.Popen, float], timings: dict[str, float], label: str
+) -> tuple[int, dict, str]:
+    proc, started = running
+    try:
+        stdout, stderr = proc.communicate(timeout=1200)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    timings[f"{label} ({len(timings) + 1})"] = round(time.monotonic() - started, 1)
+    assert stdout, stderr[-3000:]
+    return proc.returncode, json.loads(stdout), stderr
+
+
+def apply(config: Path, prefect_home: Path, *args: str, timings: dict[str, float] = TIMINGS) -> tuple[int, dict, str]:
+    return finish_apply(start_apply(config, prefect_home, *args), timings, f"apply {config.name}")
 
 
 def history(cfg, name: str) -> list[dict]:
