@@ -23,6 +23,18 @@ config_option = click.option(
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 
 
+def drain_timeout_option(default: float, waits_for: str):
+    """`--drain-timeout SECONDS` (parameter `drain_timeout`): how long a drained node's work may hold it."""
+    return click.option(
+        "--drain-timeout",
+        "drain_timeout",
+        type=click.FloatRange(min=0),
+        default=default,
+        show_default=True,
+        help=f"Seconds to wait for {waits_for}.",
+    )
+
+
 def fail(message: str, code: int = 1) -> None:
     click.echo(message, err=True)
     sys.exit(code)

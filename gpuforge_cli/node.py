@@ -13,19 +13,12 @@ from pathlib import Path
 
 import click
 
-from gpuforge_cli.common import config_option, json_option, load, run_flow, state_error
+from gpuforge_cli.common import config_option, drain_timeout_option, json_option, load, run_flow, state_error
 
 force_option = click.option(
     "--force", is_flag=True, help="Go on when Slurm jobs or PodDisruptionBudgets still hold the node at the timeout."
 )
-timeout_option = click.option(
-    "--drain-timeout",
-    "drain_timeout",
-    type=click.FloatRange(min=0),
-    default=600,
-    show_default=True,
-    help="Seconds to wait for the node's Slurm jobs and pod evictions.",
-)
+timeout_option = drain_timeout_option(600, "the node's Slurm jobs and pod evictions")
 
 
 @click.group()

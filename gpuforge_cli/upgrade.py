@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from gpuforge.config import ConfigError, load_config
-from gpuforge_cli.common import config_option, fail, json_option, report_of, run_flow
+from gpuforge_cli.common import config_option, drain_timeout_option, fail, json_option, report_of, run_flow
 
 
 @click.group("upgrade")
@@ -55,15 +55,8 @@ def plan(config_path: Path, as_json: bool) -> None:
 @upgrade.command("apply")
 @config_option
 @json_option
-@click.option(
-    "--drain-timeout",
-    "drain_timeout_s",
-    type=click.FloatRange(min=0),
-    default=3600,
-    show_default=True,
-    help="seconds a GPU node's Slurm jobs may run on after its drain before its Kubernetes step gives up",
-)
-def apply(config_path: Path, as_json: bool, drain_timeout_s: float) -> None:
+@drain_timeout_option(3600, "a GPU node's Slurm jobs after its drain, before its Kubernetes step gives up")
+def apply(config_path: Path, as_json: bool, drain_timeout: float) -> None:
     """Upgrade to the pins, one gated step at a time: pre-checks (etcd, nodes, a green validation), the charts'
     crds/ CRDs, then monitoring, GPU Operator, Slurm, dashboard, each followed by a validation; a failed step is
     rolled back (Helm history) and stops the run. Then Kubernetes through Kubespray's upgrade-cluster.yml: the
@@ -77,7 +70,7 @@ def apply(config_path: Path, as_json: bool, drain_timeout_s: float) -> None:
     from flows.upgrade import UpgradeFailed, UpgradeParams
     from flows.upgrade import upgrade as upgrade_flow
 
-    params = UpgradeParams(config=str(config_path), drain_timeout_s=drain_timeout_s)
+    params = UpgradeParams(config=str(config_path), drain_timeout_s=drain_timeout)
     report = report_of(run_flow(upgrade_flow, params), UpgradeFailed, "upgrade", 2)
     if as_json:
         click.echo(json.dumps(report, indent=2))

@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from pathlib import Path
 
 import pytest
 
-from gpuforge.config import load_config
+from tests import test_upgrade_apply_lab as apply_lab
 from tests.test_upgrade_apply_lab import apply, finish_apply, start_apply
 from tests.test_upgrade_lab import run_plan
 
@@ -32,16 +31,7 @@ pytestmark = pytest.mark.timeout(2400)
 
 PREVIOUS = "1.34.3"
 TIMINGS: dict[str, float] = {}
-
-
-@pytest.fixture(scope="module")
-def cfg(lab_config):
-    return load_config(lab_config)
-
-
-@pytest.fixture(scope="module")
-def prefect_home(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("prefect-home")
+cfg, prefect_home = apply_lab.cfg, apply_lab.prefect_home  # the same module fixtures
 
 
 @pytest.fixture(scope="module")
