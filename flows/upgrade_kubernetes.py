@@ -99,12 +99,17 @@ def run_step(step: steps.Step, state: DesiredState, kubespray: Kubespray, drain_
         return row("failed", f"{name}: {why}{kept}")
 
     # 1. GPU nodes out of service the Slurm way: drain, wait for the jobs, cordon.
+    if lost := [n for n in gpu if state.node(n).in_slurm and snames[n] is None]:
+        return row("failed", f"Slurm has no node for {', '.join(lost)} (is its NodeSet pod running?): not touched")
     for node in gpu:
         if error := _take_out(kubeconfig, slurm, node, snames[node], reason, logger.info):
             return fail(node, f"could not take it out of service: {error}")
         timeline[f"{node} out of service"] = _now()
         if snames[node]:
-            waited = slurm_tasks.wait_for_jobs(slurm, snames[node], drain_timeout_s)
+            try:
+                waited = slurm_tasks.wait_for_jobs(slurm, snames[node], drain_timeout_s)
+            except RuntimeError as exc:
+                return fail(node, f"its Slurm jobs could not be read: {exc}")
             timeline[f"{node} jobs done"] = _now()
             logger.info("%s: %s", node, waited.detail)
             if not waited.proceed:
