@@ -103,7 +103,9 @@ def upgrade(params: UpgradeParams) -> dict:
         for step in kube_steps:
             rows.append(upgrade_kubernetes.run_step(step, state, kubespray, params.drain_timeout_s))
             if rows[-1]["result"] == "done" and step.gated:
+                gated = time.monotonic()
                 rows[-1]["gate"] = _gate(params)
+                rows[-1]["seconds"] = round(rows[-1]["seconds"] + time.monotonic() - gated, 1)  # as chart steps
                 rows[-1]["result"] = "done" if rows[-1]["gate"].startswith("green") else "gate red"
             if rows[-1]["result"] != "done":
                 outcome = f"step {step.title} failed: {rows[-1]['gate'] or rows[-1]['detail']}"
