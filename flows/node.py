@@ -265,7 +265,8 @@ def remove_node(
         steps.append({"step": what, "detail": detail})
         logger.info("%s: %s", what, detail)
 
-    # Cordon, then Slurm drain and wait for the jobs on it.
+    # Cordon, then Slurm drain and wait for the jobs on it. One drain timeout bounds the wait and the evictions.
+    drain_deadline = time.monotonic() + timeout_s
     if name in nodes:
         kube.set_cordon(kubeconfig, name, True, REMOVE_REASON)
         step("cordon", f"{name} cordoned: {REMOVE_REASON}")
@@ -281,14 +282,16 @@ def remove_node(
     else:
         step("slurm drain", "not a Slurm node")
 
-    # Evict what runs there, respecting PodDisruptionBudgets.
+    # Evict what runs there, respecting PodDisruptionBudgets; its slurmd too (the node leaves Slurm with it).
     if name in nodes:
-        blocked = kube.evict_pods(kubeconfig, name, timeout_s, logger.info)
+        left_s = max(drain_deadline - time.monotonic(), 0.0)
+        blocked = kube.evict_pods(kubeconfig, name, left_s, logger.info, staying={"DaemonSet"})
         if blocked and not force:
             publish_table("node-remove-report", steps, f"removal of {name} (stopped)")
             raise RuntimeError(
-                f"{name} not removed: PodDisruptionBudgets keep {', '.join(blocked)} after {timeout_s:.0f}s; "
-                "the node stays cordoned. Scale the workloads elsewhere or pass --force"
+                f"{name} not removed: PodDisruptionBudgets keep {', '.join(blocked)} at the end of the "
+                f"{timeout_s:.0f}s drain timeout; the node stays cordoned. Scale the workloads elsewhere or pass "
+                "--force"
             )
         step("evict", f"blocked pods left behind (--force): {', '.join(blocked)}" if blocked else "no pods left")
 

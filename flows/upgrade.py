@@ -37,7 +37,7 @@ from flows.common import (
 from flows.install import RUNBOOKS, InstallParams
 from flows.notify import notify_failure
 from flows.validate import ValidateParams, validate
-from gpuforge import desired
+from gpuforge import desired, drain_room
 from gpuforge import upgrade_steps as steps
 from gpuforge.upgrade import plan_lines
 from tasks import helm, kube
@@ -46,8 +46,8 @@ EXIT_DONE, EXIT_STEP_FAILED, EXIT_REFUSED = 0, 1, 2
 
 
 class UpgradeParams(ClusterParams):
-    # How long a GPU node's Slurm jobs may run on after its drain before its Kubernetes step gives up (the node
-    # then stays drained and cordoned, and the run stops).
+    # How long a node's drain may take (a GPU node's Slurm jobs, then evictions PodDisruptionBudgets hold back)
+    # before its Kubernetes step gives up (the node then stays drained and cordoned, and the run stops).
     drain_timeout_s: float = 3600
 
 
@@ -74,16 +74,24 @@ def upgrade(params: UpgradeParams) -> dict:
         if plan.exit_code == 0:
             return _finish(config, lines, rows, "nothing to do: the cluster is at the pins", EXIT_DONE)
         started = time.monotonic()
-        problems = steps.blockers(plan, live, wanted, {n.name for n in state.nodes}) or steps.precheck_problems(
-            *kube.readyz(kubeconfig), {name: node.ready for name, node in nodes.items()}
-        )
         ks = config.kubespray
         kube_steps = steps.kubernetes_steps(plan, live, state.nodes, ks.kube_version, ks.version)
+        problems = (
+            steps.blockers(plan, live, wanted, {n.name for n in state.nodes})
+            or steps.precheck_problems(*kube.readyz(kubeconfig), {name: node.ready for name, node in nodes.items()})
+            or (
+                kube_steps
+                and drain_room.drain_problems(
+                    [h for s in kube_steps for h in s.hosts], *kube.read_drain_room(kubeconfig)
+                )
+            )
+        )
         kubespray, problems = _kubespray(state, kube_steps, problems)
         gate = None if problems else _gate(params)
         ok = not problems and gate.startswith("green")
         detail = "; ".join(problems) or "API server and etcd ready, every node Ready" + (
-            f"; Kubespray {', '.join(kubespray.releases)} ready for {len(kube_steps)} Kubernetes step(s)"
+            f"; room to drain each node they take out; Kubespray {', '.join(kubespray.releases)} ready for "
+            f"{len(kube_steps)} Kubernetes step(s)"
             if kube_steps
             else ""
         )

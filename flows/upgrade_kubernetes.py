@@ -5,12 +5,15 @@ cluster playbook (Kubespray's upgrade-cluster.yml, or the site's `<prefix>upgrad
 written, every host's SSH key checked, the fact cache holding every host (`--limit` runs need the others' facts).
 
 A step: upgrade-cluster.yml `-e kube_version=<step> --limit <hosts>` through that Kubespray's venv, then its hosts
-Ready at the new kubelet version. A GPU node is taken out of service first, the Slurm way: its Slurm node drained
-with the reason, its running jobs waited for (up to the drain timeout; the jobs that hold it are named), then
-cordoned (one mechanism with remediation: flows.common.act_on_both_sides). Kubespray then neither drains nor
-uncordons it (it does both only for a node that was schedulable). After the playbook the node is re-validated
-(flows.node.validate_node: DCGM series, a Slurm GPU job on it or a CUDA smoke pod) and only then resumed and
-uncordoned. A node whose step fails stays cordoned and drained, with the reason on both sides.
+Ready at the new kubelet version. A node step takes its node out of service first: a GPU node the Slurm way (its
+Slurm node drained with the reason, its running jobs waited for; the jobs that hold it are named), then cordoned
+(one mechanism with remediation: flows.common.act_on_both_sides), then its pods evicted through the Eviction API so
+PodDisruptionBudgets are respected (DaemonSet and NodeSet pods stay, gpuforge.drain_room) -- one drain timeout per
+node bounds the Slurm wait and the evictions. Kubespray then neither drains nor uncordons it (it does both only for
+a node that was schedulable); the control-plane step leaves the drain of its hosts to Kubespray. After the playbook
+a GPU node is re-validated (flows.node.validate_node: DCGM series, a Slurm GPU job on it or a CUDA smoke pod); only
+then is a node resumed and uncordoned. A node whose step fails stays cordoned (and drained), with the reason on
+both sides. Whether the cluster has room for every drain was judged in the pre-check (gpuforge.drain_room).
 """
 
 from __future__ import annotations
@@ -83,8 +86,11 @@ def run_step(step: steps.Step, state: DesiredState, kubespray: Kubespray, drain_
     config, kubeconfig = state.config, state.config.kubeconfig_path()
     started, timeline = time.monotonic(), {}
     gpu = [n for n in step.hosts if (node := state.node(n)) is not None and node.is_gpu]
+    # The nodes gpuforge drains: a node step's host; on the control-plane step only GPU nodes (the Slurm side),
+    # Kubespray drains the control plane itself.
+    out = list(step.hosts) if step.name == steps.KUBE_NODE_STEP else gpu
     slurm = slurm_tasks.Slurm(config, kubeconfig)
-    snames = {n: slurm_name(config, kubeconfig, n) for n in gpu}
+    snames = {n: slurm_name(config, kubeconfig, n) if n in gpu else None for n in out}
     reason = steps.out_of_service_reason(step)
 
     def row(result: str, detail: str) -> dict:
@@ -93,15 +99,18 @@ def run_step(step: steps.Step, state: DesiredState, kubespray: Kubespray, drain_
 
     def fail(name: str, why: str) -> dict:
         note = steps.kept_out_reason(step, why)
-        for node in gpu:  # every GPU node of the step stays out, the reason on both sides
+        for node in out:  # every node the step took out stays out, the reason on both sides
             _keep_out(kubeconfig, slurm, node, snames[node], note, logger.warning)
-        kept = f"; {', '.join(gpu)} kept out of service (cordoned, Slurm drained): {note}" if gpu else ""
+        sides = "cordoned, Slurm drained" if any(snames.values()) else "cordoned"
+        kept = f"; {', '.join(out)} kept out of service ({sides}): {note}" if out else ""
         return row("failed", f"{name}: {why}{kept}")
 
-    # 1. GPU nodes out of service the Slurm way: drain, wait for the jobs, cordon.
+    # 1. Out of service: Slurm drained and its jobs waited for (GPU nodes), cordoned, then its pods evicted
+    #    (PodDisruptionBudgets respected); one drain timeout per node bounds the wait and the evictions.
     if lost := [n for n in gpu if state.node(n).in_slurm and snames[n] is None]:
         return row("failed", f"Slurm has no node for {', '.join(lost)} (is its NodeSet pod running?): not touched")
-    for node in gpu:
+    for node in out:
+        deadline = time.monotonic() + drain_timeout_s
         if error := _take_out(kubeconfig, slurm, node, snames[node], reason, logger.info):
             return fail(node, f"could not take it out of service: {error}")
         timeline[f"{node} out of service"] = _now()
@@ -114,6 +123,11 @@ def run_step(step: steps.Step, state: DesiredState, kubespray: Kubespray, drain_
             logger.info("%s: %s", node, waited.detail)
             if not waited.proceed:
                 return fail(node, waited.detail.split(";")[0])
+        if step.name == steps.KUBE_NODE_STEP:
+            if blocked := kube.evict_pods(kubeconfig, node, max(deadline - time.monotonic(), 0.0), logger.info):
+                why = f"PodDisruptionBudgets keep {', '.join(blocked)} at the end of the {drain_timeout_s:.0f}s drain"
+                return fail(node, why)
+            timeline[f"{node} drained"] = _now()
 
     # 2. upgrade-cluster.yml on the step's hosts, then Ready at the new version.
     at, checkout, playbook, binary = kubespray.releases[step.kube.kubespray]
@@ -139,13 +153,14 @@ def run_step(step: steps.Step, state: DesiredState, kubespray: Kubespray, drain_
         return fail(",".join(step.hosts), str(exc))
     timeline["ready at the new version"] = _now()
 
-    # 3. GPU nodes re-validated, then back into service (Slurm resumed, uncordoned).
+    # 3. GPU nodes re-validated, then every node taken out back into service (Slurm resumed, uncordoned).
     checked = []
-    for node in gpu:
-        ok, how, detail = validate_node(state, kubeconfig, node)
-        checked.append(f"{node} {how}: {detail}")
-        if not ok:
-            return fail(node, f"re-validation failed ({how}): {detail}")
+    for node in out:
+        if node in gpu:
+            ok, how, detail = validate_node(state, kubeconfig, node)
+            checked.append(f"{node} {how}: {detail}")
+            if not ok:
+                return fail(node, f"re-validation failed ({how}): {detail}")
         undo = steps.kept_out_reason(step, "returning it to service failed half-way")
         if error := _put_back(kubeconfig, slurm, node, snames[node], undo, logger.info):
             return fail(node, f"could not return it to service: {error}")

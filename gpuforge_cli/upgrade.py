@@ -55,12 +55,13 @@ def plan(config_path: Path, as_json: bool) -> None:
 @upgrade.command("apply")
 @config_option
 @json_option
-@drain_timeout_option(3600, "a GPU node's Slurm jobs after its drain, before its Kubernetes step gives up")
+@drain_timeout_option(3600, "each node's drain (a GPU node's Slurm jobs, then its pod evictions)")
 def apply(config_path: Path, as_json: bool, drain_timeout: float) -> None:
-    """Upgrade to the pins, one gated step at a time: pre-checks (etcd, nodes, a green validation), the charts'
-    crds/ CRDs, then monitoring, GPU Operator, Slurm, dashboard, each followed by a validation; a failed step is
-    rolled back (Helm history) and stops the run. Then Kubernetes through Kubespray's upgrade-cluster.yml: the
-    control plane, then node by node, each GPU node drained the Slurm way first (its jobs waited for) and
+    """Upgrade to the pins, one gated step at a time: pre-checks (etcd, nodes, a green validation, room to drain
+    every node the Kubernetes steps take out), the charts' crds/ CRDs, then monitoring, GPU Operator, Slurm,
+    dashboard, each followed by a validation; a failed step is rolled back (Helm history) and stops the run. Then
+    Kubernetes through Kubespray's upgrade-cluster.yml: the control plane, then node by node, each drained first (a
+    GPU node the Slurm way, its jobs waited for; then its pods evicted within PodDisruptionBudgets) and a GPU node
     re-validated before it is back in service; a failed node stays cordoned and drained with the reason and stops
     the run. Exit 0 done or nothing to do, 1 a step failed, 2 refused."""
     try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,11 +18,12 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 from kubernetes.dynamic import DynamicClient
+from kubernetes.utils.quantity import parse_quantity
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from urllib3.exceptions import HTTPError
 
-from gpuforge import checks, validation
+from gpuforge import checks, drain_room, validation
 from gpuforge.config import Config
 from gpuforge.desired import GPU_OPERATOR_RELEASE, DesiredState
 from gpuforge.remediation import CORDON_ANNOTATION
@@ -84,7 +85,7 @@ def list_node_fields(kubeconfig: Path) -> list[dict[str, Any]]:
     for a thousand nodes costs more than the call itself."""
     with api_client(kubeconfig) as api:
         resp = client.CoreV1Api(api).list_node(_preload_content=False)
-        return [node_fields(item) for item in json.loads(resp.data).get("items") or []]
+        return [node_fields(item) for item in _items(resp)]
 
 
 def list_nodes(kubeconfig: Path) -> dict[str, NodeState]:
@@ -527,13 +528,12 @@ def gpus_held(core: client.CoreV1Api) -> dict[str, dict[str, int]]:
 
     The server leaves out finished and unbound pods, and the answer is read as plain JSON: typed models for
     every pod in the cluster would cost more than the call."""
-    import json
 
     resp = core.list_pod_for_all_namespaces(
         field_selector="spec.nodeName!=,status.phase!=Succeeded,status.phase!=Failed", _preload_content=False
     )
     held: dict[str, dict[str, int]] = {}
-    for pod in json.loads(resp.data).get("items") or []:
+    for pod in _items(resp):
         containers = (pod.get("spec") or {}).get("containers") or []
         gpus = sum(int(((c.get("resources") or {}).get("limits") or {}).get(GPU, 0)) for c in containers)
         if gpus:
@@ -613,42 +613,101 @@ def slurm_pods(kubeconfig: Path, namespace: str) -> list[dict[str, str]]:
 # ----------------------------------------------------------------------------- node lifecycle (add / remove)
 
 
-def evict_pods(kubeconfig: Path, node: str, timeout_s: float, log: Callable[[str], None]) -> list[str]:
-    """Evict every pod on `node` through the Eviction API, so PodDisruptionBudgets are respected: an eviction a
-    budget refuses (429) is asked again every 2 s until `timeout_s`. DaemonSet pods and mirror pods stay, as
-    with `kubectl drain --ignore-daemonsets`. Returns the pods still there when time ran out (blocked by a
+def evict_pods(
+    kubeconfig: Path,
+    node: str,
+    timeout_s: float,
+    log: Callable[[str], None],
+    staying: Collection[str] = drain_room.STAYING_OWNERS,
+) -> list[str]:
+    """Evict every pod on `node` that a drain moves (gpuforge.drain_room.Pod.moves: not static, not owned by a
+    `staying` kind; DaemonSet and NodeSet pods by default, as `kubectl drain --ignore-daemonsets` plus Slinky's
+    per-node slurmd) through the Eviction API, so PodDisruptionBudgets are respected: an eviction a budget refuses
+    (429) is asked again every 2 s until `timeout_s`. Returns the pods still there when time ran out (blocked by a
     budget, named with it)."""
     deadline = time.monotonic() + timeout_s
     with api_client(kubeconfig) as api:
         core = client.CoreV1Api(api)
         blocked: dict[str, str] = {}
         while True:
-            pods = core.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={node}").items
-            movable = [
-                p
-                for p in pods
-                if p.status.phase not in ("Succeeded", "Failed")
-                and not any(ref.kind == "DaemonSet" for ref in p.metadata.owner_references or [])
-                and "kubernetes.io/config.mirror" not in (p.metadata.annotations or {})
-            ]
+            on_node = core.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={node}", _preload_content=False)
+            movable = [p for p in map(_drain_pod, _items(on_node)) if p.moves(staying)]
             blocked = {}
             for pod in movable:
-                body = client.V1Eviction(
-                    metadata=client.V1ObjectMeta(name=pod.metadata.name, namespace=pod.metadata.namespace)
-                )
-                where = f"{pod.metadata.namespace}/{pod.metadata.name}"
+                body = client.V1Eviction(metadata=client.V1ObjectMeta(name=pod.name, namespace=pod.namespace))
                 try:
-                    core.create_namespaced_pod_eviction(pod.metadata.name, pod.metadata.namespace, body)
-                    log(f"evicted {where} from {node}")
+                    core.create_namespaced_pod_eviction(pod.name, pod.namespace, body)
+                    log(f"evicted {pod.ref} from {node}")
                 except ApiException as exc:
                     if exc.status == 404:
                         continue
                     if exc.status != 429:
                         raise
-                    blocked[where] = (exc.body or exc.reason or "").strip()[:200]
+                    blocked[pod.ref] = (exc.body or exc.reason or "").strip()[:200]
             if not blocked or time.monotonic() >= deadline:
                 return [f"{pod} ({why})" for pod, why in blocked.items()]
             time.sleep(2)
+
+
+def read_drain_room(kubeconfig: Path) -> tuple[list[drain_room.Node], list[drain_room.Pod], list[drain_room.Budget]]:
+    """Nodes, pods bound to nodes and PodDisruptionBudgets, as gpuforge.drain_room judges them (three list calls,
+    raw JSON)."""
+    with api_client(kubeconfig) as api:
+        core, policy = client.CoreV1Api(api), client.PolicyV1Api(api)
+        raw_nodes = _items(core.list_node(_preload_content=False))
+        raw_pods = _items(core.list_pod_for_all_namespaces(field_selector="spec.nodeName!=", _preload_content=False))
+        raw_budgets = _items(policy.list_pod_disruption_budget_for_all_namespaces(_preload_content=False))
+    nodes = []
+    for item in raw_nodes:
+        fields, spec, status = node_fields(item), item.get("spec") or {}, item.get("status") or {}
+        allocatable = {k: quantity(v) for k, v in (status.get("allocatable") or {}).items()}
+        schedulable = not fields["unschedulable"]
+        taints = tuple(spec.get("taints") or ())
+        nodes.append(
+            drain_room.Node(fields["name"], fields["ready"], schedulable, allocatable, fields["labels"], taints)
+        )
+    budgets = []
+    for item in raw_budgets:
+        meta, spec, status = item["metadata"], item.get("spec") or {}, item.get("status") or {}
+        allowed = int(status.get("disruptionsAllowed") or 0)
+        budgets.append(drain_room.Budget(meta["namespace"], meta["name"], spec.get("selector") or {}, allowed))
+    return nodes, [_drain_pod(p) for p in raw_pods], budgets
+
+
+def _items(response) -> list[dict[str, Any]]:
+    """The items of a list call made with `_preload_content=False` (raw JSON, no typed models)."""
+    return json.loads(response.data).get("items") or []
+
+
+def _drain_pod(pod: dict[str, Any]) -> drain_room.Pod:
+    """A pod as the API server sends it (JSON) -> what a drain and the scheduler look at."""
+    meta, spec, status = pod.get("metadata") or {}, pod.get("spec") or {}, pod.get("status") or {}
+    requests: dict[str, float] = {}
+    for container in spec.get("containers") or []:
+        for resource, amount in ((container.get("resources") or {}).get("requests") or {}).items():
+            requests[resource] = requests.get(resource, 0.0) + quantity(amount)
+    required = ((spec.get("affinity") or {}).get("nodeAffinity") or {}).get(
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ) or {}
+    owner = next((r.get("kind", "") for r in meta.get("ownerReferences") or [] if r.get("controller")), "")
+    return drain_room.Pod(
+        namespace=meta.get("namespace", ""),
+        name=meta.get("name", ""),
+        node=spec.get("nodeName") or "",
+        requests=requests,
+        labels=dict(meta.get("labels") or {}),
+        node_selector=dict(spec.get("nodeSelector") or {}),
+        node_affinity=tuple(tuple(t.get("matchExpressions") or ()) for t in required.get("nodeSelectorTerms") or []),
+        tolerations=tuple(spec.get("tolerations") or ()),
+        owner_kind=owner,
+        finished=status.get("phase") in ("Succeeded", "Failed"),
+        mirror="kubernetes.io/config.mirror" in (meta.get("annotations") or {}),
+    )
+
+
+def quantity(value: str | int | float) -> float:
+    """A Kubernetes quantity ("250m", "1Gi", "8") as a number: cores for CPU, bytes for memory, counts."""
+    return float(parse_quantity(value))
 
 
 def delete_node(kubeconfig: Path, node: str) -> bool:
@@ -675,11 +734,10 @@ def server_version(kubeconfig: Path) -> str:
 def list_crds(kubeconfig: Path) -> list[dict[str, Any]]:
     """Every CustomResourceDefinition as the API server returns it (plain JSON: served/storage versions, schemas,
     status.storedVersions), in one list call."""
-    import json
 
     with api_client(kubeconfig) as api:
         resp = client.ApiextensionsV1Api(api).list_custom_resource_definition(_preload_content=False)
-        return json.loads(resp.data).get("items") or []
+        return _items(resp)
 
 
 def readyz(kubeconfig: Path) -> tuple[bool, str]:

@@ -10,15 +10,20 @@ upgrade-cluster.yml does not run here.
 1. plan lists the Kubernetes step (exit 2); apply (a Slurm job running on the Slurm GPU node, which ends only once
    the flow has drained that node and is waiting for it) brings the control plane and every node to 1.35.4:
    control plane gated, node by node, the job's end before that node's upgrade; the plan then exits 0.
-2. Back at 1.34.3, a job that outlasts --drain-timeout: the control plane moves, then the Slurm GPU node's step
+   A Deployment's pod on the CPU node (a PodDisruptionBudget allowing one eviction) is evicted at that node's
+   step and runs on the control-plane node afterwards.
+2. Back at 1.34.3, a PodDisruptionBudget that allows no eviction and a pod pinned to the CPU node: the pre-check
+   refuses before anything moves (exit 2), naming both.
+3. A job that outlasts --drain-timeout: the control plane moves, then the Slurm GPU node's step
    fails and leaves it cordoned and Slurm-drained with the reason naming the job; exit 1.
-3. With the job gone and the node returned (`gpuforge health --release`), apply finishes the nodes left; the lab is
+4. With the job gone and the node returned (`gpuforge health --release`), apply finishes the nodes left; the lab is
    at the current pins again for later modules.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import time
 
 import pytest
@@ -73,6 +78,8 @@ def put_kubernetes_at(lab, cfg, version: str) -> None:
     from lab.controlplane import ControlPlane
     from lab.lab import BIN_DIR
 
+    if versions(cfg) == (f"v{version}", {n.name: version for n in cfg.nodes}):
+        return
     started = time.monotonic()
     ControlPlane(lab.cp.workdir, BIN_DIR, k8s_version=version).set_version()
     for name in (n.name for n in cfg.nodes):
@@ -102,6 +109,73 @@ def steps_of(report: dict) -> dict[str, dict]:
     return {r["step"]: r for r in report["steps"]}
 
 
+PROBE = "drain-probe"
+
+
+def deploy(cfg, name: str, affinity: dict, min_available: int | None = None, max_unavailable: int | None = None):
+    """A one-replica Deployment in namespace drain-probe (its pod placed by `affinity`), with a PodDisruptionBudget
+    when one of the bounds is given; returns once its pod runs on a node."""
+    from tasks import kube
+
+    kubeconfig = cfg.kubeconfig_path()
+    kube.ensure_namespace(kubeconfig, PROBE)
+    labels = {"app": name}
+    kube.apply(kubeconfig, {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "namespace": PROBE},
+        "spec": {"replicas": 1, "selector": {"matchLabels": labels}, "template": {
+            "metadata": {"labels": labels},
+            "spec": {"affinity": affinity, "containers": [{"name": "app", "image": "registry.k8s.io/pause:3.10",
+                                                           "resources": {"requests": {"cpu": "100m"}}}]}}},
+    })  # fmt: skip
+    if min_available is not None or max_unavailable is not None:
+        bound = {"minAvailable": min_available} if min_available is not None else {"maxUnavailable": max_unavailable}
+        kube.apply(kubeconfig, {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+                                "metadata": {"name": name, "namespace": PROBE},
+                                "spec": {"selector": {"matchLabels": labels}, **bound}})  # fmt: skip
+    return wait(f"{name} running", lambda: running_pod(cfg, name), 60)
+
+
+def running_pod(cfg, app: str):
+    from tasks import kube
+
+    pods = kube.list_pods(cfg.kubeconfig_path(), PROBE)
+    return next((p for p in pods if (p.metadata.labels or {}).get("app") == app and p.status.phase == "Running"
+                 and p.metadata.deletion_timestamp is None), None)  # fmt: skip
+
+
+def on_nodes(names: list[str], preferred: str | None = None) -> dict:
+    """Node affinity: required one of `names`, `preferred` first."""
+    term = {"matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "In", "values": names}]}
+    affinity = {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [term]}}
+    if preferred:
+        affinity["preferredDuringSchedulingIgnoredDuringExecution"] = [{"weight": 100, "preference": {
+            "matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "In", "values": [preferred]}]}}]  # fmt: skip
+    return {"nodeAffinity": affinity}
+
+
+def remove_probe(cfg) -> None:
+    from kubernetes import client
+
+    from tasks import kube
+
+    with kube.api_client(cfg.kubeconfig_path()) as api:
+        try:
+            client.CoreV1Api(api).delete_namespace(PROBE)
+        except client.ApiException as exc:
+            if exc.status != 404:
+                raise
+    wait(f"namespace {PROBE} gone", lambda: PROBE not in {n.metadata.name for n in namespaces(cfg)}, 120, pause=1)
+
+
+def namespaces(cfg):
+    from kubernetes import client
+
+    from tasks import kube
+
+    with kube.api_client(cfg.kubeconfig_path()) as api:
+        return client.CoreV1Api(api).list_namespace().items
+
+
 def test_apply_upgrades_the_control_plane_then_node_by_node_after_the_slurm_job(
     installed, upgrade_config, cfg, names, tmp_path, prefect_home
 ):
@@ -117,6 +191,10 @@ def test_apply_upgrades_the_control_plane_then_node_by_node_after_the_slurm_job(
         "--wrap", f"while [ ! -e {release} ]; do sleep 0.5; done",
     ).stdout.strip()  # fmt: skip
     wait("the job running", lambda: installed.slurm.job_state(job) == "RUNNING", 30)
+
+    cpu, control = names["cpu"], names["control"]
+    web = deploy(cfg, "web", on_nodes([cpu, control], preferred=cpu), max_unavailable=1)
+    assert web.spec.node_name == cpu, web.spec.node_name
 
     running = start_apply(upgrade_config, prefect_home)
     # The flow drains the node and waits: draining while the job runs, its kubelet not touched yet.
@@ -157,12 +235,66 @@ def test_apply_upgrades_the_control_plane_then_node_by_node_after_the_slurm_job(
     assert timeline[f"{gpu} out of service"] <= ended <= timeline["kubespray started"], (ended, timeline)
     assert installed.slurm.job_state(job) == "COMPLETED"
 
+    # The CPU node's step evicted the Deployment's pod (its budget allowed one) before Kubespray; it runs elsewhere.
+    cpu_timeline = steps[f"kubernetes-node {cpu}"]["timeline"]
+    assert cpu_timeline[f"{cpu} out of service"] <= cpu_timeline[f"{cpu} drained"] <= cpu_timeline["kubespray started"]
+    moved = wait("web running again", lambda: running_pod(cfg, "web"), 60)
+    assert moved.metadata.uid != web.metadata.uid and moved.spec.node_name == control, moved.spec.node_name
+    remove_probe(cfg)
+
     server, kubelets = versions(cfg)
     assert (server, kubelets) == ("v1.35.4", {n.name: "1.35.4" for n in cfg.nodes})
     assert not [n for n, s in kube.list_nodes(cfg.kubeconfig_path()).items() if s.unschedulable]
     assert slurm_node(installed, gpu)["state"] == "idle"
     code, plan = run_plan(upgrade_config)
     assert code == 0, plan
+
+
+def test_no_room_to_drain_refuses_the_upgrade_before_anything_moves(
+    installed, upgrade_config, cfg, names, prefect_home
+):
+    from tasks import kube
+
+    put_kubernetes_at(installed, cfg, PREVIOUS)
+    cpu, control = names["cpu"], names["control"]
+    try:
+        db = deploy(cfg, "db", on_nodes([cpu, control]), min_available=1)
+        pinned = deploy(cfg, "pinned", on_nodes([cpu]))
+        budget = wait("the budget's status", lambda: pdb_status(cfg, "db"), 60)
+        assert budget.get("disruptionsAllowed", 0) == 0, budget
+
+        code, report, stderr = apply(upgrade_config, prefect_home, timings=TIMINGS)
+
+        assert code == 2, (report["outcome"], stderr[-3000:])
+        (precheck,) = report["steps"]
+        print(precheck["detail"])
+        assert precheck["result"] == "refused"
+        assert (
+            f"draining {db.spec.node_name}: PodDisruptionBudget {PROBE}/db allows no disruption now and covers "
+            f"{PROBE}/{db.metadata.name}" in precheck["detail"]
+        )
+        assert (
+            f"draining {cpu}: pod {PROBE}/{pinned.metadata.name} (requests cpu 0.1, required node affinity) fits on "
+            "no other Ready, schedulable node" in precheck["detail"]
+        )
+        assert report["outcome"].startswith("refused before any change")
+        assert versions(cfg) == (f"v{PREVIOUS}", {n.name: PREVIOUS for n in cfg.nodes}), "nothing upgraded"
+        assert not [n for n, s in kube.list_nodes(cfg.kubeconfig_path()).items() if s.unschedulable]
+        assert running_pod(cfg, "db").metadata.uid == db.metadata.uid, "nothing evicted"
+    finally:
+        remove_probe(cfg)
+
+
+def pdb_status(cfg, name: str) -> dict | None:
+    """The budget's status once the disruption controller has computed it."""
+    from kubernetes import client
+
+    from tasks import kube
+
+    with kube.api_client(cfg.kubeconfig_path()) as api:
+        got = client.PolicyV1Api(api).read_namespaced_pod_disruption_budget(name, PROBE, _preload_content=False)
+        status = json.loads(got.data).get("status") or {}
+    return status if status.get("observedGeneration") else None
 
 
 def test_a_node_whose_job_outlasts_the_drain_timeout_stays_cordoned_and_drained(
