@@ -6,14 +6,17 @@ the lab, as everywhere in the lab):
   cold  `node add` of a new CPU node while the cluster's fact cache is empty: Kubespray's facts.yml over every
         host first (once per cluster, as Kubespray's docs require before `--limit`), then scale --limit;
   warm  `node add` of the next new CPU node: scale --limit on the new host, the others' facts from the cache.
-Prints the times and warm/full (goal <= 10 %) and warm at 64 / warm at 16 (goal: flat). Asserts nothing about
-time. Needs the lab lock: flock /tmp/gpuforge-lab.lock .venv/bin/python bench/node_add_bench.py [--sizes 16 64]
+Full runs and warm adds alternate --runs times (default 3; the first full run is the cluster's first kubespray
+phase). Prints every time, the medians, warm/full (goal <= 10 %) and warm at 64 / warm at 16 (goal: flat). Asserts
+nothing about time. Needs the lab lock:
+    flock /tmp/gpuforge-lab.lock .venv/bin/python bench/node_add_bench.py [--sizes 16 64] [--runs 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -67,7 +70,7 @@ def timed(flow, params) -> float:
     return time.perf_counter() - started
 
 
-def measure(hosts: int) -> dict[str, float]:
+def measure(hosts: int, runs: int) -> dict[str, list[float]]:
     from flows.kubespray import KubesprayParams, kubespray
     from flows.node import NodeAddParams, node_add
     from gpuforge.config import load_config
@@ -76,49 +79,64 @@ def measure(hosts: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="gpuforge-bench-add-") as tmp:
         folder = Path(tmp)
         os.environ["GPUFORGE_STATE"] = str(folder / "state")
-        base, plus1, plus2 = (write_config(folder, hosts, extra) for extra in (0, 1, 2))
-        lab = Lab(load_config(base))
+        configs = [write_config(folder, hosts, extra) for extra in range(runs + 2)]
+        lab = Lab(load_config(configs[0]))
+
+        def add_next(config: Path) -> float:
+            new = load_config(config).nodes[-1].name
+            Lab(load_config(config)).add_host(new)
+            took = timed(node_add, NodeAddParams(config=str(config)))
+            print(f"{hosts} hosts: add {new} {took:.1f}s", flush=True)
+            return took
+
         try:
             lab.up()
             print(f"{hosts} hosts: lab up", flush=True)
             # The cluster's first kubespray phase, timed: a forced re-run does the same over every host.
-            full = timed(kubespray, KubesprayParams(config=str(base), force=True))
-            print(f"{hosts} hosts: full kubespray phase {full:.1f}s", flush=True)
-            new1 = load_config(plus1).nodes[-1].name
-            Lab(load_config(plus1)).add_host(new1)
-            cold = timed(node_add, NodeAddParams(config=str(plus1)))
-            print(f"{hosts} hosts: add {new1} with an empty fact cache {cold:.1f}s", flush=True)
-            new2 = load_config(plus2).nodes[-1].name
-            Lab(load_config(plus2)).add_host(new2)
-            warm = timed(node_add, NodeAddParams(config=str(plus2)))
-            print(f"{hosts} hosts: add {new2} on cached facts {warm:.1f}s", flush=True)
+            full = [timed(kubespray, KubesprayParams(config=str(configs[0]), force=True))]
+            print(f"{hosts} hosts: full kubespray phase {full[-1]:.1f}s", flush=True)
+            cold = add_next(configs[1])  # the fact cache is empty: facts.yml over every host first
+            warm = []
+            for i, config in enumerate(configs[2:]):  # alternating, so both see the same load
+                warm.append(add_next(config))
+                if i < runs - 1:
+                    full.append(timed(kubespray, KubesprayParams(config=str(config), force=True)))
+                    print(f"{hosts} hosts: full kubespray phase {full[-1]:.1f}s", flush=True)
         finally:
-            Lab(load_config(plus2)).down(purge=True)
-    return {"full": full, "cold": cold, "warm": warm}
+            Lab(load_config(configs[-1])).down(purge=True)
+    return {"full": full, "cold": [cold], "warm": warm}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--runs", type=int, default=3, help="full runs and cached-fact adds, alternating")
     args = parser.parse_args()
     from prefect.testing.utilities import prefect_test_harness
 
     results = {}
     with prefect_test_harness(server_startup_timeout=180):
         for hosts in args.sizes:
-            results[hosts] = measure(hosts)
+            results[hosts] = measure(hosts, args.runs)
     print(f"load average after the runs: {os.getloadavg()[0]:.1f} (2 cores, shared)")
+    median = {h: {k: statistics.median(v) for k, v in r.items()} for h, r in results.items()}
     for hosts, r in results.items():
+        m = median[hosts]
         print(
-            f"{hosts:>3} hosts: full kubespray phase {r['full']:6.1f}s | add, cold fact cache {r['cold']:6.1f}s | "
-            f"add, cached facts {r['warm']:6.1f}s = {100 * r['warm'] / r['full']:.1f}% of full (goal <= 10%)"
+            f"{hosts:>3} hosts: full kubespray phase {m['full']:6.1f}s {_runs(r['full'])} | add, cold fact cache "
+            f"{m['cold']:6.1f}s | add, cached facts {m['warm']:6.1f}s {_runs(r['warm'])} = "
+            f"{100 * m['warm'] / m['full']:.1f}% of full (medians; goal <= 10%)"
         )
     if len(results) > 1:
-        small, large = min(results), max(results)
+        small, large = min(median), max(median)
         print(
-            f"add on cached facts, {large} vs {small} hosts: {results[large]['warm'] / results[small]['warm']:.2f}x "
-            f"(goal: flat); full phase: {results[large]['full'] / results[small]['full']:.2f}x"
+            f"add on cached facts, {large} vs {small} hosts: {median[large]['warm'] / median[small]['warm']:.2f}x "
+            f"(goal: flat); full phase: {median[large]['full'] / median[small]['full']:.2f}x"
         )
+
+
+def _runs(times: list[float]) -> str:
+    return "(" + ", ".join(f"{t:.1f}" for t in times) + ")"
 
 
 if __name__ == "__main__":
