@@ -192,8 +192,8 @@ def test_apply_upgrades_the_control_plane_then_node_by_node_after_the_slurm_job(
     ).stdout.strip()  # fmt: skip
     wait("the job running", lambda: installed.slurm.job_state(job) == "RUNNING", 30)
 
-    cpu, control = names["cpu"], names["control"]
-    web = deploy(cfg, "web", on_nodes([cpu, control], preferred=cpu), max_unavailable=1)
+    cpu, control_node = names["cpu"], names["control"]
+    web = deploy(cfg, "web", on_nodes([cpu, control_node], preferred=cpu), max_unavailable=1)
     assert web.spec.node_name == cpu, web.spec.node_name
 
     running = start_apply(upgrade_config, prefect_home)
@@ -239,7 +239,7 @@ def test_apply_upgrades_the_control_plane_then_node_by_node_after_the_slurm_job(
     cpu_timeline = steps[f"kubernetes-node {cpu}"]["timeline"]
     assert cpu_timeline[f"{cpu} out of service"] <= cpu_timeline[f"{cpu} drained"] <= cpu_timeline["kubespray started"]
     moved = wait("web running again", lambda: running_pod(cfg, "web"), 60)
-    assert moved.metadata.uid != web.metadata.uid and moved.spec.node_name == control, moved.spec.node_name
+    assert moved.metadata.uid != web.metadata.uid and moved.spec.node_name == control_node, moved.spec.node_name
     remove_probe(cfg)
 
     server, kubelets = versions(cfg)
