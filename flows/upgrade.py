@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from prefect import flow, get_run_logger
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
@@ -37,7 +38,7 @@ from flows.common import (
 from flows.install import RUNBOOKS, InstallParams
 from flows.notify import notify_failure
 from flows.validate import ValidateParams, validate
-from gpuforge import desired, drain_room
+from gpuforge import desired, drain_room, metric_contract
 from gpuforge import upgrade_steps as steps
 from gpuforge.upgrade import plan_lines
 from tasks import helm, kube
@@ -177,12 +178,24 @@ def _step(step: steps.Step, params: ClusterParams, wanted) -> dict:
 
 
 def _gate(params: ClusterParams) -> str:
-    """The validation gate: "green (N checks)" or the validation's failures."""
-    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-        state = validate(ValidateParams(config=params.config), return_state=True)
-    if state.is_completed():
-        return f"green ({len(state.result()['checks'])} checks)"
-    return f"red: {state.result(raise_on_failure=False)}"
+    """The validation gate: "green (N checks)" or the validation's failures. DCGM series are read by the contract
+    of the exporter running now: until the GPU Operator step the cluster serves the old exporter's names and
+    labels, while the config already names the target's."""
+    state = desired_state(params)
+    kubeconfig = state.config.kubeconfig_path()
+    operator = next((r for r in state.releases if r.name == desired.GPU_OPERATOR_RELEASE), None)
+    live = operator and helm.release_records(kubeconfig).get((operator.namespace, operator.name))
+    running = metric_contract.of_live_release(live.chart_version if live else None, live.values if live else {},
+                                              state.metrics)  # fmt: skip
+    with (
+        handing_down(params, replace(state, metrics=running)),
+        temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}),
+    ):
+        outcome = validate(ValidateParams(config=params.config), return_state=True)
+    read_as = f"; DCGM read as dcgm-exporter {running.tag}, the one running" if running != state.metrics else ""
+    if outcome.is_completed():
+        return f"green ({len(outcome.result()['checks'])} checks{read_as})"
+    return f"red{read_as}: {outcome.result(raise_on_failure=False)}"
 
 
 def _by_name(records: dict) -> dict:

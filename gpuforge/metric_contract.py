@@ -202,6 +202,18 @@ def of_gpu_operator_release(chart_version: str, values: Mapping[str, Any]) -> Co
     return contract_for(str(tag)) if tag else for_gpu_operator(chart_version)
 
 
+def of_live_release(chart_version: str | None, values: Mapping[str, Any], desired: Contract) -> Contract:
+    """The contract of the exporter running now, from the live gpu-operator release's chart version and values
+    (None: not installed): what a check of the series served now reads while an upgrade moves the pin. `desired`
+    where nothing runs yet or the live exporter is one no table describes (its checks then name the renames)."""
+    if chart_version is None:
+        return desired
+    try:
+        return of_gpu_operator_release(chart_version, values)
+    except UnknownExporter:
+        return desired
+
+
 #: The contract of the exporter the pinned GPU Operator ships: what every reader uses unless told otherwise.
 PINNED: Contract = for_gpu_operator(next(pin[4] for pin in pins.CHARTS["gpu-operator"] if pin[0] == "gpu-operator"))
 

@@ -13,8 +13,9 @@ Endpoints
 ``GET /node/<node>/metrics``
     The node's dcgm-exporter page: ``# HELP``/``# TYPE`` and one series per GPU for every metric in
     :data:`METRICS`, with exactly dcgm-exporter's labels ``gpu``, ``UUID``, ``pci_bus_id``, ``device``
-    (``nvidiaN``), ``modelName``, ``hostname`` (= node name; dcgm-exporter 4.6.0-4.8.3, as GPU Operator v26.7.0
-    ships it, spells it lower-case), ``DCGM_FI_DRIVER_VERSION``, plus ``err_code``
+    (``nvidiaN``), ``modelName``, the node name as ``hostname`` -- or ``Hostname`` while the exporter version set
+    by the ``exporter`` action is older than 4.8.3 (:func:`node_label_of`) -- ``DCGM_FI_DRIVER_VERSION``, plus
+    ``err_code``
     and ``err_msg`` on ``DCGM_FI_DEV_XID_ERRORS``. A stopped node answers ``503`` (Prometheus: ``up == 0``,
     its series go stale); an unknown node ``404``.
 ``GET /nodes``, ``GET /faults``, ``GET /health``
@@ -24,7 +25,9 @@ Endpoints
     ``{"action": "set", "node": N, "gpu": I, "metric": "GPU_TEMP", "value": 95}`` (``metric`` with or
     without the ``DCGM_FI_DEV_`` prefix), ``{"action": "remove_gpu"|"restore_gpu", "node": N, "gpu": I}``,
     ``{"action": "stop_node"|"start_node", "node": N}``, ``{"action": "reset"}`` (all faults cleared, all
-    nodes started), ``{"action": "configure", "nodes": {name: [gpu_count, model]}}``.
+    nodes started), ``{"action": "configure", "nodes": {name: [gpu_count, model]}}``, ``{"action": "exporter",
+    "version": TAG}`` (the dcgm-exporter image tag the GPU Operator deploys, from its ClusterPolicy: the lab
+    reconciler sends it; it decides the node label's spelling and is kept by ``reset``).
 
 The CLI does the same: ``python -m lab.dcgm_sim set --url URL NODE GPU METRIC=VALUE ...``, ``remove-gpu
 --url URL NODE GPU``, ``restore-gpu``, ``stop-node --url URL NODE``, ``start-node``, ``reset --url URL``
@@ -149,6 +152,21 @@ def check_listen(listen: str) -> tuple[str, int]:
     return str(addr), int(port)
 
 
+# dcgm-exporter renamed its node label `Hostname` to `hostname` in its 4.8.3 release ("Rename the Hostname label
+# to hostname", #655; shipped as 4.6.0-4.8.3 with GPU Operator v26.7.0; v26.3.3 ships 4.5.3-4.8.2).
+LOWER_CASE_HOSTNAME_SINCE = (4, 8, 3)
+_EXPORTER_TAG = re.compile(r"^\d+\.\d+\.\d+-(\d+)\.(\d+)\.(\d+)")  # <DCGM>-<exporter>[-variant]
+
+
+def node_label_of(exporter_tag: str) -> str:
+    """The node label the dcgm-exporter of image tag `exporter_tag` writes; an unknown or empty tag gets the
+    current spelling."""
+    found = _EXPORTER_TAG.match(exporter_tag or "")
+    if found and tuple(int(part) for part in found.groups()) < LOWER_CASE_HOSTNAME_SINCE:
+        return "Hostname"
+    return "hostname"
+
+
 # ----- simulator state -------------------------------------------------------------------------------
 class Sim:
     """Nodes, faults and rendering; owned by the server process."""
@@ -160,6 +178,7 @@ class Sim:
         self.stopped: set[str] = set()
         self.removed: dict[str, set[int]] = {}
         self.values: dict[str, dict[int, dict[str, float]]] = {}
+        self.exporter = ""  # the dcgm-exporter image tag the operator deploys ("" until told)
         self._labels: dict[tuple[str, int], str] = {}
         self._templates: dict[str, tuple[str, list[tuple[str, float, float]], str]] = {}
         if state_file.exists():
@@ -167,6 +186,7 @@ class Sim:
 
     def _from_json(self, data: dict) -> None:
         self.nodes = {n: (int(v[0]), str(v[1])) for n, v in data.get("nodes", {}).items()}
+        self.exporter = str(data.get("exporter") or "")
         f = data.get("faults", {})
         self.stopped = set(f.get("stopped", []))
         self.removed = {n: set(g) for n, g in f.get("removed", {}).items()}
@@ -179,6 +199,7 @@ class Sim:
     def to_json(self) -> dict:
         return {
             "nodes": {n: [c, m] for n, (c, m) in self.nodes.items()},
+            "exporter": self.exporter,
             "faults": {
                 "stopped": sorted(self.stopped),
                 "removed": {n: sorted(g) for n, g in self.removed.items() if g},
@@ -231,6 +252,9 @@ class Sim:
                         del table[n]
             self.stopped &= set(self.nodes)
             self._labels.clear()
+        elif action == "exporter":
+            self.exporter = str(fault["version"])
+            self._labels.clear()
         else:
             raise ValueError(f"unknown action {action!r}")
 
@@ -241,7 +265,8 @@ class Sim:
             bus = gpu_pci_address(gpu).split(":", 1)[1].upper()
             s = (
                 f'gpu="{gpu}",UUID="{gpu_uuid(node, gpu)}",pci_bus_id="00000000:{bus}",device="nvidia{gpu}",'
-                f'modelName="{_esc(model)}",hostname="{_esc(node)}",DCGM_FI_DRIVER_VERSION="{DRIVER_VERSION}"'
+                f'modelName="{_esc(model)}",{node_label_of(self.exporter)}="{_esc(node)}",'
+                f'DCGM_FI_DRIVER_VERSION="{DRIVER_VERSION}"'
             )
             self._labels[key] = s
         return s
@@ -484,6 +509,9 @@ class DcgmSim:
 
     def reset(self) -> None:
         self._post({"action": "reset"})
+
+    def set_exporter(self, version: str) -> None:
+        self._post({"action": "exporter", "version": version})
 
     def scrape(self, node: str) -> str:
         with urllib.request.urlopen(f"{self.url}/node/{node}/metrics", timeout=10) as resp:

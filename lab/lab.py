@@ -277,6 +277,7 @@ class Lab:
                 str(inventory),
                 "--slurm-env",
                 str(slurm_env),
+                *(["--dcgm-url", self.dcgm.url] if self.dcgm.running() else []),
             ],
             env={"PYTHONPATH": str(REPO)},
         )

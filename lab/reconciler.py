@@ -7,21 +7,22 @@ FILE (written by the lab) says which simulated nodes have GPUs: {"gpu01": {"gpus
 (a top-level {"nodes": {...}} is accepted too). It is re-read when it changes. Nodes missing from it, or with
 `gpus: 0`, are CPU nodes.
 
-(a) GPU Operator. While ClusterPolicy `cluster-policy` (made by the real chart) exists and Deployment
-    `gpu-operator` (in the release's namespace) is available: the operand DaemonSets of every enabled operand
-    are created as the operator's state machine would (owned by the ClusterPolicy), with dcgm-exporter's Service
-    and, when `dcgmExporter.serviceMonitor.enabled` and the CRD exists, its ServiceMonitor
-    (`app=nvidia-dcgm-exporter` plus `serviceMonitor.additionalLabels`). Every GPU node gets NFD's
-    `feature.node.kubernetes.io/pci-10de.present=true`, then `nvidia.com/gpu.present=true` and the
-    `nvidia.com/gpu.deploy.<operand>=true` labels, so the operand DaemonSets schedule there.
-    Once every enabled operand DaemonSet is ready (numberReady ==
-    desiredNumberScheduled > 0), each GPU node gets capacity/allocatable `nvidia.com/gpu` = its inventory count
-    (status subresource) and GFD's labels (`nvidia.com/gpu.product`, `gpu.count`, `gpu.memory`, `gpu.family`,
-    `cuda.driver-version.*`, ...), and the ClusterPolicy's status becomes `ready` (condition Ready=True, reason
-    Reconciled, or NoGPUNodes without GPU nodes, as upstream); `notReady` (Ready=False, Error=True,
-    OperandNotReady) while an operand is not. With the operator Deployment unavailable nothing changes, as
-    with a dead operator. When the ClusterPolicy goes (release removed), the labels and capacity set here are
-    undone; what each node got is kept in its annotation `lab.gpuforge.io/gpu-operator`.
+(a) GPU Operator. While ClusterPolicy `cluster-policy` (made by the real chart) exists and Deployment `gpu-operator`
+    (in the release's namespace) is available: the operand DaemonSets of every enabled operand are created as the
+    operator's state machine would (owned by the ClusterPolicy), with dcgm-exporter's Service and, when
+    `dcgmExporter.serviceMonitor.enabled` and the CRD exists, its ServiceMonitor (`app=nvidia-dcgm-exporter` plus
+    `serviceMonitor.additionalLabels`). Every GPU node gets NFD's `feature.node.kubernetes.io/pci-10de.present=true`,
+    then `nvidia.com/gpu.present=true` and the `nvidia.com/gpu.deploy.<operand>=true` labels, so the operand DaemonSets
+    schedule there. The DCGM simulator (--dcgm-url) is told the dcgm-exporter image tag the ClusterPolicy deploys
+    (`dcgmExporter.version`), as the exporter pods the operator rolls out would serve that version's labels. Once every
+    enabled operand DaemonSet is ready (numberReady == desiredNumberScheduled > 0), each GPU node gets
+    capacity/allocatable `nvidia.com/gpu` = its inventory count (status subresource) and GFD's labels
+    (`nvidia.com/gpu.product`, `gpu.count`, `gpu.memory`, `gpu.family`, `cuda.driver-version.*`, ...), and the
+    ClusterPolicy's status becomes `ready` (condition Ready=True, reason Reconciled, or NoGPUNodes without GPU nodes, as
+    upstream); `notReady` (Ready=False, Error=True, OperandNotReady) while an operand is not. With the operator
+    Deployment unavailable nothing changes, as with a dead operator. When the ClusterPolicy goes (release removed), the
+    labels and capacity set here are undone; what each node got is kept in its annotation
+    `lab.gpuforge.io/gpu-operator`.
 (b) Pod logs. Every pod bound to a node gets a kwok `Logs` object (same name/namespace, owner = the pod,
     label app.kubernetes.io/managed-by=lab-reconciler) whose logsFile (CRI format, under --logs-dir) depends on
     each container's image: `cuda-sample:vectoradd*` prints the real vectorAdd output ending in `Test PASSED` and
@@ -64,6 +65,8 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+from lab.dcgm_sim import post_faults
 
 log = logging.getLogger("lab.reconciler")
 
@@ -541,8 +544,11 @@ class Reconciler:
         *,
         resync: float = 30.0,
         slurm_poll: float = 2.0,
+        dcgm_url: str | None = None,
     ) -> None:
         self.kube = kube
+        self.dcgm_url = dcgm_url
+        self._exporter_told: str | None = None  # the exporter tag the DCGM simulator was last told
         self.inventory_path = inventory
         self.logs_dir = logs_dir
         self.slurm_env = slurm_env
@@ -850,6 +856,7 @@ class Reconciler:
         exporter = spec.get("dcgmExporter") or {}
         if not enabled("dcgmExporter"):
             return
+        self._tell_dcgm_sim(str(exporter.get("version") or ""))
         metrics_labels = {"app": DCGM_EXPORTER}
         service = {
             "apiVersion": "v1",
@@ -959,6 +966,19 @@ class Reconciler:
         if self._once("node-meta", node, patch):
             self.kube.merge_patch(f"/api/v1/nodes/{name}", patch)
             log.info("node %s: GPU operator gone, removed %d labels", name, len(remove))
+
+    def _tell_dcgm_sim(self, version: str) -> None:
+        """The DCGM simulator serves what the exporter at `version` would (its node label spelling); told again on
+        the next pass when it cannot be reached."""
+        if not self.dcgm_url or version == self._exporter_told:
+            return
+        try:
+            post_faults(self.dcgm_url, {"action": "exporter", "version": version})
+        except OSError as exc:
+            log.warning("DCGM simulator at %s not told exporter %s: %s", self.dcgm_url, version, exc)
+            return
+        self._exporter_told = version
+        log.info("DCGM simulator: dcgm-exporter %s", version or "(the chart's default)")
 
     def _set_policy_status(self, policy: dict, namespace: str, not_ready: list[str], has_gpu_nodes: bool) -> None:
         if not_ready:
@@ -1454,6 +1474,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--logs-dir", type=Path, help="where pod log files go (default: <inventory dir>/pod-logs)")
     p.add_argument("--resync", type=float, default=30.0, help="seconds between full passes without events")
     p.add_argument("--slurm-poll", type=float, default=2.0, help="seconds between sinfo calls")
+    p.add_argument("--dcgm-url", help="the DCGM simulator, told the exporter version the ClusterPolicy deploys")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     logging.basicConfig(
@@ -1465,7 +1486,7 @@ def main(argv: list[str] | None = None) -> int:
     slurm_env = load_env_file(a.slurm_env) if a.slurm_env else None
     logs_dir = (a.logs_dir or a.inventory.resolve().parent / "pod-logs").resolve()
     rec = Reconciler(Kube(a.kubeconfig), a.inventory.resolve(), logs_dir, slurm_env,
-                     resync=a.resync, slurm_poll=a.slurm_poll)  # fmt: skip
+                     resync=a.resync, slurm_poll=a.slurm_poll, dcgm_url=a.dcgm_url)  # fmt: skip
 
     def on_signal(signum, _frame) -> None:
         log.info("signal %d: stopping", signum)

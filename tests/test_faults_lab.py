@@ -13,7 +13,9 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -246,13 +248,39 @@ def upgrade_gpu_operator_behind_gpuforges_back(config):
     return kubeconfig, release
 
 
-def gpu_operator_phase_during(fault, config: Path):
-    """The install's gpu-operator phase for `config`, run while `fault(phase_ended)` runs in a thread beside it
-    (`phase_ended` is set once the phase has returned); returns (state, started, ended), monotonic seconds."""
+@dataclass
+class EtcdOutage:
+    """An install phase run with etcd stopped part-way: its final state, and seconds from the phase's start."""
+
+    state: Any
+    took: float
+    down: float
+    up: float
+
+    def times(self) -> str:
+        return f"took {self.took:.1f}s; etcd down at {self.down:.1f}s, back at {self.up:.1f}s"
+
+
+def gpu_operator_phase_with_etcd_down(lab, config: Path, *, until_phase_ends: bool) -> EtcdOutage:
+    """The install's gpu-operator phase for `config`; two seconds into it etcd stops, for 5 s or (until_phase_ends)
+    until the phase has returned. Fails the test when the outage did not overlap the phase."""
     from flows.install import InstallParams, install
 
     phase_ended = threading.Event()
-    helper = threading.Thread(target=fault, args=(phase_ended,))
+    window: dict[str, float] = {}
+
+    def outage() -> None:
+        time.sleep(2)
+        window["down"] = time.monotonic()
+        if until_phase_ends:
+            lab.cp._stop("etcd")
+            phase_ended.wait(900)
+            lab.cp.restart("etcd")
+        else:
+            lab.cp.restart("etcd", downtime=5)
+        window["up"] = time.monotonic()
+
+    helper = threading.Thread(target=outage)
     started = time.monotonic()
     helper.start()
     try:
@@ -261,7 +289,8 @@ def gpu_operator_phase_during(fault, config: Path):
         ended = time.monotonic()
         phase_ended.set()
         helper.join()
-    return state, started, ended
+    assert window["down"] < ended, "etcd went down after the phase had ended: no overlap"
+    return EtcdOutage(state, ended - started, window["down"] - started, window["up"] - started)
 
 
 def test_etcd_restarted_during_an_install_phase(installed, lab_config):
@@ -275,23 +304,10 @@ def test_etcd_restarted_during_an_install_phase(installed, lab_config):
     config = load_config(lab_config)
     kubeconfig, release = upgrade_gpu_operator_behind_gpuforges_back(config)
 
-    window: dict[str, float] = {}
-
-    def restart_etcd(_phase_ended: threading.Event) -> None:
-        time.sleep(2)
-        window["down"] = time.monotonic()
-        installed.cp.restart("etcd", downtime=5)
-        window["up"] = time.monotonic()
-
-    state, started, ended = gpu_operator_phase_during(restart_etcd, lab_config)
-    took = ended - started
-    assert window.get("down", ended) < ended, "etcd went down after the phase had ended: no overlap"
+    outage = gpu_operator_phase_with_etcd_down(installed, lab_config, until_phase_ends=False)
+    state = outage.state
     rows = table("install-summary")
-    seen(
-        "etcd-restart",
-        f"{state.type}: {state.message}\n\nsummary: {rows}\ntook {took:.1f}s; etcd down at"
-        f" {window['down'] - started:.1f}s, back at {window.get('up', 0) - started:.1f}s\n",
-    )
+    seen("etcd-restart", f"{state.type}: {state.message}\n\nsummary: {rows}\n{outage.times()}\n")
     if state.is_failed():
         assert rows[0]["result"] == "failed" and rows[0]["detail"], rows
 
@@ -410,26 +426,15 @@ def test_etcd_down_past_the_wait_during_an_install_phase(installed, lab_config, 
     config = load_config(short)
     kubeconfig, release = upgrade_gpu_operator_behind_gpuforges_back(config)
 
-    window: dict[str, float] = {}
-
-    def etcd_down_until_the_phase_ends(phase_ended: threading.Event) -> None:
-        time.sleep(2)
-        window["down"] = time.monotonic()
-        installed.cp._stop("etcd")
-        phase_ended.wait(900)
-        installed.cp.restart("etcd")
-        window["up"] = time.monotonic()
-
-    state, started, ended = gpu_operator_phase_during(etcd_down_until_the_phase_ends, short)
+    outage = gpu_operator_phase_with_etcd_down(installed, short, until_phase_ends=True)
+    state = outage.state
     rows = table("install-summary")
     record = release_records(kubeconfig)[("gpu-operator", "gpu-operator")]
     seen(
         "etcd-down",
-        f"{state.type}: {state.message}\n\nsummary: {rows}\ntook {ended - started:.1f}s; etcd down at"
-        f" {window['down'] - started:.1f}s, back at {window['up'] - started:.1f}s\n"
+        f"{state.type}: {state.message}\n\nsummary: {rows}\n{outage.times()}\n"
         f"helm release after: revision {record.revision} {record.status}\n",
     )
-    assert window["down"] < ended, "etcd went down after the phase had ended: no overlap"
     assert state.is_failed() and rows[0]["result"] == "failed", rows
     # Seen: "helm release gpu-operator/gpu-operator (gpu-operator v26.7.0): Error: UPGRADE FAILED: query: failed to
     # query with labels: Get "https://198.51.100.240:6443/api/v1/namespaces/gpu-operator/secrets?...": stream

@@ -255,3 +255,15 @@ def test_validation_names_the_rename_instead_of_reporting_no_data():
     partial = {r: n for r, n in names_4_8.items() if r != "remap_failure"}
     (absent,) = validation.dcgm_coverage(coverage_series(partial, "hostname"), {"gpu-1": 2}, 101, 30, mc.PINNED)
     assert absent.detail == "missing: gpu 0 DCGM_FI_DEV_ROW_REMAP_FAILURE, gpu 1 DCGM_FI_DEV_ROW_REMAP_FAILURE"
+
+
+def test_checks_mid_upgrade_read_the_contract_of_the_exporter_running_now():
+    previous = mc.of_live_release("v26.3.3", {}, mc.PINNED)
+    assert previous.exporter == "4.8.2" and previous.labels["node"] == "Hostname"
+    assert mc.of_live_release("v26.7.0", {}, mc.PINNED) is mc.PINNED
+    assert (
+        mc.of_live_release("v26.3.3", {"dcgmExporter": {"version": "4.5.3-4.8.3-distroless"}}, mc.PINNED).exporter
+        == "4.8.3"
+    )
+    assert mc.of_live_release(None, {}, mc.PINNED) is mc.PINNED, "no GPU Operator installed yet"
+    assert mc.of_live_release("v1.0.0", {}, mc.PINNED) is mc.PINNED, "an exporter no table describes"

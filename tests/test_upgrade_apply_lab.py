@@ -97,6 +97,15 @@ def history(cfg, name: str) -> list[dict]:
     return release_history(cfg.kubeconfig_path(), name, namespace)
 
 
+def wait_node_label(lab, node: str, label: str, timeout: float = 30) -> None:
+    """Until the DCGM simulator serves `node`'s series under `label` (the lab reconciler tells it the exporter
+    version the ClusterPolicy deploys)."""
+    deadline = time.monotonic() + timeout
+    while f'{label}="{node}"' not in lab.dcgm.scrape(node):
+        assert time.monotonic() < deadline, f"the DCGM simulator does not serve {label} for {node}"
+        time.sleep(0.5)
+
+
 def records(cfg) -> dict:
     from tasks.helm import release_records
 
@@ -107,6 +116,9 @@ def test_apply_brings_the_previous_pins_to_the_current_ones_gate_after_gate(
     installed, lab_config, cfg, tmp_path, prefect_home
 ):
     to_previous_pins(cfg, tmp_path)
+    gpu = cfg.gpu_nodes[0].name
+    # v26.3.3's dcgm-exporter (4.5.3-4.8.2) writes the node label `Hostname`; the config's pin (v26.7.0) `hostname`.
+    wait_node_label(installed, gpu, "Hostname")
     code, report = run_plan(lab_config)
     assert code == 2, report
     before = revisions(cfg)
@@ -117,6 +129,12 @@ def test_apply_brings_the_previous_pins_to_the_current_ones_gate_after_gate(
     print("\n".join(f"{r['step']}: {r['seconds']} s, {r['revisions']}, gate {r['gate']}" for r in report["steps"]))
     assert [r["step"] for r in report["steps"]] == ["pre-check", "crds", "gpu-operator", "slurm"]
     assert all(r["result"] == "done" and r["gate"].startswith("green") for r in report["steps"]), report["steps"]
+    # Until the GPU Operator step the gates read the running exporter's labels, then the pinned one's.
+    gates = {r["step"]: r["gate"] for r in report["steps"]}
+    running_old = "DCGM read as dcgm-exporter 4.5.3-4.8.2, the one running"
+    assert running_old in gates["pre-check"] and running_old in gates["crds"], gates
+    assert "DCGM read as" not in gates["gpu-operator"] + gates["slurm"], gates
+    assert "hostname=" in installed.dcgm.scrape(gpu) and "Hostname=" not in installed.dcgm.scrape(gpu)
     assert "clusterpolicies.nvidia.com (gpu-operator)" in report["steps"][1]["detail"]
     after = revisions(cfg)
     moved = {name for name in after if after[name] != before[name]}

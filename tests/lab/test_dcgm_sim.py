@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from lab import procs
-from lab.dcgm_sim import METRICS, DcgmSim, check_listen, gpu_uuid
+from lab.dcgm_sim import METRICS, DcgmSim, check_listen, gpu_uuid, node_label_of
 
 NODES = {"tdc-a": (8, "NVIDIA H100 80GB HBM3"), "tdc-b": (2, "NVIDIA A100-SXM4-80GB")}
 LABELS = {"gpu", "UUID", "pci_bus_id", "device", "modelName", "hostname", "DCGM_FI_DRIVER_VERSION"}
@@ -198,3 +198,32 @@ def test_scales_to_1024_nodes_of_8_gpus(tmp_path):
         assert 'gpu="7"' in [ln for ln in big.scrape("bench-1023").splitlines() if ln.endswith(" 99")][0]
     finally:
         big.down()
+
+
+@pytest.mark.parametrize(
+    ("tag", "label"),
+    [("4.5.3-4.8.2-distroless", "Hostname"), ("4.6.0-4.8.3-distroless", "hostname"), ("4.2.3-4.1.3-ubuntu22.04", "Hostname"),
+     ("4.6.0-4.9.0", "hostname"), ("", "hostname"), ("latest", "hostname")],
+)  # fmt: skip
+def test_the_node_label_follows_the_exporter_version(tag, label):
+    assert node_label_of(tag) == label
+
+
+def test_the_exporter_the_operator_deploys_decides_the_node_label_and_outlives_reset_and_restart(sim):
+    def node_labels() -> set[str]:
+        return {k for labels, _ in samples(sim, "tdc-b", "GPU_TEMP").values() for k in labels} & {
+            "hostname",
+            "Hostname",
+        }
+
+    try:
+        assert node_labels() == {"hostname"}
+        sim.set_exporter("4.5.3-4.8.2-distroless")  # GPU Operator v26.3.3's
+        assert node_labels() == {"Hostname"}
+        sim.reset()
+        sim.restart()
+        assert node_labels() == {"Hostname"}, "an exporter version is not a fault"
+        sim.set_exporter("4.6.0-4.8.3-distroless")  # v26.7.0's
+        assert node_labels() == {"hostname"}
+    finally:
+        sim.set_exporter("")

@@ -242,6 +242,28 @@ def test_operator_creates_the_operands_of_the_cluster_policy(tmp_path):
     assert not [c for c in rec.kube.calls if "/daemonsets" in c[1] or "/services" in c[1]]
 
 
+def test_the_dcgm_simulator_serves_the_labels_of_the_exporter_the_cluster_policy_deploys(tmp_path):
+    """As the exporter pods the operator rolls out would: GPU Operator v26.3.3's dcgm-exporter (4.5.3-4.8.2)
+    writes `Hostname`, v26.7.0's (4.6.0-4.8.3) `hostname`."""
+    from lab.dcgm_sim import DcgmSim
+
+    sim = DcgmSim(tmp_path / "dcgm")
+    url = sim.up({"g1": (1, "NVIDIA H100 80GB HBM3")})
+    try:
+        policy = _obj("cluster-policy", spec={"dcgmExporter": {"enabled": True, "version": "4.5.3-4.8.2-distroless"}})
+        rec = _fake_reconciler(tmp_path, {"g1": {"gpus": 1, "model": "H100"}},
+                               {"nodes": [_obj("g1", status={})], "policies": [policy],
+                                "deployments": [_operator(1)]})  # fmt: skip
+        rec.dcgm_url = url
+        rec.reconcile_gpu()
+        assert 'Hostname="g1"' in sim.scrape("g1") and 'hostname="g1"' not in sim.scrape("g1")
+        policy["spec"]["dcgmExporter"]["version"] = "4.6.0-4.8.3-distroless"
+        rec.reconcile_gpu()
+        assert 'hostname="g1"' in sim.scrape("g1") and 'Hostname="g1"' not in sim.scrape("g1")
+    finally:
+        sim.down()
+
+
 def test_slinky_controller_gets_its_statefulset_and_state_claim(tmp_path):
     controller = _obj(
         "slurm", "slurm",
