@@ -7,6 +7,8 @@ CUDA smoke on every GPU node (+ an oversized pod must stay Pending), DCGM metric
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from prefect import flow, get_run_logger
 
 from flows.common import ClusterParams, desired_state, publish_markdown, publish_table, run_name
@@ -23,14 +25,17 @@ class ValidateParams(ClusterParams):
 @flow(name="validate", flow_run_name=run_name("validate"), on_failure=[notify_failure])
 def validate(params: ValidateParams) -> dict:
     logger = get_run_logger()
-    config = desired_state(params).config
+    given = desired_state(params)
+    config = given.config
     kubeconfig = config.kubeconfig_path()
     try:
         nodes = kube.list_nodes(kubeconfig)
     except Exception as exc:  # noqa: BLE001 - no API: nothing below can be checked
         results = [CheckResult("cluster", "api-server", ERROR, f"Kubernetes API unreachable: {exc}")]
         return _finish(config, results)
-    state = desired.build(config, desired.learned_gpu_counts(config, nodes))
+    # With the GPU counts learned at install; the metric contract as given (an upgrade's gate hands down the one of
+    # the exporter running now).
+    state = replace(desired.build(config, desired.learned_gpu_counts(config, nodes)), metrics=given.metrics)
     expected = {n.name: n.expected_gpus or 1 for n in state.gpu_nodes}
     slurm_expected = {n.name: expected[n.name] for n in state.slurm_nodes}
 
