@@ -72,24 +72,35 @@ def gpu_node_rows(
     return rows, missing
 
 
-def selector_matches(selector: dict | None, labels: dict[str, str]) -> bool:
-    """A Kubernetes LabelSelector (matchLabels + matchExpressions) against labels; None selects nothing."""
+def selector_matches(selector: Mapping[str, Any] | None, labels: Mapping[str, str]) -> bool:
+    """A Kubernetes LabelSelector (matchLabels + matchExpressions) against labels; None selects nothing, `{}`
+    everything."""
     if selector is None:
         return False
-    for key, value in (selector.get("matchLabels") or {}).items():
-        if labels.get(key) != value:
+    return all(labels.get(key) == value for key, value in (selector.get("matchLabels") or {}).items()) and all(
+        requirement_matches(expr, labels) for expr in selector.get("matchExpressions") or []
+    )
+
+
+def requirement_matches(expression: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
+    """One requirement of a label selector (In, NotIn, Exists, DoesNotExist) or of a node selector term (those and
+    Gt, Lt: integer comparisons) against labels."""
+    key, operator, values = expression["key"], expression["operator"], expression.get("values") or []
+    if operator == "In":
+        return labels.get(key) in values
+    if operator == "NotIn":
+        return labels.get(key) not in values
+    if operator == "Exists":
+        return key in labels
+    if operator == "DoesNotExist":
+        return key not in labels
+    if operator in ("Gt", "Lt") and key in labels and values:
+        try:
+            have, bound = int(labels[key]), int(values[0])
+        except ValueError:
             return False
-    for expr in selector.get("matchExpressions") or []:
-        key, op, values = expr["key"], expr["operator"], expr.get("values") or []
-        if op == "In" and labels.get(key) not in values:
-            return False
-        if op == "NotIn" and labels.get(key) in values:
-            return False
-        if op == "Exists" and key not in labels:
-            return False
-        if op == "DoesNotExist" and key in labels:
-            return False
-    return True
+        return have > bound if operator == "Gt" else have < bound
+    return False
 
 
 def prometheus_selects(

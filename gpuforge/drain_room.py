@@ -22,6 +22,9 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+from gpuforge.checks import requirement_matches, selector_matches
 
 # Pods that stay on a drained node: one per node by design, recreated there by their controller.
 STAYING_OWNERS = frozenset({"DaemonSet", "NodeSet"})
@@ -70,38 +73,11 @@ class Budget:
 
     namespace: str
     name: str
-    selector: Mapping  # matchLabels / matchExpressions
+    selector: Mapping[str, Any] | None  # policy/v1: null selects no pod, `{}` every pod of the namespace
     disruptions_allowed: int
 
     def covers(self, pod: Pod) -> bool:
-        if pod.namespace != self.namespace:
-            return False
-        labels = self.selector.get("matchLabels") or {}
-        if not labels and not self.selector.get("matchExpressions"):
-            return False  # policy/v1: an empty selector selects no pod
-        return all(pod.labels.get(k) == v for k, v in labels.items()) and all(
-            expression_matches(e, pod.labels) for e in self.selector.get("matchExpressions") or []
-        )
-
-
-def expression_matches(expression: Mapping, labels: Mapping[str, str]) -> bool:
-    """A label-selector or node-selector requirement (In, NotIn, Exists, DoesNotExist, Gt, Lt) against labels."""
-    key, operator, values = expression["key"], expression["operator"], expression.get("values") or []
-    if operator == "In":
-        return labels.get(key) in values
-    if operator == "NotIn":
-        return labels.get(key) not in values
-    if operator == "Exists":
-        return key in labels
-    if operator == "DoesNotExist":
-        return key not in labels
-    if operator in ("Gt", "Lt") and key in labels and values:
-        try:
-            have, bound = int(labels[key]), int(values[0])
-        except ValueError:
-            return False
-        return have > bound if operator == "Gt" else have < bound
-    return False
+        return pod.namespace == self.namespace and selector_matches(self.selector, pod.labels)
 
 
 def tolerates(tolerations: Sequence[Mapping[str, str]], taint: Mapping[str, str]) -> bool:
@@ -123,7 +99,7 @@ def can_run_on(pod: Pod, node: Node) -> bool:
     if any(node.labels.get(k) != v for k, v in pod.node_selector.items()):
         return False
     if pod.node_affinity and not any(
-        all(expression_matches(e, node.labels) for e in term) for term in pod.node_affinity
+        all(requirement_matches(e, node.labels) for e in term) for term in pod.node_affinity
     ):
         return False
     return all(tolerates(pod.tolerations, t) for t in node.taints if t.get("effect") in _BLOCKING_EFFECTS)

@@ -670,7 +670,7 @@ def read_drain_room(kubeconfig: Path) -> tuple[list[drain_room.Node], list[drain
     for item in raw_budgets:
         meta, spec, status = item["metadata"], item.get("spec") or {}, item.get("status") or {}
         allowed = int(status.get("disruptionsAllowed") or 0)
-        budgets.append(drain_room.Budget(meta["namespace"], meta["name"], spec.get("selector") or {}, allowed))
+        budgets.append(drain_room.Budget(meta["namespace"], meta["name"], spec.get("selector"), allowed))
     return nodes, [_drain_pod(p) for p in raw_pods], budgets
 
 

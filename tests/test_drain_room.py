@@ -3,7 +3,8 @@ refuses every eviction. Plain functions, no cluster."""
 
 from __future__ import annotations
 
-from gpuforge.drain_room import Budget, Node, Pod, can_run_on, drain_problems, expression_matches, free_room
+from gpuforge.checks import requirement_matches
+from gpuforge.drain_room import Budget, Node, Pod, can_run_on, drain_problems, free_room
 from tasks.kube import _drain_pod
 
 GPU = "nvidia.com/gpu"
@@ -48,7 +49,9 @@ def test_budget_selectors_follow_label_selector_rules():
     )
     assert not Budget("apps", "b", {"matchLabels": {"app": "db"}, "matchExpressions": [
         {"key": "tier", "operator": "NotIn", "values": ["data"]}]}, 0).covers(db)  # fmt: skip
-    assert not Budget("apps", "b", {}, 0).covers(db), "policy/v1: an empty selector selects no pod"
+    assert not Budget("apps", "b", None, 0).covers(db), "policy/v1: a null selector selects no pod"
+    assert Budget("apps", "b", {}, 0).covers(db), "policy/v1: an empty selector selects every pod of its namespace"
+    assert not Budget("other", "b", {}, 0).covers(db)
 
 
 def test_a_gpu_pod_needs_free_gpus_on_another_gpu_node():
@@ -129,11 +132,11 @@ def test_a_node_with_no_pod_slot_left_takes_no_pod():
 
 def test_numeric_and_existence_operators():
     labels = {"gpus": "8", "pool": "a"}
-    assert expression_matches({"key": "gpus", "operator": "Gt", "values": ["4"]}, labels)
-    assert not expression_matches({"key": "gpus", "operator": "Lt", "values": ["4"]}, labels)
-    assert not expression_matches({"key": "pool", "operator": "Gt", "values": ["4"]}, labels)
-    assert expression_matches({"key": "pool", "operator": "Exists"}, labels)
-    assert expression_matches({"key": "spot", "operator": "DoesNotExist"}, labels)
+    assert requirement_matches({"key": "gpus", "operator": "Gt", "values": ["4"]}, labels)
+    assert not requirement_matches({"key": "gpus", "operator": "Lt", "values": ["4"]}, labels)
+    assert not requirement_matches({"key": "pool", "operator": "Gt", "values": ["4"]}, labels)
+    assert requirement_matches({"key": "pool", "operator": "Exists"}, labels)
+    assert requirement_matches({"key": "spot", "operator": "DoesNotExist"}, labels)
 
 
 def test_a_pod_as_the_api_server_sends_it_is_read_with_its_requests_and_constraints():
