@@ -125,9 +125,14 @@ def drain_problems(
 ) -> list[str]:
     """What would stop each node of `draining` from being drained now, one line per blocked pod or budget."""
     room = free_room(nodes, pods)
+    by_node: dict[str, list[Pod]] = {}
+    for pod in pods:
+        if pod.moves():
+            by_node.setdefault(pod.node, []).append(pod)
+    places = [n for n in nodes if n.ready and n.schedulable]
     out: list[str] = []
     for name in dict.fromkeys(draining):
-        moving = sorted((p for p in pods if p.node == name and p.moves()), key=_size, reverse=True)
+        moving = sorted(by_node.get(name, ()), key=_size, reverse=True)
         for budget in budgets:
             held = [p.ref for p in moving if budget.covers(p)]
             if held and budget.disruptions_allowed < 1:
@@ -136,16 +141,18 @@ def drain_problems(
                     f"now and covers {', '.join(held)}: its eviction would be refused until the budget allows one "
                     "(scale the workload up or relax the budget first)"
                 )
-        targets = [n for n in nodes if n.name != name and n.ready and n.schedulable]
-        left = {n.name: dict(room[n.name]) for n in targets}
+        taken: dict[str, dict[str, float]] = {}  # room left where this node's pods were placed (copied on use)
         for pod in moving:
-            place = next((n for n in targets if can_run_on(pod, n) and _fits(_needs(pod), left[n.name])), None)
+            need = _needs(pod)
+            candidates = (n.name for n in places if n.name != name and can_run_on(pod, n))
+            place = next((n for n in candidates if _fits(need, taken.get(n, room[n]))), None)
             if place is None:
                 out.append(f"draining {name}: pod {pod.ref} ({_describe(pod)}) fits on no other Ready, "
                            "schedulable node: it would stay Pending")  # fmt: skip
                 continue
-            for resource, amount in _needs(pod).items():
-                left[place.name][resource] = left[place.name].get(resource, 0.0) - amount
+            free = taken.setdefault(place, dict(room[place]))
+            for resource, amount in need.items():
+                free[resource] = free.get(resource, 0.0) - amount
     return out
 
 
