@@ -810,6 +810,7 @@ def readings_from_query_results(
     spelled = {n.casefold(): n for n in expected}
     gpus: dict[tuple[str, int], _Gpu] = {}
     by_uuid: dict[str, _Gpu] = {}
+    folded: dict[str, str] = {}  # node name -> casefold(): 8,192 GPUs' series name 1,024 nodes
     pending: list[tuple[str, Mapping[str, str], _Roles, float | None]] = []
 
     def gpu_for(labels: Mapping[str, str], roles: _Roles, create: bool) -> _Gpu | None:
@@ -817,19 +818,23 @@ def readings_from_query_results(
         if node is None:
             return None
         idx = _pick(labels, roles.gpu)
-        uuid = _pick(labels, roles.uuid)
         if idx is None or not idx.isdigit():
+            uuid = _pick(labels, roles.uuid)
             return by_uuid.get(uuid.casefold()) if uuid else None
-        key = (node.casefold(), int(idx))
+        node_key = folded.get(node)
+        if node_key is None:
+            node_key = folded[node] = node.casefold()
+        key = (node_key, int(idx))
         g = gpus.get(key)
         if g is None:
             if not create:
                 return None
-            g = gpus[key] = _Gpu(spelled.get(key[0], node), key[1])
-        if uuid and not g.uuid:
+            g = gpus[key] = _Gpu(spelled.get(node_key, node), key[1])
+        # The identity labels come with one or two answers only; most series carry none (roles.uuid is empty).
+        if roles.uuid and not g.uuid and (uuid := _pick(labels, roles.uuid)):
             g.uuid = uuid
             by_uuid[uuid.casefold()] = g
-        if not g.model:
+        if roles.model and not g.model:
             g.model = _pick(labels, roles.model)
         return g
 
