@@ -167,20 +167,33 @@ def measure(tmp: Path, node_count: int, gpus: int, runs: int, scrape: str, idle_
 
         walls, client_cpu, prom_cpu, floor_walls, floor_cpu, serial_walls, serial_cpu = [], [], [], [], [], [], []
         verdicts, sent = [], 0
-        for _ in range(runs):  # alternating: gpuforge's evaluation, the floor, the evaluation one query at a time
+
+        def evaluation() -> None:
+            nonlocal verdicts, sent
             prom0, cpu0, start = prometheus_cpu_s(prom.url), time.process_time(), time.monotonic()
             verdicts, sent, _ = gpuforge_evaluation(pc, expected, table, queries)
             walls.append(time.monotonic() - start)
             client_cpu.append(time.process_time() - cpu0)
             prom_cpu.append(prometheus_cpu_s(prom.url) - prom0 - scraping_rate * walls[-1])
+
+        def floor() -> None:
             prom0, start = prometheus_cpu_s(prom.url), time.monotonic()
             prom_tasks.query(pc, floor_query(queries))
             floor_walls.append(time.monotonic() - start)
             floor_cpu.append(prometheus_cpu_s(prom.url) - prom0 - scraping_rate * floor_walls[-1])
+
+        def one_at_a_time() -> None:
             prom0, start = prometheus_cpu_s(prom.url), time.monotonic()
             gpuforge_evaluation(pc, expected, table, queries, concurrency=1)
             serial_walls.append(time.monotonic() - start)
             serial_cpu.append(prometheus_cpu_s(prom.url) - prom0 - scraping_rate * serial_walls[-1])
+
+        # Alternating, and the order turned each run: Prometheus's Go GC collects the garbage of one query during
+        # the next ones, so a fixed order would hand the evaluation's GC debt to the floor every time.
+        parts = [evaluation, floor, one_at_a_time]
+        for run in range(runs):
+            for part in parts[run % 3 :] + parts[: run % 3]:
+                part()
 
         if profile:
             where_the_time_goes(pc, prom.url, expected, table, queries, scraping_rate, runs)
@@ -216,7 +229,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="256,1024", help="node counts")
     ap.add_argument("--gpus", type=int, default=8)
-    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--runs", type=int, default=6, help="a multiple of 3: each of the three orders equally often")
     ap.add_argument("--scrape", default="15s", help="Prometheus scrape interval (dcgm-exporter's default 15s)")
     ap.add_argument("--idle", type=float, default=15, help="seconds to measure Prometheus's scraping CPU over")
     ap.add_argument("--profile", action="store_true", help="also print where the time goes, per query and step")
