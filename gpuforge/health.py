@@ -810,7 +810,7 @@ def readings_from_query_results(
     spelled = {n.casefold(): n for n in expected}
     gpus: dict[tuple[str, int], _Gpu] = {}
     by_uuid: dict[str, _Gpu] = {}
-    folded: dict[str, str] = {}  # node name -> casefold(): 8,192 GPUs' series name 1,024 nodes
+    folded: dict[str, str] = {}  # node name -> casefold(), once per node: every series of its GPUs names it
     pending: list[tuple[str, Mapping[str, str], _Roles, float | None]] = []
 
     def gpu_for(labels: Mapping[str, str], roles: _Roles, create: bool) -> _Gpu | None:
