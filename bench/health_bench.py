@@ -5,8 +5,9 @@ simulator, scraped by a real Prometheus on a free 127.0.0.1 port, at two sizes (
 
 At each size, side by side in one run, it prints:
 
-- gpuforge's whole evaluation (the fleet queries, decoding, judging, and the report rows the gpu-health flow
-  builds: counts, per-GPU records, the table) in Prometheus CPU (its own `process_cpu_seconds_total`, less
+- gpuforge's whole evaluation (the fleet's summary queries, the per-GPU questions about the nodes the summary
+  cannot clear, decoding, judging, and the report the gpu-health flow builds: counts, the GPUs judged one by one,
+  the healthy GPUs counted per node, the table) in Prometheus CPU (its own `process_cpu_seconds_total`, less
   its scraping rate measured while idle), against Prometheus's floor: one `count()` over every series the
   fleet queries read, i.e. what Prometheus must spend just to look at each series once, however the queries
   are shaped, with nothing sent back (ratio; goal <= 1.5);
@@ -68,6 +69,7 @@ class Measured:
     at_once_prom_cpu_s: float
     peak_mb: float
     unhealthy: list
+    looked_at: int  # GPUs judged one by one (the rest counted healthy per node)
 
 
 def prometheus_cpu_s(url: str) -> float:
@@ -85,20 +87,25 @@ def floor_query(fleet: dict[str, str]) -> str:
 def gpuforge_evaluation(
     pc: PrometheusConnect, expected: dict[str, int], table, queries: dict[str, str], concurrency: int = 1
 ):
-    """What the gpu-health flow does with Prometheus's answers: the fleet evaluation and the report rows."""
-    verdicts, sent = prom_tasks.evaluate_fleet(pc, expected, table, queries, concurrency)
-    report = {
-        "counts": {k.value: n for k, n in health.summarize(verdicts).items()},
-        "gpus": [v.model_dump(mode="json") for v in verdicts],
-        "table": health.table_rows(verdicts),
+    """What the gpu-health flow does with Prometheus's answers: the fleet evaluation and the report."""
+    fleet, sent = prom_tasks.evaluate_fleet(pc, expected, table, queries, concurrency)
+    return fleet, sent, report_of(fleet)
+
+
+def report_of(fleet: health.FleetHealth) -> dict:
+    """The parts of the gpu-health flow's report that grow with the fleet (flows/gpu_health.py)."""
+    return {
+        "counts": {k.value: n for k, n in fleet.counts().items()},
+        "gpus": [v.model_dump(mode="json") for v in fleet.verdicts],
+        "healthy_gpus_by_node": {node: h.gpus for node, h in fleet.healthy.items()},
+        "table": fleet.table_rows(),
     }
-    return verdicts, sent, report
 
 
 def where_the_time_goes(pc, url: str, expected: dict[str, int], table, queries: dict[str, str], idle_rate: float,
                         runs: int) -> None:  # fmt: skip
-    """Each fleet query alone (Prometheus CPU, series and bytes of its answer, asked uncompressed and gzipped,
-    alternately), then this process's CPU per step of the evaluation."""
+    """Each query alone, the fleet's and then the closer look's (Prometheus CPU, series and bytes of its answer,
+    asked uncompressed and gzipped, alternately), then this process's CPU per step of the evaluation."""
     import json
 
     def ask(promql: str, encoding: str) -> tuple[float, bytes]:
@@ -109,30 +116,36 @@ def where_the_time_goes(pc, url: str, expected: dict[str, int], table, queries: 
         return prometheus_cpu_s(url) - cpu0 - idle_rate * (time.monotonic() - start), resp.content
 
     print("  where the time goes, each query alone (Prometheus CPU, medians of runs; identity vs gzip):")
-    answers = {}
-    for name, promql in queries.items():
-        plain, zipped = [], []
-        for _ in range(runs):
-            cpu, body = ask(promql, "identity")
-            plain.append(cpu)
-            zipped.append(ask(promql, "gzip")[0])
-        answers[name] = body
-        series = len(json.loads(body)["data"]["result"])
-        print(f"    {name:<27} {series:>6} series, {len(body) / 2**20:5.1f} MiB: Prometheus CPU "
-              f"{statistics.median(plain):.2f} s uncompressed, {statistics.median(zipped):.2f} s gzipped")  # fmt: skip
+    answers: dict[str, bytes] = {}
+
+    def decoded(names) -> dict[str, list]:
+        return {name: json.loads(answers[name])["data"]["result"] for name in names}
+
+    def each_alone(batch: dict[str, str]) -> None:
+        for name, promql in batch.items():
+            plain, zipped = [], []
+            for _ in range(runs):
+                cpu, answers[name] = ask(promql, "identity")
+                plain.append(cpu)
+                zipped.append(ask(promql, "gzip")[0])
+            series = len(decoded([name])[name])
+            cpu = f"{statistics.median(plain):.2f} s uncompressed, {statistics.median(zipped):.2f} s gzipped"
+            print(f"    {name:<27} {series:>6} series, {len(answers[name]) / 2**20:5.1f} MiB: Prometheus CPU {cpu}")
+
+    each_alone(queries)
+    each_alone(health.closer_look(decoded(queries), expected, table).queries)  # the per-GPU questions left
     floor_cpu = statistics.median([ask(floor_query(queries), "identity")[0] for _ in range(runs)])
     print(f"    floor (count() of every series read): Prometheus CPU {floor_cpu:.2f} s")
-    steps = {"decode JSON": 0.0, "readings": 0.0, "judge": 0.0, "report": 0.0}
+    steps = {"decode JSON": 0.0, "closer look": 0.0, "readings and judging": 0.0, "report": 0.0}
     for _ in range(runs):
         t0 = time.process_time()
-        results = {name: json.loads(body)["data"]["result"] for name, body in answers.items()}
-        results.pop(health.XID_SEEN, None)  # narrows the exact XID query only; not a reading
+        results = decoded(answers)
         t1 = time.process_time()
-        readings = health.readings_from_query_results(results, expected, time.time())
+        look = health.closer_look(results, expected, table)
         t2 = time.process_time()
-        verdicts = health.judge_all(readings, table)
+        fleet = health.fleet_health(results, look, expected, table, time.time())
         t3 = time.process_time()
-        {"gpus": [v.model_dump(mode="json") for v in verdicts], "table": health.table_rows(verdicts)}
+        report_of(fleet)
         t4 = time.process_time()
         for step, dt in zip(steps, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
             steps[step] += dt / runs
@@ -173,7 +186,7 @@ def measure(
         scraping_rate = (prometheus_cpu_s(prom.url) - prom0) / (time.monotonic() - idle_start)
 
         walls, client_cpu, prom_cpu, floor_walls, floor_cpu, at_once_walls, at_once_cpu = [], [], [], [], [], [], []
-        verdicts, sent = [], 0
+        fleet, sent = health.FleetHealth([]), 0
 
         def per_call(work, wall_s: list, prom_s: list, client_s: list | None = None) -> None:
             """`work` `repeat` times back to back; appends the wall, Prometheus CPU and (given a list) this process's
@@ -189,8 +202,8 @@ def measure(
                 client_s.append((time.process_time() - cpu0) / repeat)
 
         def evaluation() -> None:
-            nonlocal verdicts, sent
-            verdicts, sent, _ = gpuforge_evaluation(pc, expected, table, queries)
+            nonlocal fleet, sent
+            fleet, sent, _ = gpuforge_evaluation(pc, expected, table, queries)
 
         parts = [
             lambda: per_call(evaluation, walls, prom_cpu, client_cpu),
@@ -220,7 +233,8 @@ def measure(
             at_once_wall_s=statistics.median(at_once_walls),
             at_once_prom_cpu_s=statistics.median(at_once_cpu),
             peak_mb=peak / 2**20,
-            unhealthy=[(v.node, v.gpu, v.verdict.value) for v in verdicts if v.verdict != Verdict.HEALTHY],
+            unhealthy=[(v.node, v.gpu, v.verdict.value) for v in fleet.verdicts if v.verdict != Verdict.HEALTHY],
+            looked_at=len(fleet.verdicts),
         )
     finally:
         prom.down()
@@ -260,7 +274,8 @@ def main() -> int:
             print(f"  the same evaluation, all queries at once: Prometheus CPU {m.at_once_prom_cpu_s:.2f} s "
                   f"({m.at_once_prom_cpu_s / m.floor_prom_cpu_s:.2f}x the floor), "
                   f"wall {m.at_once_wall_s:.2f} s")  # fmt: skip
-            print(f"  injected XID 79 on {SICK[0]} GPU {SICK[1]}; not healthy: {m.unhealthy}", flush=True)
+            print(f"  injected XID 79 on {SICK[0]} GPU {SICK[1]}; not healthy: {m.unhealthy}; GPUs judged one by one: "
+                  f"{m.looked_at}, the other {m.gpus - m.looked_at} counted healthy per node", flush=True)  # fmt: skip
     if len(results) >= 2:
         small, big = results[0], results[-1]
         print(f"extrapolated linearly from {small.gpus} and {big.gpus} GPUs to {TARGET_GPUS:,} GPUs: gpuforge CPU "

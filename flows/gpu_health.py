@@ -1,7 +1,8 @@
 """gpu-health (nightly): judge every GPU from DCGM metrics in Prometheus, list nodes out of service on the
 Kubernetes and the Slurm side, and (opt-in) take nodes with unhealthy GPUs out on both sides.
 
-    nodes (1 list) -> fleet PromQL (fleet_queries, + 1 for nodes with an XID, whatever the GPU count) -> verdicts
+    nodes (1 list) -> fleet PromQL summary (fleet_queries, whatever the GPU count) -> per-GPU PromQL about the
+    nodes it cannot call healthy (closer_look, up to 3 more) -> verdicts, healthy GPUs counted per node
     -> Slurm (1 sinfo, 1 slurmd pod list) -> remediation.decide -> scontrol drain, then cordon -> artifacts
 
 `release=NODE` instead returns one node to service: see flows/gpu_release.py.
@@ -84,18 +85,18 @@ def _check(config: Config) -> dict:
     queries = health.fleet_queries(table, state.metrics)
     prom_error = None
     try:
-        verdicts, sent = prometheus.evaluate_fleet(
+        fleet, sent = prometheus.evaluate_fleet(
             prometheus.prometheus(config), expected, table, queries, contract=state.metrics
         )
     except prometheus.PrometheusUnreachable as exc:
         prom_error, sent = str(exc), 0
-        verdicts = unknown_verdicts(expected, f"could not judge: {exc}")
+        fleet = health.FleetHealth(unknown_verdicts(expected, f"could not judge: {exc}"))
     slurm_nodes, slurm_names, slurm_error = slurm_tasks.slurm_state(config, kubeconfig)
 
     actions: list[Action] = []
     decision = None
     if prom_error is None and kube_error is None:
-        decision = remediation.decide(config, verdicts, nodes, slurm_nodes, slurm_names, dt.datetime.now(dt.UTC))
+        decision = remediation.decide(config, fleet.verdicts, nodes, slurm_nodes, slurm_names, dt.datetime.now(dt.UTC))
         actions = decision.actions
         apply = change_node(kubeconfig, slurm_tasks.Slurm(config, kubeconfig))
         for steps in remediation.steps_per_node(actions).values():
@@ -107,14 +108,15 @@ def _check(config: Config) -> dict:
         why = "Prometheus unreachable" if prom_error else "Kubernetes API unreachable"
         actions = [Action("-", "none", f"{why}: no remediation this run", status="skipped")]
 
-    code = EXIT_UNKNOWN if prom_error else exit_code(verdicts)
+    code = EXIT_UNKNOWN if prom_error else exit_code(fleet)
     report = {
         "cluster": config.cluster_name,
         "mode": "check",
         "exit_code": code,
-        "counts": {k.value: n for k, n in health.summarize(verdicts).items()},
-        "gpus": [v.model_dump(mode="json") for v in verdicts],
-        "nodes": node_rows(config, nodes, verdicts, slurm_nodes, slurm_names),
+        "counts": {k.value: n for k, n in fleet.counts().items()},
+        "gpus": [v.model_dump(mode="json") for v in fleet.verdicts],  # judged one by one; the rest:
+        "healthy_gpus_by_node": {node: h.gpus for node, h in fleet.healthy.items()},
+        "nodes": node_rows(config, nodes, fleet, slurm_nodes, slurm_names),
         "slurm_out_of_service": slurm_out_rows(slurm_nodes, slurm_names),
         "actions": [a.as_dict() for a in actions],
         "remediate": str(config.remediate),
@@ -123,7 +125,7 @@ def _check(config: Config) -> dict:
         "errors": [e for e in (prom_error, kube_error, slurm_error) if e],
         "seconds": round(time.monotonic() - started, 2),
     }
-    publish_table("gpu-health", health.table_rows(verdicts), f"GPU health of {config.cluster_name}")
+    publish_table("gpu-health", fleet.table_rows(), f"GPU health of {config.cluster_name}")
     publish_markdown("gpu-health-summary", summary_markdown(report), f"GPU health summary of {config.cluster_name}")
     logger.info("gpu-health: %s", one_line(report))
     if code != EXIT_HEALTHY:

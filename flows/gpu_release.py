@@ -57,7 +57,10 @@ def release_node(config: Config, node: str) -> dict:
     expected = {node: wanted.expected_gpus}
     prom_error = None
     try:
-        verdicts, _ = prometheus.evaluate_fleet(prometheus.prometheus(config), expected, table, contract=state.metrics)
+        fleet, _ = prometheus.evaluate_fleet(
+            prometheus.prometheus(config), expected, table, contract=state.metrics, closely=[node]
+        )
+        verdicts = fleet.verdicts  # `closely`: the node's GPUs each judged, never only counted
     except prometheus.PrometheusUnreachable as exc:
         prom_error = str(exc)
         verdicts = unknown_verdicts(expected, f"could not judge: {exc}")

@@ -9,16 +9,17 @@ Fleet use (``tasks.prometheus.evaluate_fleet`` owns the ``prometheus_api_client.
 
     queries = fleet_queries(table)  # table: thresholds per model, from the config
     results = {name: prom.custom_query(query) for name, query in queries.items()}
-    exact = xid_recent_query(table, results.pop(XID_SEEN))  # None: no GPU showed an XID
-    if exact:
-        results["xid_recent"] = prom.custom_query(exact)
-    readings = readings_from_query_results(results, expected={"node-a": 8, "node-b": None}, now=time.time())
-    verdicts = judge_all(readings, table)
-    summarize(verdicts), table_rows(verdicts)
+    look = closer_look(results, expected={"node-a": 8, "node-b": None}, table=table)
+    results |= {name: prom.custom_query(query) for name, query in look.queries.items()}
+    fleet = fleet_health(results, look, expected, table, now=time.time())
+    fleet.counts(), fleet.verdicts, fleet.healthy, fleet.table_rows()
 
-The number of queries is fixed (``len(fleet_queries(table))``, eight, and a ninth where any GPU showed an
-XID) whatever the number of GPUs: every query is an aggregation over the whole fleet (or the nodes with an
-XID) and :func:`readings_from_query_results` splits the answers per GPU.
+The fleet queries summarise: one series per node for the GPUs it exports, and series only for what might be a
+fault. The nodes they cannot call healthy (a suspect, a count short of the expected one, an XID, a burst) are
+looked at closely with up to three more queries about those nodes alone, and their GPUs judged one by one; every
+other node's GPUs are counted healthy. So the number of queries is fixed (``len(fleet_queries(table))``, six, and
+at most three more) whatever the number of GPUs, and what Prometheus sends back, and Python reads, grows with the
+nodes and the faults rather than with every value of every GPU.
 
 Value keys
 ----------
@@ -46,8 +47,9 @@ from __future__ import annotations
 import functools
 import json
 import math
+import operator
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, NamedTuple
@@ -614,18 +616,16 @@ def xid_values_expr(
 HEALTH_QUERIES: dict[str, str] = health_queries(_BASE.xid_window)
 
 # Labels gpuforge.health reads a series' GPU by (any case; exported_* after relabelling): everything else
-# (pci_bus_id, device, driver version, instance, job, pod ...) is dropped server-side from the big answer.
+# (pci_bus_id, device, driver version, instance, job, pod ...) is dropped server-side from every answer.
 _KEEP_LABELS = (
     "__name__", "gpu", "UUID", "gpu_uuid", "modelName", "model_name", "Hostname", "hostname",
     "exported_Hostname", "exported_hostname", "node", "exported_node", "kubernetes_node", "nodename",
 )  # fmt: skip
 _IDENTITY_LABELS = ("UUID", "gpu_uuid", "modelName", "model_name")
+_NODE_LABELS = tuple(label for label in _KEEP_LABELS if label not in ("__name__", "gpu", *_IDENTITY_LABELS))
 # Judged by no rule (the table shows them where a probe reports them): not fetched for the fleet.
 _UNUSED_VALUES = ("gpu_util", "fb_used", "fb_free", "pcie_link_gen", "pcie_link_gen_max")
 _PCIE_WIDTH = ("pcie_link_width", "pcie_link_width_max")
-# Error counters and flags that are 0 on a healthy GPU, where every rule reads 0 and "absent" alike: fetched
-# only when not 0, so a healthy fleet answers with no series at all for them.
-_ZERO_IS_ABSENT = ("ecc_dbe_vol", "remap_uncorrectable", "remap_pending", "remap_failure", "clock_event_reasons")
 # Totals judged only through their windowed increase (an old total is history, not a fault): not fetched.
 _TOTALS = ("ecc_sbe_vol", "remap_correctable")
 
@@ -638,44 +638,39 @@ def fleet_window(table: Mapping[str, Thresholds]) -> tuple[Thresholds, str]:
 
 
 def fleet_queries(table: dict[str, Thresholds], contract: Contract = metric_contract.PINNED) -> dict[str, str]:
-    """The fleet queries for a thresholds table: a fixed number, whatever the GPU count.
+    """The fleet queries for a thresholds table: a fixed number, whatever the GPU count. They summarise the fleet:
+    a healthy GPU costs one series in no answer at all, so what Prometheus sends back, and what gpuforge decodes
+    and judges, grows with the nodes and the faults, not with every GPU's every value.
 
-    One window serves the fleet: the longest `xid_window` of any family; the subquery step scales with it (1m
-    for windows of 10 minutes and more, a tenth of the window below that). What Prometheus reads and sends is
-    what the time goes to (about 10 µs a series here), so each query asks for as little as the rules need:
-    * `values`: only the gauges a rule compares with a threshold, one series per GPU and metric, with only the
-      labels that identify the GPU (`max by` those merges no two GPUs);
-    * `faults`: the error counters and flags, only where they are not 0 (nothing at all on a healthy fleet);
-    * the windowed increases only where they are above 0 (every burst threshold is >= 0); an increase of a GPU
-      that exports nothing else now is dropped by `readings_from_query_results`;
+    * `gpus`: how many GPUs each node exports (its temperature series, per model): one series per node;
+    * `suspects`: the nodes with a GPU that any rule might judge less than healthy: metrics older than the
+      shortest `stale_after_s`, a temperature or power above the lowest limit of any model, a degrading
+      clock-event bit of any model, an error counter or flag not 0, a PCIe link narrower than its maximum (when
+      any model judges that). Each test is as loose as the loosest model's, so a node is looked at whenever
+      its GPUs' own thresholds might fail (`closer_look`), and judged there by `judge` itself;
+    * the windowed increases only where they are above 0 (every burst threshold is >= 0), per GPU: their
+      answers are read as they are for the nodes looked at closely;
     * `xid_seen`: the nodes whose GPUs showed any XID in the window; the exact XIDs are asked for those nodes
-      alone by `xid_recent_query` (its answer replaces `xid_seen` in the results)."""
+      alone by `xid_recent_query`.
+
+    What Prometheus reads is what the time goes to (about 10 µs a series here), so each query reads only what a
+    rule needs, and the answers carry no label that does not identify a node or GPU."""
     longest, step = fleet_window(table)
     window = longest.xid_window
-    queries = health_queries(window, step, contract)
     metrics = dcgm_metrics(contract)
-    skip = {*_UNUSED_VALUES, *_TOTALS, "xid_last"}
-    if not any(t.pcie_width_degraded for t in table.values()):
-        skip |= set(_PCIE_WIDTH)
-
-    def names(keys) -> str:
-        wanted = {metrics[k] for k in keys} | {a for a, k in DCGM_ALIASES.items() if k in keys}
-        return '{__name__=~"' + "|".join(sorted(wanted)) + '"}'
-
-    labels = ", ".join(_KEEP_LABELS)
-    # The GPU's UUID and model come with `fresh` (and `faults`): the biggest answer carries only node and index.
-    where = ", ".join(label for label in _KEEP_LABELS if label not in _IDENTITY_LABELS)
+    hosts = ", ".join(_NODE_LABELS)
+    models = ", ".join(label for label in _IDENTITY_LABELS if label not in ("UUID", "gpu_uuid"))  # not per GPU
+    temp = metrics["gpu_temp"]
     # The fleet asks only which GPUs showed any XID at all (one pass over the gauge's samples), and
     # `xid_recent_query` asks the exact question about those GPUs' nodes alone: where it must fall back to a
     # subquery (an exporter without `err_code`) that is 120 evaluations over a 2 h window (0.8 CPU s for
     # 8,192 GPUs, measured). The filter reaches one lookback (5 min) before the window, as far back as the
     # subquery's first step can see.
-    del queries["xid_recent"]
-    hosts = ", ".join(label for label in _KEEP_LABELS if label not in ("__name__", "gpu", *_IDENTITY_LABELS))
-    queries[XID_SEEN] = f"max by ({hosts}) (max_over_time({metrics['xid_last']}[{longest.window_s + 300}s]) > 0)"
-    queries["values"] = f"max by ({where}) ({names(set(metrics) - skip - set(_ZERO_IS_ABSENT))})"
-    queries["faults"] = f"max by ({labels}) ({names(_ZERO_IS_ABSENT)} != 0)"
-    queries["fresh"] = f"max by ({labels}) ({queries['fresh']})"
+    queries = {
+        "gpus": f"count by ({hosts}, {models}) ({temp})",
+        "suspects": f"count by ({hosts}) ({' or '.join(f'({test})' for test in _suspect_tests(table, metrics))})",
+        XID_SEEN: f"max by ({hosts}) (max_over_time({metrics['xid_last']}[{longest.window_s + 300}s]) > 0)",
+    }
     for name, key in (("ecc_sbe_increase", "ecc_sbe_vol"), ("remap_correctable_increase", "remap_correctable")):
         queries[name] = f"increase({metrics[key]}[{window}]) > 0"
     # increase() drops the metric name, so the four NVLink totals of a GPU would collide: each non-zero increase
@@ -687,6 +682,147 @@ def fleet_queries(table: dict[str, Thresholds], contract: Contract = metric_cont
     return queries
 
 
+def _suspect_tests(table: Mapping[str, Thresholds], metrics: Mapping[str, str]) -> list[str]:
+    """PromQL filters that keep every GPU whose own thresholds might judge it less than healthy (see `judge`): each
+    compares with the loosest limit of any model in `table`, so it keeps a superset, which `judge` then sorts."""
+
+    def lowest(field: str) -> float:
+        return min(getattr(t, field) for t in table.values())
+
+    def selector(*keys: str) -> str:
+        names = {metrics[k] for k in keys} | {alias for alias, k in DCGM_ALIASES.items() if k in keys}
+        return '{__name__=~"' + "|".join(sorted(names)) + '"}'
+
+    temp, power, limit = metrics["gpu_temp"], metrics["power_usage"], metrics["power_limit"]
+    tests = [
+        f"timestamp({temp}) < time() - {lowest('stale_after_s'):g}",
+        f"{temp} > {lowest('max_gpu_temp_c'):g}",
+        f"{metrics['memory_temp']} > {lowest('max_memory_temp_c'):g}",
+        f"{power} > {limit} * {lowest('max_power_fraction'):g}",
+        f"{selector('ecc_dbe_vol', 'remap_pending', 'remap_failure')} != 0",
+        f"{metrics['remap_uncorrectable']} > {lowest('max_uncorrectable_remapped_rows'):g}",
+    ]
+    watts = [t.max_power_w for t in table.values() if t.max_power_w is not None]
+    if watts:  # judged by the absolute ceiling only where the GPU reports no limit
+        tests.append(f"{power} > {min(watts):g} unless {limit} > 0")
+    # PromQL has no bitwise AND: a run of mask bits lo..hi is set when value mod 2^(hi+1) >= 2^lo.
+    mask = functools.reduce(operator.or_, (t.throttle_mask for t in table.values()), 0)
+    reasons = selector("clock_event_reasons")
+    tests += [f"{reasons} % {2 ** (hi + 1)} >= {2**lo}" for lo, hi in _bit_runs(mask)]
+    if any(t.pcie_width_degraded for t in table.values()):
+        tests.append(f"{metrics['pcie_link_width']} < {metrics['pcie_link_width_max']}")
+    return tests
+
+
+def _bit_runs(mask: int) -> list[tuple[int, int]]:
+    """The runs of set bits in `mask`, lowest first, as (lowest bit, highest bit): 0xE8 -> [(3, 3), (5, 7)]."""
+    runs: list[tuple[int, int]] = []
+    for bit in range(mask.bit_length()):
+        if mask >> bit & 1:
+            if runs and runs[-1][1] == bit - 1:
+                runs[-1] = (runs[-1][0], bit)
+            else:
+                runs.append((bit, bit))
+    return runs
+
+
+class HealthyGpus(NamedTuple):
+    """A node's GPUs that the fleet summary found healthy, counted rather than listed."""
+
+    gpus: int
+    model: str | None
+
+
+@dataclass(frozen=True)
+class CloserLook:
+    """What the fleet summary left to judge GPU by GPU (see :func:`closer_look`)."""
+
+    nodes: frozenset[str]  # casefolded names of the nodes whose GPUs are judged one by one
+    healthy: dict[str, HealthyGpus]  # node (as `expected` spells it) -> its GPUs, every one found healthy
+    queries: dict[str, str]  # the per-GPU questions about `nodes` alone (none when there is nothing to look at)
+
+
+def closer_look(
+    results: Mapping[str, list[dict]],
+    expected: Mapping[str, int | None],
+    table: dict[str, Thresholds],
+    contract: Contract = metric_contract.PINNED,
+    closely: Iterable[str] = (),
+) -> CloserLook:
+    """The nodes whose GPUs the answers to :func:`fleet_queries` cannot call healthy, and the queries that read
+    those nodes' GPUs one by one: a node in `suspects`, the increases or `xid_seen`; a node exporting another
+    number of GPUs than `expected` says; and the nodes in `closely` (gpu-health's release of one node). Every
+    other node in `gpus` is healthy, its GPUs counted. An expected node in no answer at all is neither: its GPUs
+    are judged unknown (:func:`fleet_health`)."""
+    spelled = {n.casefold(): n for n in expected}
+    wanted = {n.casefold() for n in closely}
+    nodes: dict[str, tuple[str, str]] = {}  # casefolded node -> (node label, name as the series spell it)
+    counts: dict[str, int] = {}
+    models: dict[str, set[str]] = {}
+    look: dict[str, set[str]] = {}  # node label -> names as the series spell them
+
+    def node_of_series(metric: Mapping[str, str]) -> tuple[str, str] | None:
+        """(the label naming the series' node, the node's name as the series spell it)"""
+        label = _node_label(metric)
+        return None if label is None else (label, metric[label])
+
+    for item in results.get("gpus") or ():
+        metric = item.get("metric") or {}
+        found = node_of_series(metric)
+        if found is None:
+            continue
+        key = found[1].casefold()
+        nodes[key] = found
+        counts[key] = counts.get(key, 0) + int(_sample_value(item) or 0)
+        if model := _pick(metric, _roles(tuple(metric)).model):
+            models.setdefault(key, set()).add(model)
+    for answer in ("suspects", XID_SEEN, *WINDOW_KEYS):
+        for item in results.get(answer) or ():
+            if found := node_of_series(item.get("metric") or {}):
+                look.setdefault(found[0], set()).add(found[1])
+    for key, (label, name) in nodes.items():
+        count = expected.get(spelled.get(key, ""))
+        if key in wanted or (count is not None and counts[key] != count):
+            look.setdefault(label, set()).add(name)
+    closer = frozenset(name.casefold() for names in look.values() for name in names)
+    healthy = {
+        spelled.get(key, name): HealthyGpus(counts[key], ", ".join(sorted(models.get(key, ()))) or None)
+        for key, (_, name) in nodes.items()
+        if key not in closer
+    }
+    queries: dict[str, str] = {}
+    if look:
+        metrics = dcgm_metrics(contract)
+        skip = {*_UNUSED_VALUES, *_TOTALS, "xid_last"}
+        if not any(t.pcie_width_degraded for t in table.values()):
+            skip |= set(_PCIE_WIDTH)
+        wanted_names = {metrics[k] for k in set(metrics) - skip} | {a for a, k in DCGM_ALIASES.items() if k not in skip}
+        names = "|".join(sorted(wanted_names))
+        labels = ", ".join(_KEEP_LABELS)
+        # The GPU's UUID and model come with `fresh`: the bigger answer carries only node and index.
+        where = ", ".join(label for label in _KEEP_LABELS if label not in _IDENTITY_LABELS)
+        queries["values"] = _narrowed(look, lambda m: f'max by ({where}) ({{__name__=~"{names}", {m}}})')
+        queries["fresh"] = _narrowed(look, lambda m: f"max by ({labels}) (timestamp({metrics['gpu_temp']}{{{m}}}))")
+    xid_recent = xid_recent_query(table, results.get(XID_SEEN) or [], contract)
+    if xid_recent is not None:
+        queries["xid_recent"] = xid_recent
+    return CloserLook(closer, healthy, queries)
+
+
+def _node_label(metric: Mapping[str, str]) -> str | None:
+    """The name of the label a series names its node by (see :func:`node_of`)."""
+    return next((name for name in _roles(tuple(metric)).node if metric[name]), None)
+
+
+def _narrowed(nodes: Mapping[str, set[str]], expr: Callable[[str], str]) -> str:
+    """`expr` of a label matcher, once per node label (or'ed), for exactly those nodes (a "." in a name is a dot)."""
+    parts = []
+    for label, names in sorted(nodes.items()):
+        alternatives = "|".join(re.escape(n) for n in sorted(names))
+        parts.append(f"({expr(f'{label}=~{json.dumps(alternatives)}')})")
+    return " or ".join(parts)
+
+
 def xid_recent_query(
     table: dict[str, Thresholds], seen: list[dict], contract: Contract = metric_contract.PINNED
 ) -> str | None:
@@ -695,17 +831,26 @@ def xid_recent_query(
     nodes: dict[str, set[str]] = {}  # node label name -> node names, as the series spell them
     for item in seen:
         metric = item.get("metric") or {}
-        label = next((name for name in _roles(tuple(metric)).node if metric[name]), None)
-        if label is not None:
+        if label := _node_label(metric):
             nodes.setdefault(label, set()).add(metric[label])
     if not nodes:
         return None
     longest, step = fleet_window(table)
-    parts = []
-    for label, names in sorted(nodes.items()):
-        alternatives = "|".join(re.escape(n) for n in sorted(names))
-        parts.append(xid_recent_expr(f"{label}=~{json.dumps(alternatives)}", longest.xid_window, step, contract))
-    return " or ".join(f"({p})" for p in parts)
+    return _narrowed(nodes, lambda matcher: xid_recent_expr(matcher, longest.xid_window, step, contract))
+
+
+def fleet_health(
+    results: Mapping[str, list[dict]],
+    look: CloserLook,
+    expected: Mapping[str, int | None],
+    table: Mapping[str, Thresholds],
+    now: float,
+) -> FleetHealth:
+    """The fleet's health from the answers to :func:`fleet_queries` and to ``look.queries``: the GPUs of the nodes
+    looked at closely (and of expected nodes no answer shows, unknown) judged one by one, the others counted."""
+    answers = {name: results.get(name) or [] for name in ("values", "fresh", "xid_recent", *WINDOW_KEYS)}
+    judged = {n: count for n, count in expected.items() if n not in look.healthy}
+    return FleetHealth(judge_all(readings_from_query_results(answers, judged, now), table), look.healthy)
 
 
 # Every spelling of every known exporter version -> (value key, factor to the rules' units): a series is read
@@ -919,6 +1064,43 @@ def summarize(verdicts: Iterable[GpuVerdict]) -> dict[Verdict, int]:
     for v in verdicts:
         counts[v.verdict] += 1
     return counts
+
+
+@dataclass(frozen=True)
+class FleetHealth:
+    """The fleet's verdicts: the GPUs judged one by one, and the healthy GPUs of the nodes the fleet summary
+    cleared, counted per node (65,536 rows of "healthy" help nobody, and building them was most of the run)."""
+
+    verdicts: list[GpuVerdict]
+    healthy: dict[str, HealthyGpus] = field(default_factory=dict)
+
+    def counts(self) -> dict[Verdict, int]:
+        """GPUs per verdict, the counted ones included; every verdict is a key."""
+        counts = summarize(self.verdicts)
+        counts[Verdict.HEALTHY] += sum(h.gpus for h in self.healthy.values())
+        return counts
+
+    @functools.cached_property
+    def _by_node(self) -> dict[str, list[GpuVerdict]]:
+        by_node: dict[str, list[GpuVerdict]] = {}
+        for v in self.verdicts:
+            by_node.setdefault(v.node, []).append(v)
+        return by_node
+
+    def node(self, name: str) -> tuple[Verdict, int]:
+        """A node's worst verdict and its number of GPUs (unknown and 0 for a node in no answer)."""
+        if name in self.healthy:
+            return Verdict.HEALTHY, self.healthy[name].gpus
+        mine = self._by_node.get(name, [])
+        return worst(mine), len(mine)
+
+    def table_rows(self) -> list[dict[str, str]]:
+        """:func:`table_rows` of the GPUs judged one by one, then one row per node of counted healthy GPUs."""
+        return table_rows(self.verdicts) + [
+            {"node": node, "gpu": f"all {h.gpus}", "uuid": "-", "model": h.model or "-", "verdict": "healthy",
+             "reasons": "-", "values": "-"}
+            for node, h in sorted(self.healthy.items())
+        ]  # fmt: skip
 
 
 def worst(verdicts: Iterable[GpuVerdict]) -> Verdict:

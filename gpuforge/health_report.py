@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from gpuforge import health, remediation
+from gpuforge import remediation
 from gpuforge.config import Config
-from gpuforge.health import GpuVerdict, Verdict
+from gpuforge.health import FleetHealth, GpuVerdict, Verdict
 from gpuforge.remediation import SlurmNode
 
 EXIT_HEALTHY, EXIT_UNHEALTHY, EXIT_UNKNOWN = 0, 1, 2
@@ -21,11 +21,11 @@ def unknown_verdicts(expected: dict[str, int | None], why: str) -> list[GpuVerdi
     ]
 
 
-def exit_code(verdicts: list[GpuVerdict]) -> int:
-    kinds = {v.verdict for v in verdicts}
-    if kinds & {Verdict.UNHEALTHY, Verdict.DEGRADED}:
+def exit_code(fleet: FleetHealth) -> int:
+    counts = fleet.counts()
+    if counts[Verdict.UNHEALTHY] or counts[Verdict.DEGRADED]:
         return EXIT_UNHEALTHY
-    if Verdict.UNKNOWN in kinds or not verdicts:
+    if counts[Verdict.UNKNOWN] or not any(counts.values()):
         return EXIT_UNKNOWN
     return EXIT_HEALTHY
 
@@ -33,24 +33,21 @@ def exit_code(verdicts: list[GpuVerdict]) -> int:
 def node_rows(
     config: Config,
     nodes: dict[str, Any],
-    verdicts: list[GpuVerdict],
+    fleet: FleetHealth,
     slurm_nodes: dict[str, SlurmNode] | None,
     slurm_names: dict[str, str],
 ) -> list[dict[str, Any]]:
     """One row per GPU node: worst GPU verdict, the Kubernetes side (cordon and why), the Slurm side."""
-    by_node: dict[str, list[GpuVerdict]] = {}
-    for v in verdicts:
-        by_node.setdefault(v.node, []).append(v)
     rows = []
     for gpu in config.gpu_nodes:
         state = nodes.get(gpu.name)
         sname = slurm_names.get(gpu.name)
         snode = (slurm_nodes or {}).get(sname) if sname else None
-        mine = by_node.get(gpu.name, [])
+        verdict, gpus = fleet.node(gpu.name)
         row = {
             "node": gpu.name,
-            "verdict": health.worst(mine).value,
-            "gpus": len(mine),
+            "verdict": verdict.value,
+            "gpus": gpus,
             "kubernetes": "unregistered" if state is None else ("cordoned" if state.unschedulable else "schedulable"),
             "cordon_reason": (state.annotations.get(remediation.CORDON_ANNOTATION, "") if state else ""),
             "slurm_node": sname or "",

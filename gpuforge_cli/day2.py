@@ -60,7 +60,11 @@ def _print_check(report: dict) -> None:
     from gpuforge.health import GpuVerdict, format_table
 
     verdicts = [GpuVerdict.model_validate(g) for g in report["gpus"]]
-    click.echo(format_table(verdicts))
+    if verdicts:
+        click.echo(format_table(verdicts))
+    healthy = report["healthy_gpus_by_node"]
+    if healthy:
+        click.echo(f"{sum(healthy.values())} GPUs on {len(healthy)} nodes healthy (counted per node, not listed)")
     c = report["counts"]
     click.echo(
         f"\n{sum(c.values())} GPUs: {c['healthy']} healthy, {c['degraded']} degraded, {c['unhealthy']} unhealthy, "

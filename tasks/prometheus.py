@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 import requests
@@ -14,7 +15,7 @@ from urllib3.util.retry import Retry
 
 from gpuforge import health, metric_contract, pins, validation
 from gpuforge.config import Config
-from gpuforge.health import GpuVerdict, Thresholds
+from gpuforge.health import FleetHealth, Thresholds
 from gpuforge.metric_contract import Contract
 from gpuforge.render import PROMETHEUS_SERVICE
 from gpuforge.validation import ERROR, CheckResult
@@ -112,23 +113,24 @@ def evaluate_fleet(
     queries: dict[str, str] | None = None,
     concurrency: int = 1,
     contract: Contract = metric_contract.PINNED,
-) -> tuple[list[GpuVerdict], int]:
-    """Every GPU's verdict from the fixed fleet queries (`concurrency` at a time), then, where any GPU showed an
-    XID, one more query for the exact XIDs of those GPUs' nodes; returns (verdicts, queries sent).
+    closely: Iterable[str] = (),
+) -> tuple[FleetHealth, int]:
+    """The fleet's health: the summarising fleet queries (`concurrency` at a time), then, about the nodes they
+    cannot call healthy (and those in `closely`) alone, the per-GPU values, freshness and exact XIDs; returns
+    (health, queries sent).
 
-    One at a time by default: side by side, Prometheus spent as much CPU or a little less that way (1.43-1.50x its
-    floor against 1.42-1.57x all at once, bench/health_bench.py), and a shared Prometheus builds one big answer at a
-    time; it costs about 0.4 s of wall time at 8,192 GPUs, which a nightly check does not feel.
+    One at a time by default: side by side, Prometheus spent as much CPU or a little less that way
+    (bench/health_bench.py), and a shared Prometheus builds one answer at a time.
 
     Raises PrometheusUnreachable when any query cannot be answered."""
     queries = queries or health.fleet_queries(table, contract)
+    results = _ask_all(pc, queries, concurrency)
+    look = health.closer_look(results, expected, table, contract, closely)
+    results.update(_ask_all(pc, look.queries, concurrency))
+    return health.fleet_health(results, look, expected, table, time.time()), len(queries) + len(look.queries)
+
+
+def _ask_all(pc: PrometheusConnect, queries: dict[str, str], concurrency: int) -> dict[str, list[dict]]:
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         futures = {name: pool.submit(query, pc, q) for name, q in queries.items()}
-        results = {name: f.result() for name, f in futures.items()}
-    sent = len(queries)
-    xid_recent = health.xid_recent_query(table, results.pop(health.XID_SEEN, None) or [], contract)
-    if xid_recent is not None:
-        results["xid_recent"] = query(pc, xid_recent)
-        sent += 1
-    readings = health.readings_from_query_results(results, expected, time.time())
-    return health.judge_all(readings, table), sent
+        return {name: f.result() for name, f in futures.items()}

@@ -46,12 +46,12 @@ def verdicts_now(cfg):
     from tasks import kube, prometheus
 
     nodes = kube.list_nodes(cfg.kubeconfig_path())
-    verdicts, _ = prometheus.evaluate_fleet(
+    fleet, _ = prometheus.evaluate_fleet(
         prometheus.prometheus(cfg),
         expected_gpu_counts(cfg, learned_gpu_counts(cfg, nodes)),
         resolve_thresholds(cfg.health.thresholds),
     )
-    return verdicts
+    return fleet.verdicts  # the GPUs judged one by one: every GPU not healthy is among them
 
 
 def not_healthy(verdicts) -> dict[tuple[str, int], tuple[str, str]]:
@@ -128,6 +128,8 @@ def test_healthy_lab_every_gpu_healthy_exit_0(configs, cfg):
     total = sum(n.spec.gpu_count for n in cfg.gpu_nodes)
     assert report["counts"] == {"healthy": total, "degraded": 0, "unhealthy": 0, "unknown": 0}
     assert report["queries"] <= 10 and report["errors"] == []
+    # Nothing to look at closely: every GPU counted healthy per node from the fleet summary, none listed.
+    assert report["gpus"] == [] and report["healthy_gpus_by_node"] == {n.name: n.spec.gpu_count for n in cfg.gpu_nodes}
     assert all(r["consistent"] and r["kubernetes"] == "schedulable" for r in report["nodes"])
 
 
@@ -160,6 +162,7 @@ def test_fault_gives_exactly_that_verdict_for_exactly_that_gpu(installed, config
     report, state = run_health(configs["off"])
     got = not_healthy(report["gpus"])
     assert set(got) == set(expected)
+    assert node not in report["healthy_gpus_by_node"] and len(report["healthy_gpus_by_node"]) == len(cfg.gpu_nodes) - 1
     for g, (verdict, fragment) in want.items():
         assert got[(node, g)][0] == verdict
         assert fragment in got[(node, g)][1], got[(node, g)]

@@ -639,16 +639,68 @@ def test_health_module_values_are_finite_defaults() -> None:
     assert health.VALUE_KEYS.count("gpu_temp") == 1
 
 
-def test_fleet_queries_ask_only_for_what_the_rules_judge() -> None:
-    fleet = health.fleet_queries(health.resolve_thresholds(None))
-    assert len(fleet) == len(HEALTH_QUERIES) + 1  # + "faults"
-    assert "DCGM_FI_DEV_GPU_TEMP" in fleet["values"] and "FB_USED" not in fleet["values"]
-    assert "PCIE" not in fleet["values"] and "UUID" not in fleet["values"]  # identity comes with `fresh`
-    assert "ECC_DBE_VOL_TOTAL" in fleet["faults"] and fleet["faults"].endswith("!= 0)")
-    assert "ECC_SBE_VOL_TOTAL" not in fleet["values"] + fleet["faults"]  # judged by its increase only
+def test_fleet_queries_summarise_with_the_loosest_limit_of_any_model() -> None:
+    table = health.resolve_thresholds({"H100": {"max_gpu_temp_c": 80}, "A100": {"throttle_mask": 0x2}})
+    fleet = health.fleet_queries(table)
+    assert set(fleet) == {"gpus", "suspects", health.XID_SEEN, *health.WINDOW_KEYS}
+    assert fleet["gpus"].startswith("count by (") and "gpu," not in fleet["gpus"]  # one series per node and model
+    suspects = fleet["suspects"]
+    assert "(DCGM_FI_DEV_GPU_TEMP > 80)" in suspects and "> 85" not in suspects  # H100's, the lowest of any model
+    assert "(timestamp(DCGM_FI_DEV_GPU_TEMP) < time() - 120)" in suspects
+    assert "(DCGM_FI_DEV_POWER_USAGE > 400 unless DCGM_FI_DEV_ENFORCED_POWER_LIMIT > 0)" in suspects  # A100's 400 W
+    # The default mask 0xE8 and A100's 0x2, as runs of bits: 0x2, 0x8, 0x20-0x80.
+    runs = [part.split("} % ")[1].rstrip(")") for part in suspects.split(" or ") if "} % " in part]
+    assert runs == ["4 >= 2", "16 >= 8", "256 >= 32"]
+    assert "PCIE" not in suspects and "SBE" not in suspects  # SBE: judged by its increase only
     assert all(fleet[k].endswith("> 0") for k in ("ecc_sbe_increase", "remap_correctable_increase"))
     with_pcie = health.fleet_queries(health.resolve_thresholds({"H100": {"pcie_width_degraded": True}}))
-    assert "DCGM_FI_DEV_PCIE_LINK_WIDTH" in with_pcie["values"] and len(with_pcie) == len(fleet)
+    assert "(DCGM_FI_DEV_PCIE_LINK_WIDTH < DCGM_FI_DEV_PCIE_MAX_LINK_WIDTH)" in with_pcie["suspects"]
+
+
+def _gpus(node: str, count: int, model: str = H100, label: str = "Hostname") -> dict:
+    return _series(None, {label: node, "modelName": model}, count)
+
+
+def test_closer_look_asks_per_gpu_only_about_nodes_the_summary_cannot_call_healthy() -> None:
+    table = health.resolve_thresholds(None)
+    answers = {
+        "gpus": [_gpus("node-a", 8), _gpus("node-b", 8), _gpus("node-c", 7), _gpus("node-d", 8), _gpus("x.1", 2)],
+        "suspects": [_series(None, {"Hostname": "node-b"}, 1)],
+        "ecc_sbe_increase": [_series(None, {**gpu_labels("node-d", 2), "hostname": ""}, 3)],
+    }
+    expected = {"node-a": 8, "Node-B": 8, "node-c": 8, "node-d": 8, "node-e": 8, "x.1": None}
+    look = health.closer_look(answers, expected, table)
+    assert look.nodes == {"node-b", "node-c", "node-d"}  # suspect, one GPU short, an SBE increase
+    assert look.healthy == {"node-a": health.HealthyGpus(8, H100), "x.1": health.HealthyGpus(2, H100)}
+    assert set(look.queries) == {"values", "fresh"}  # no XID seen: no exact XID question
+    assert 'Hostname=~"node\\\\-b|node\\\\-c|node\\\\-d"}' in look.queries["values"]
+    assert "ECC_DBE_VOL_TOTAL" in look.queries["values"] and "CLOCK" in look.queries["values"]
+    assert "FB_USED" not in look.queries["values"] and "ECC_SBE_VOL_TOTAL" not in look.queries["values"]
+    assert "UUID" not in look.queries["values"] and "UUID" in look.queries["fresh"]  # identity comes with `fresh`
+    # A node released by hand is looked at closely, healthy or not; a healthy fleet needs no second question.
+    assert "node-a" in health.closer_look(answers, expected, table, closely=["NODE-A"]).nodes
+    calm = health.closer_look({"gpus": [_gpus("node-a", 8)]}, {"node-a": 8}, table)
+    assert calm.queries == {} and calm.nodes == frozenset()
+
+    # The answers about the nodes looked at: their GPUs judged one by one, node-e (in no answer) unknown.
+    answers["values"] = [_series(name, gpu_labels(node, g), 40) for node in ("node-b", "node-c") for g in range(8)
+                         for name in ("DCGM_FI_DEV_GPU_TEMP",) if (node, g) != ("node-c", 7)]  # fmt: skip
+    answers["fresh"] = [_series(None, gpu_labels(node, g), NOW - 5) for node in ("node-b", "node-c") for g in range(8)
+                        if (node, g) != ("node-c", 7)]  # fmt: skip
+    fleet = health.fleet_health(answers, look, expected, table, NOW)
+    assert fleet.counts() == {Verdict.HEALTHY: 8 + 2 + 8 + 7, Verdict.DEGRADED: 0, Verdict.UNHEALTHY: 1,
+                              Verdict.UNKNOWN: 8 + 8}  # fmt: skip
+    assert fleet.node("node-a") == (Verdict.HEALTHY, 8)
+    assert fleet.node("node-c") == (Verdict.UNHEALTHY, 8)  # GPU 7 missing
+    assert fleet.node("node-d") == (Verdict.UNKNOWN, 8)  # its values were not in this made-up answer
+    assert fleet.node("node-e") == (Verdict.UNKNOWN, 8)
+    rows = fleet.table_rows()
+    assert len(rows) == len(fleet.verdicts) + 2 and rows[-2]["gpu"] == "all 8" and rows[-2]["node"] == "node-a"
+
+
+def test_bit_runs() -> None:
+    assert health._bit_runs(0xE8) == [(3, 3), (5, 7)]
+    assert health._bit_runs(0) == [] and health._bit_runs(0x1FF) == [(0, 8)]
 
 
 def test_fleet_reads_the_xid_gauge_once_and_asks_the_exact_question_only_about_nodes_that_showed_one() -> None:

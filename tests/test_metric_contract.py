@@ -200,7 +200,7 @@ def test_alerts_dashboard_collector_and_fleet_queries_use_the_contracts_names_la
         assert dashboard["templating"]["list"][1]["query"] == f"label_values({temp}, {node})"
         assert f'{temp}{{{node}=~"$node"}}' == dashboard["panels"][0]["targets"][0]["expr"]
         queries = health.fleet_queries(state.thresholds, state.metrics)
-        assert f"(timestamp({temp}))" in queries["fresh"]
+        assert queries["gpus"].endswith(f") ({temp})") and f"(timestamp({temp}) < " in queries["suspects"]
         csv = plan_files(state)["dcgm-metrics.csv"]
         assert f"\n{temp}, gauge," in csv
     renamed = cluster(EXPORTER_4_9_0)

@@ -141,15 +141,13 @@ def fleet_and_alerts(config_name: str, tmp: Path) -> dict[tuple[str, int], tuple
     queries = health.fleet_queries(table)
     answers, alerts = evaluate(tmp, series, list(queries.values()), EVAL, groups=rules)
     results = {name: answers[q] for name, q in queries.items()}
-    # As tasks.prometheus.evaluate_fleet does: the exact XID question only about the nodes that showed one.
-    exact = health.xid_recent_query(table, results.pop(health.XID_SEEN))
-    if exact is not None:
-        results["xid_recent"] = evaluate(tmp, series, [exact], EVAL)[0][exact]
-    now = 600.0  # EVAL
-    fleet = {
-        (v.node, v.gpu): v.verdict
-        for v in health.judge_all(health.readings_from_query_results(results, {}, now), table)
-    }
+    # As tasks.prometheus.evaluate_fleet does: the per-GPU questions only about the nodes the summary cannot clear.
+    look = health.closer_look(results, {}, table)
+    closer = evaluate(tmp, series, list(look.queries.values()), EVAL)[0] if look.queries else {}
+    results |= {name: closer[q] for name, q in look.queries.items()}
+    judged = health.fleet_health(results, look, {}, table, now=600.0)  # EVAL
+    assert judged.healthy and len(look.nodes) < len(hosts)  # the summary cleared some hosts, not every one
+    fleet = {(v.node, v.gpu): v.verdict for v in judged.verdicts} | {(h, 0): Verdict.HEALTHY for h in judged.healthy}
     severity = {r["alert"]: r["labels"]["severity"] for g in rules for r in g["rules"]}
     fired: dict[str, set[str]] = {}
     for name, firing in alerts.items():

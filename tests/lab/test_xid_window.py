@@ -41,8 +41,9 @@ def test_an_xid_visible_for_20_s_is_reported_for_the_whole_window(tmp_path):
         assert {r["metric"]["err_code"] for r in prom.query('DCGM_FI_DEV_XID_ERRORS{gpu="1"}')} == {"0"}
 
         # End to end, as gpu-health runs it: XID 79 after it was cleared, the other GPU healthy.
-        verdicts, sent = evaluate_fleet(PrometheusConnect(url=prom.url), {NODE: 2}, table)
-        assert sent == len(health.fleet_queries(table)) + 1 <= 10
+        fleet, sent = evaluate_fleet(PrometheusConnect(url=prom.url), {NODE: 2}, table)
+        assert sent == len(health.fleet_queries(table)) + 3 <= 10  # + the node's values, freshness and exact XIDs
+        verdicts = fleet.verdicts
         assert [(v.gpu, v.verdict) for v in verdicts] == [(0, Verdict.HEALTHY), (1, Verdict.UNHEALTHY)]
         assert verdicts[1].reasons == [f"XID 79 (GPU has fallen off the bus) within {WINDOW_S}s"]
 
