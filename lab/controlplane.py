@@ -364,7 +364,13 @@ class ControlPlane:
         procs.start_daemon(self.workdir, name, argv, env=self._env(name), cwd=self.dir, netns=self.namespace)
         state.setdefault("fingerprints", {})[name] = self._fingerprint(name, argv)
         self._save_state(state)
-        self._wait(name, self._checks()[name], time.monotonic() + timeout)
+        deadline = time.monotonic() + timeout
+        self._wait(name, self._checks()[name], deadline)
+        if name == ETCD and procs.is_running(self.workdir, APISERVER):
+            # etcd answering is not the API server answering: its etcd client reconnects with a backoff, and a
+            # request in that gap times out ("unable to return a response in the time allotted"). /readyz checks
+            # etcd through the API server's own client.
+            self._wait(APISERVER, self._apiserver_ready, deadline, "kube-apiserver ready again after etcd")
 
     def restart_apiserver(self, downtime: float = 0.0) -> None:
         """Restart kube-apiserver (same port, same etcd data) and wait for /readyz."""
