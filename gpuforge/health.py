@@ -547,7 +547,8 @@ def judge_all(readings: Iterable[GpuReading], table: Mapping[str, Thresholds] = 
 
 
 def health_queries(window: str = "2h", step: str = "1m", contract: Contract = metric_contract.PINNED) -> dict[str, str]:
-    """The fleet health queries (instant queries, each an aggregation over every GPU).
+    """The per-GPU health queries over every GPU (instant queries), which the probe answers from its own history.
+    The fleet asks the summary of :func:`fleet_queries` instead, and per GPU only about the nodes it cannot clear.
 
     * ``values``: every instantaneous DCGM metric in one selector (the series keep ``__name__``).
     * ``fresh``: ``timestamp()`` of the GPU temperature sample, for staleness.
@@ -1030,7 +1031,7 @@ def readings_from_query_results(
 
 
 def _apply(g: _Gpu, query: str, metric: Mapping[str, str], roles: _Roles, value: float | None) -> None:
-    if query in ("values", "faults"):
+    if query == "values":
         name = metric.get("__name__", "")
         if name in _NVLINK_NAMES:
             if value is not None:
