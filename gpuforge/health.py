@@ -640,8 +640,10 @@ def fleet_window(table: Mapping[str, Thresholds]) -> tuple[Thresholds, str]:
 
 def fleet_queries(table: dict[str, Thresholds], contract: Contract = metric_contract.PINNED) -> dict[str, str]:
     """The fleet queries for a thresholds table: a fixed number, whatever the GPU count. They summarise the fleet:
-    a healthy GPU costs one series in no answer at all, so what Prometheus sends back, and what gpuforge decodes
-    and judges, grows with the nodes and the faults, not with every GPU's every value.
+    a healthy GPU is counted in its node's one series and shows in no other answer, so what Prometheus sends back,
+    and what gpuforge decodes and judges, grows with the nodes and the faults, not with every GPU's every value.
+    One window serves the fleet: the longest `xid_window` of any family; the subquery step scales with it (1m
+    for windows of 10 minutes and more, a tenth of the window below that).
 
     * `gpus`: how many GPUs each node exports (its temperature series, per model): one series per node;
     * `suspects`: the nodes with a GPU that any rule might judge less than healthy: metrics older than the
