@@ -205,11 +205,32 @@ def _list_custom_once(kubeconfig: Path, group: str, version: str, plural: str, n
             raise
 
 
+class KubernetesApiError(RuntimeError):
+    """The API server refused or failed a request: what gpuforge asked, then the server's own words."""
+
+
+def api_error(what: str, exc: ApiException) -> KubernetesApiError:
+    """`exc` in one line: what was asked, the HTTP status, and the message of the API server's Status body (the
+    client's own text is the response headers and a traceback)."""
+    try:
+        message = json.loads(exc.body)["message"]
+    except (TypeError, ValueError, KeyError):
+        message = str(exc.body or "").strip()[:300]
+    text = f"Kubernetes API server: {what}: {exc.status} {exc.reason}"
+    return KubernetesApiError(f"{text}: {message}" if message else text)
+
+
 def apply(kubeconfig: Path, manifest: dict[str, Any]) -> None:
     """Server-side apply one object (create or update), owned by the field manager `gpuforge`.
 
-    Transient API errors (a restarting API server) are retried with backoff."""
-    retry_transient(lambda: _apply_once(kubeconfig, manifest))
+    Transient API errors (a restarting API server) are retried with backoff; the last one is raised as a
+    KubernetesApiError naming the object."""
+    meta = manifest["metadata"]
+    try:
+        retry_transient(lambda: _apply_once(kubeconfig, manifest))
+    except ApiException as exc:
+        where = f" in namespace {meta['namespace']}" if meta.get("namespace") else ""
+        raise api_error(f"server-side apply of {manifest['kind']} {meta['name']}{where}", exc) from None
 
 
 def _apply_once(kubeconfig: Path, manifest: dict[str, Any]) -> None:

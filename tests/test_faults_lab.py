@@ -261,16 +261,36 @@ class EtcdOutage:
         return f"took {self.took:.1f}s; etcd down at {self.down:.1f}s, back at {self.up:.1f}s"
 
 
-def gpu_operator_phase_with_etcd_down(lab, config: Path, *, until_phase_ends: bool) -> EtcdOutage:
-    """The install's gpu-operator phase for `config`; two seconds into it etcd stops, for 5 s or (until_phase_ends)
-    until the phase has returned. Fails the test when the outage did not overlap the phase."""
-    from flows.install import InstallParams, install
+def wait_helm_upgrading(kubeconfig: Path, phase_ended: threading.Event, timeout: float = 120) -> None:
+    """Until Helm has recorded a gpu-operator upgrade as under way (a revision in `pending-upgrade`), or the phase
+    has ended. A fixed delay instead caught the phase before Helm on a busy machine (it was still applying its
+    namespace), which is another test."""
+    from kubernetes import client
 
+    from tasks.kube import api_client
+
+    selector = "owner=helm,name=gpu-operator,status=pending-upgrade"
+    deadline = time.monotonic() + timeout
+    with api_client(kubeconfig) as api:
+        secrets = client.CoreV1Api(api)
+        while not phase_ended.is_set() and time.monotonic() < deadline:
+            if secrets.list_namespaced_secret("gpu-operator", label_selector=selector).items:
+                return
+            time.sleep(0.1)
+
+
+def gpu_operator_phase_with_etcd_down(lab, config: Path, *, until_phase_ends: bool) -> EtcdOutage:
+    """The install's gpu-operator phase for `config`; once its Helm upgrade is under way etcd stops, for 5 s or
+    (until_phase_ends) until the phase has returned. Fails the test when the outage did not overlap the phase."""
+    from flows.install import InstallParams, install
+    from gpuforge.config import load_config
+
+    kubeconfig = load_config(config).kubeconfig_path()
     phase_ended = threading.Event()
     window: dict[str, float] = {}
 
     def outage() -> None:
-        time.sleep(2)
+        wait_helm_upgrading(kubeconfig, phase_ended)
         window["down"] = time.monotonic()
         if until_phase_ends:
             lab.cp._stop("etcd")
@@ -295,7 +315,7 @@ def gpu_operator_phase_with_etcd_down(lab, config: Path, *, until_phase_ends: bo
 
 def test_etcd_restarted_during_an_install_phase(installed, lab_config):
     """A Helm upgrade made behind gpuforge's back makes the gpu-operator phase upgrade again; etcd goes down for
-    5 s two seconds into it. The phase completes or fails saying so; the next install converges."""
+    5 s once Helm's upgrade is under way. The phase completes or fails saying so; the next install converges."""
     from flows.install import InstallParams, install
     from gpuforge.config import load_config
     from tasks.helm import release_records
@@ -413,7 +433,7 @@ def yaml_server(kubeconfig: Path) -> str:
 
 
 def test_etcd_down_past_the_wait_during_an_install_phase(installed, lab_config, tmp_path):
-    """etcd goes down two seconds into a gpu-operator upgrade and stays down until the phase has given up (its
+    """etcd goes down during a gpu-operator upgrade by Helm and stays down until the phase has given up (its
     timeout shortened to 20 s through `timeouts.gpu-operator`): the phase fails saying what was unreachable in the
     API server's or Helm's words; the next install converges (a release left pending-upgrade is recovered)."""
     from flows.install import InstallParams, install

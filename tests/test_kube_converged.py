@@ -1,5 +1,6 @@
 """tasks.kube.nodes_converged: "not converged" only when the cluster says so; an API server that cannot be read is
-an error, never a reason to re-run Kubespray. Only loopback addresses are used."""
+an error, never a reason to re-run Kubespray. Only loopback addresses are used. And the API server's errors in its
+own words."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from kubernetes.client.rest import ApiException
 
-from tasks.kube import ClusterUnreachable, nodes_converged
+from tasks.kube import ClusterUnreachable, api_error, nodes_converged
 
 NODE = {
     "metadata": {"name": "cp-1"},
@@ -105,3 +107,19 @@ def test_a_refused_request_is_an_error(tmp_path, api_server):
     answer["status"], answer["body"] = 403, {"kind": "Status", "code": 403, "reason": "Forbidden"}
     with pytest.raises(ClusterUnreachable, match="refused to list nodes \\(403"):
         nodes_converged(kubeconfig(tmp_path, url), ["cp-1"], "1.33.4")
+
+
+def test_an_api_error_is_one_line_in_the_api_servers_words_with_what_was_asked():
+    timeout = ApiException(status=504, reason="Gateway Timeout")
+    timeout.body = json.dumps(
+        {"kind": "Status", "message": "Timeout: request did not complete within requested timeout"}
+    )
+    timeout.headers = {"Audit-Id": "94767e33"}
+    text = str(api_error("server-side apply of Namespace gpu-operator", timeout))
+    assert text == (
+        "Kubernetes API server: server-side apply of Namespace gpu-operator: 504 Gateway Timeout: "
+        "Timeout: request did not complete within requested timeout"
+    )
+    assert "Audit-Id" in str(timeout) and "Audit-Id" not in text  # the client's own text carries the headers
+    bare = ApiException(status=502, reason="Bad Gateway")
+    assert str(api_error("x", bare)) == "Kubernetes API server: x: 502 Bad Gateway"
