@@ -119,8 +119,8 @@ def evaluate_fleet(
     cannot call healthy (and those in `closely`) alone, the per-GPU values, freshness and exact XIDs; returns
     (health, queries sent).
 
-    One at a time by default: side by side, Prometheus spent as much CPU or a little less that way
-    (bench/health_bench.py), and a shared Prometheus builds one answer at a time.
+    One at a time by default, so that a shared Prometheus evaluates one of them at a time; bench/health_bench.py
+    measures it side by side with all at once.
 
     Raises PrometheusUnreachable when any query cannot be answered."""
     queries = queries or health.fleet_queries(table, contract)
