@@ -693,8 +693,7 @@ def _suspect_tests(table: Mapping[str, Thresholds], metrics: Mapping[str, str]) 
         return min(getattr(t, field) for t in table.values())
 
     def selector(*keys: str) -> str:
-        names = {metrics[k] for k in keys} | {alias for alias, k in DCGM_ALIASES.items() if k in keys}
-        return '{__name__=~"' + "|".join(sorted(names)) + '"}'
+        return f'{{__name__=~"{_names_pattern(metrics, keys)}"}}'
 
     temp, power, limit = metrics["gpu_temp"], metrics["power_usage"], metrics["power_limit"]
     tests = [
@@ -715,6 +714,13 @@ def _suspect_tests(table: Mapping[str, Thresholds], metrics: Mapping[str, str]) 
     if any(t.pcie_width_degraded for t in table.values()):
         tests.append(f"{metrics['pcie_link_width']} < {metrics['pcie_link_width_max']}")
     return tests
+
+
+def _names_pattern(metrics: Mapping[str, str], keys: Iterable[str]) -> str:
+    """The metric names of value keys as one regex alternation, the aliases of those keys included."""
+    keys = set(keys)
+    names = {metrics[k] for k in keys} | {alias for alias, k in DCGM_ALIASES.items() if k in keys}
+    return "|".join(sorted(names))
 
 
 def _bit_runs(mask: int) -> list[tuple[int, int]]:
@@ -762,27 +768,18 @@ def closer_look(
     nodes: dict[str, tuple[str, str]] = {}  # casefolded node -> (node label, name as the series spell it)
     counts: dict[str, int] = {}
     models: dict[str, set[str]] = {}
-    look: dict[str, set[str]] = {}  # node label -> names as the series spell them
-
-    def node_of_series(metric: Mapping[str, str]) -> tuple[str, str] | None:
-        """(the label naming the series' node, the node's name as the series spell it)"""
-        label = _node_label(metric)
-        return None if label is None else (label, metric[label])
-
+    # node label -> names as the series spell them: every node a suspect, an XID or a burst names
+    look = _nodes_by_label(item for name in ("suspects", XID_SEEN, *WINDOW_KEYS) for item in results.get(name) or ())
     for item in results.get("gpus") or ():
         metric = item.get("metric") or {}
-        found = node_of_series(metric)
-        if found is None:
+        label = _node_label(metric)
+        if label is None:
             continue
-        key = found[1].casefold()
-        nodes[key] = found
+        key = metric[label].casefold()
+        nodes[key] = (label, metric[label])
         counts[key] = counts.get(key, 0) + int(_sample_value(item) or 0)
         if model := _pick(metric, _roles(tuple(metric)).model):
             models.setdefault(key, set()).add(model)
-    for answer in ("suspects", XID_SEEN, *WINDOW_KEYS):
-        for item in results.get(answer) or ():
-            if found := node_of_series(item.get("metric") or {}):
-                look.setdefault(found[0], set()).add(found[1])
     for key, (label, name) in nodes.items():
         count = expected.get(spelled.get(key, ""))
         if key in wanted or (count is not None and counts[key] != count):
@@ -799,8 +796,7 @@ def closer_look(
         skip = {*_UNUSED_VALUES, *_TOTALS, "xid_last"}
         if not any(t.pcie_width_degraded for t in table.values()):
             skip |= set(_PCIE_WIDTH)
-        wanted_names = {metrics[k] for k in set(metrics) - skip} | {a for a, k in DCGM_ALIASES.items() if k not in skip}
-        names = "|".join(sorted(wanted_names))
+        names = _names_pattern(metrics, set(metrics) - skip)
         labels = ", ".join(_KEEP_LABELS)
         # The GPU's UUID and model come with `fresh`: the bigger answer carries only node and index.
         where = ", ".join(label for label in _KEEP_LABELS if label not in _IDENTITY_LABELS)
@@ -817,6 +813,16 @@ def _node_label(metric: Mapping[str, str]) -> str | None:
     return next((name for name in _roles(tuple(metric)).node if metric[name]), None)
 
 
+def _nodes_by_label(items: Iterable[Mapping[str, Any]]) -> dict[str, set[str]]:
+    """Node label name -> the names of the nodes the answer items name under it, as the series spell them."""
+    nodes: dict[str, set[str]] = {}
+    for item in items:
+        metric = item.get("metric") or {}
+        if label := _node_label(metric):
+            nodes.setdefault(label, set()).add(metric[label])
+    return nodes
+
+
 def _narrowed(nodes: Mapping[str, set[str]], expr: Callable[[str], str]) -> str:
     """`expr` of a label matcher, once per node label (or'ed), for exactly those nodes (a "." in a name is a dot)."""
     parts = []
@@ -831,11 +837,7 @@ def xid_recent_query(
 ) -> str | None:
     """The exact ``xid_recent`` query (see :func:`health_queries`) for the nodes of the GPUs in the answer to
     the fleet's ``xid_seen`` query; None when no GPU showed an XID (a healthy fleet needs no second query)."""
-    nodes: dict[str, set[str]] = {}  # node label name -> node names, as the series spell them
-    for item in seen:
-        metric = item.get("metric") or {}
-        if label := _node_label(metric):
-            nodes.setdefault(label, set()).add(metric[label])
+    nodes = _nodes_by_label(seen)
     if not nodes:
         return None
     longest, step = fleet_window(table)
