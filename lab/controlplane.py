@@ -369,7 +369,9 @@ class ControlPlane:
         if name == ETCD and procs.is_running(self.workdir, APISERVER):
             # etcd answering is not the API server answering: its etcd client reconnects with a backoff, and a
             # request in that gap times out ("unable to return a response in the time allotted"). /readyz checks
-            # etcd through the API server's own client.
+            # etcd through the API server's own client. Its per-resource clients reconnect on their own backoff
+            # (gRPC's, up to 2 minutes after a long outage): until then a request for such a resource still times
+            # out, as on a real control plane, and gpuforge retries it.
             self._wait(APISERVER, self._apiserver_ready, deadline, "kube-apiserver ready again after etcd")
 
     def restart_apiserver(self, downtime: float = 0.0) -> None:

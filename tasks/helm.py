@@ -22,7 +22,7 @@ from pyhelm3 import Release as HelmRelease
 from gpuforge.desired import DesiredState
 from gpuforge.render import Release, chart_archive, chart_mirror, mirror_file
 from tasks import kube
-from tasks.retry import is_transient
+from tasks.retry import is_transient, transient_within
 
 HELM_BIN_ENV = "GPUFORGE_HELM"
 
@@ -231,6 +231,9 @@ def converge_service(state: DesiredState, service: str, kubeconfig: Path, timeou
     releases = state.service_releases(service)
     mirror = chart_mirror(state.config, os.environ)
     records = release_records(kubeconfig)
+    # A release's transient failures are retried within its timeout, not past it: an API server whose etcd was
+    # gone answers every request only after its own 60 s timeout, so each try can take minutes.
+    converge = converge_release.with_options(retry_condition_fn=transient_within(timeout_s))
     outcomes = []
     for r in releases:
         record = records.get((r.namespace, r.name))
@@ -240,7 +243,7 @@ def converge_service(state: DesiredState, service: str, kubeconfig: Path, timeou
             )
             outcomes.append(ReleaseOutcome(r.name, r.namespace, "unchanged", record.revision, r.version))
         else:
-            outcomes.append(converge_release(r, kubeconfig, timeout_s, exists=record is not None, mirror=mirror))
+            outcomes.append(converge(r, kubeconfig, timeout_s, exists=record is not None, mirror=mirror))
     return outcomes
 
 
