@@ -435,7 +435,9 @@ def yaml_server(kubeconfig: Path) -> str:
 def test_etcd_down_past_the_wait_during_an_install_phase(installed, lab_config, tmp_path):
     """etcd goes down during a gpu-operator upgrade by Helm and stays down until the phase has given up (its
     timeout shortened to 20 s through `timeouts.gpu-operator`): the phase fails saying what was unreachable in the
-    API server's or Helm's words; the next install converges (a release left pending-upgrade is recovered)."""
+    API server's or Helm's words; the next install converges (a release left pending-upgrade is recovered, and the
+    API server's timeouts while its etcd clients still reconnect, up to two minutes after such an outage, are
+    retried within the phase's timeout)."""
     from flows.install import InstallParams, install
     from gpuforge.config import load_config
     from tasks.helm import release_records
