@@ -22,7 +22,7 @@ from pyhelm3 import Release as HelmRelease
 from gpuforge.desired import DesiredState
 from gpuforge.render import Release, chart_archive, chart_mirror, mirror_file
 from tasks import kube
-from tasks.retry import is_transient, transient_within
+from tasks.retry import transient_within
 
 HELM_BIN_ENV = "GPUFORGE_HELM"
 
@@ -105,14 +105,7 @@ def _helm_error(release: Release, exc: errors.Error) -> HelmError:
     return HelmError(f"helm release {release.namespace}/{release.name} ({release.chart} {release.version}): {text}")
 
 
-@task(
-    name="helm-converge",
-    task_run_name="helm-{release.name}",
-    retries=3,
-    retry_delay_seconds=[2, 10, 30],
-    retry_condition_fn=lambda task, run, state: is_transient(state),
-    cache_policy=NO_CACHE,
-)
+@task(name="helm-converge", task_run_name="helm-{release.name}", cache_policy=NO_CACHE)
 def converge_release(
     release: Release, kubeconfig: Path, timeout_s: int, exists: bool = True, mirror: Path | None = None
 ) -> ReleaseOutcome:
@@ -233,7 +226,9 @@ def converge_service(state: DesiredState, service: str, kubeconfig: Path, timeou
     records = release_records(kubeconfig)
     # A release's transient failures are retried within its timeout, not past it: an API server whose etcd was
     # gone answers every request only after its own 60 s timeout, so each try can take minutes.
-    converge = converge_release.with_options(retry_condition_fn=transient_within(timeout_s))
+    converge = converge_release.with_options(
+        retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=transient_within(timeout_s)
+    )
     outcomes = []
     for r in releases:
         record = records.get((r.namespace, r.name))

@@ -1,4 +1,4 @@
-"""Which errors gpuforge retries: plain functions, no cluster."""
+"""Which errors gpuforge retries, and for how long: plain functions and a Prefect task, no cluster."""
 
 from __future__ import annotations
 
